@@ -1,0 +1,114 @@
+"""Pooled HTTP clients: one for the local engine, one for the other agents."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from zope.interface import implementer
+
+from swarmagent.config import EngineAddress
+
+# A peer that dies with requests in flight must cost a bounded wait, yet an
+# engine may take minutes to answer (a container stop with a long grace
+# period). So the deadline is on the network, not on the answer: unacked data
+# fails the connection after TCP_USER_TIMEOUT, and keepalives notice a silent
+# peer under a quiet stream.
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = 20_000
+
+ENGINE_BASE = b"http://docker"
+
+
+def _tune(protocol: Any) -> Any:
+    sock = protocol.transport.getHandle()
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+            ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS),
+        ):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    return protocol
+
+
+@implementer(IStreamClientEndpoint)
+class TunedTCPEndpoint:
+    """A TCP client endpoint whose connections detect a dead peer."""
+
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self._inner = inner
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        return self._inner.connect(protocolFactory).addCallback(_tune)
+
+
+@implementer(IAgentEndpointFactory)
+class EngineEndpoints:
+    """Every URI maps to the local engine, whatever its host part says."""
+
+    def __init__(self, reactor: Any, address: EngineAddress, timeout: float) -> None:
+        self._reactor = reactor
+        self._address = address
+        self._timeout = timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        a = self._address
+        if a.scheme == "unix":
+            return UNIXClientEndpoint(self._reactor, a.path, timeout=self._timeout)
+        return TunedTCPEndpoint(
+            HostnameEndpoint(self._reactor, a.host, a.port, timeout=self._timeout)
+        )
+
+
+@implementer(IAgentEndpointFactory)
+class PeerEndpoints:
+    """TCP to the host and port a peer URI names."""
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii").strip("[]")
+        return TunedTCPEndpoint(
+            HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        )
+
+
+def make_pool(reactor: Any) -> HTTPConnectionPool:
+    """Persistent connections, enough per host for a burst of parallel calls."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 16
+    pool.cachedConnectionTimeout = 60
+    return pool
+
+
+def engine_agent(
+    reactor: Any, address: EngineAddress, timeout: float, pool: HTTPConnectionPool
+) -> IAgent:
+    """An HTTP agent whose every request reaches the local engine."""
+    return Agent.usingEndpointFactory(
+        reactor, EngineEndpoints(reactor, address, timeout), pool=pool
+    )
+
+
+def peer_agent(reactor: Any, timeout: float, pool: HTTPConnectionPool) -> IAgent:
+    """An HTTP agent for the other nodes' agents."""
+    return Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, timeout), pool=pool)
+
+
+def peer_url(address: str, port: int, path: bytes) -> bytes:
+    """The URL of ``path`` (with its query) on the agent at ``address``."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}".encode("ascii") + path

@@ -1,0 +1,190 @@
+"""Command-line options, each with an environment-variable fallback."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from twisted.logger import LogLevel
+from twisted.python import usage
+
+LOG_LEVELS = {
+    "ERROR": LogLevel.error,
+    "WARN": LogLevel.warn,
+    "WARNING": LogLevel.warn,
+    "INFO": LogLevel.info,
+    "DEBUG": LogLevel.debug,
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option: its flag, its environment variable, its default and help."""
+
+    flag: str
+    env: str
+    default: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "AGENT_HOST", "0.0.0.0", "Address to listen on."),
+    Setting("port", "AGENT_PORT", "9001", "Port to listen on; peers are reached on it too."),
+    Setting(
+        "cluster-addr",
+        "AGENT_CLUSTER_ADDR",
+        "",
+        "DNS name of the agents: SRV if it starts with '_', else A/AAAA. "
+        "Default: tasks.<own service name>; none outside a swarm service.",
+    ),
+    Setting(
+        "advertise-addr",
+        "AGENT_ADVERTISE_ADDR",
+        "",
+        "Address peers reach this agent on. Default: learnt from DNS, else --host.",
+    ),
+    Setting("secret", "AGENT_SECRET", "", "Shared secret Portainer signs instead of the default."),
+    Setting("log-level", "LOG_LEVEL", "INFO", "ERROR, WARN, INFO or DEBUG (any case)."),
+    Setting("data-path", "DATA_PATH", "/data", "Folder for state kept across restarts."),
+    Setting(
+        "docker-host",
+        "DOCKER_HOST",
+        "unix:///var/run/docker.sock",
+        "Local engine: unix:///path or tcp://host:port.",
+    ),
+    Setting(
+        "refresh-interval",
+        "AGENT_REFRESH_INTERVAL",
+        "5",
+        "Seconds between DNS re-resolutions of the cluster address.",
+    ),
+    Setting(
+        "fanout-timeout",
+        "AGENT_FANOUT_TIMEOUT",
+        "10",
+        "Seconds a cluster-wide list waits for any one node.",
+    ),
+    Setting(
+        "connect-timeout",
+        "AGENT_CONNECT_TIMEOUT",
+        "5",
+        "Seconds to open a connection to an engine or a peer.",
+    ),
+    Setting(
+        "probe-failures",
+        "AGENT_PROBE_FAILURES",
+        "3",
+        "Failed identity probes in a row that remove a peer.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class EngineAddress:
+    """Where the local Docker engine listens."""
+
+    scheme: str  # "unix" or "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+
+def parse_docker_host(value: str) -> EngineAddress:
+    """Parse ``unix:///path`` or ``tcp://host:port`` as DOCKER_HOST does."""
+    parts = urlsplit(value)
+    if parts.scheme == "unix" and parts.path:
+        return EngineAddress("unix", path=parts.path)
+    if parts.scheme == "tcp" and parts.hostname:
+        try:
+            port = parts.port or 2375
+        except ValueError as e:
+            raise ValueError(f"bad port in {value!r}") from e
+        return EngineAddress("tcp", host=parts.hostname, port=port)
+    raise ValueError(f"expected unix:///path or tcp://host:port, got {value!r}")
+
+
+def _positive(value: str, what: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{what} must be a number of seconds, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"{what} must be more than 0, got {value!r}")
+    return number
+
+
+class Options(usage.Options):
+    """``twistd swarmagent`` options; a flag wins over its environment variable."""
+
+    optParameters = [
+        [s.flag, None, None, f"{s.help} [env {s.env}, default {s.default!r}]"] for s in SETTINGS
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
+
+    def postOptions(self) -> None:
+        for s in SETTINGS:
+            if self[s.flag] is None:
+                self[s.flag] = self.environ.get(s.env, s.default)
+        try:
+            self.validate()
+        except ValueError as e:
+            # twistd answers a UsageError with the whole help text; a bad
+            # setting deserves one line that names it.
+            raise SystemExit(f"swarmagent: {e}") from None
+
+    def validate(self) -> None:
+        """Turn the raw strings into typed values, naming the option at fault."""
+
+        def bad(flag: str, why: str) -> ValueError:
+            env = next(s.env for s in SETTINGS if s.flag == flag)
+            return ValueError(f"--{flag} / {env}: {why}")
+
+        try:
+            ipaddress.ip_address(self["host"])
+        except ValueError:
+            raise bad("host", f"not an IP address: {self['host']!r}") from None
+        if self["advertise-addr"]:
+            try:
+                ipaddress.ip_address(self["advertise-addr"])
+            except ValueError:
+                raise bad(
+                    "advertise-addr", f"not an IP address: {self['advertise-addr']!r}"
+                ) from None
+        try:
+            port = int(self["port"])
+        except ValueError:
+            raise bad("port", f"not a port number: {self['port']!r}") from None
+        if not 1 <= port <= 65535:
+            raise bad("port", f"must be 1-65535, got {port}")
+        self["port"] = port
+        level = LOG_LEVELS.get(str(self["log-level"]).upper())
+        if level is None:
+            raise bad(
+                "log-level", f"must be one of ERROR, WARN, INFO, DEBUG; got {self['log-level']!r}"
+            )
+        self["log-level"] = level
+        try:
+            self["docker-host"] = parse_docker_host(self["docker-host"])
+        except ValueError as e:
+            raise bad("docker-host", str(e)) from None
+        for flag in ("refresh-interval", "fanout-timeout", "connect-timeout"):
+            try:
+                self[flag] = _positive(self[flag], "value")
+            except ValueError as e:
+                raise bad(flag, str(e)) from None
+        try:
+            failures = int(self["probe-failures"])
+        except ValueError:
+            raise bad("probe-failures", f"not a whole number: {self['probe-failures']!r}") from None
+        if failures < 1:
+            raise bad("probe-failures", f"must be 1 or more, got {failures}")
+        self["probe-failures"] = failures
+        name = self["cluster-addr"]
+        if name and (len(name) > 253 or any(c.isspace() for c in name)):
+            raise bad("cluster-addr", f"not a DNS name: {name!r}")

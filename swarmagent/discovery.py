@@ -1,0 +1,225 @@
+"""Finding the other agents: DNS on a timer, then an identity probe per address."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.names import dns
+from twisted.names.error import DomainError
+from twisted.python.failure import Failure
+
+from swarmagent.clients import peer_url
+from swarmagent.engine import Engine
+from swarmagent.logs import logger
+from swarmagent.peers import NodeIdentity, PeerTable
+
+IDENTITY_PATH = b"/swarmagent/identity"
+# Retry delays (seconds) for one DNS query: a tick must end well before the next.
+DNS_TIMEOUTS = (1, 2)
+
+log = logger(__name__)
+
+Address = tuple[str, int]
+Probe = Callable[[str, int], Awaitable[NodeIdentity]]
+
+
+class HTTPProbe:
+    """Ask the agent at an address who it is, over the agent-to-agent API."""
+
+    def __init__(self, http: Any, clock: IReactorTime, timeout: float) -> None:
+        self._http = http
+        self._clock = clock
+        self._timeout = timeout
+
+    async def __call__(self, address: str, port: int) -> NodeIdentity:
+        """Return the identity the agent at ``address:port`` reports."""
+        d: Deferred[Any] = self._http.get(peer_url(address, port, IDENTITY_PATH))
+
+        async def fetch() -> bytes:
+            response = await d
+            body: bytes = await response.content()
+            if response.code != 200:
+                raise ValueError(f"identity probe answered {response.code}")
+            return body
+
+        whole = Deferred.fromCoroutine(fetch()).addTimeout(self._timeout, self._clock)
+        return NodeIdentity.from_json(json.loads(await whole))
+
+
+class Discovery:
+    """Keep the peer table in step with DNS and with each agent's answers."""
+
+    def __init__(
+        self,
+        table: PeerTable,
+        engine: Engine,
+        resolver: Any,
+        probe: Probe,
+        clock: IReactorTime,
+        *,
+        name: str | None,
+        port: int,
+        hostname: str,
+    ) -> None:
+        self.table = table
+        self._engine = engine
+        self._resolver = resolver
+        self._probe = probe
+        self._clock = clock
+        self.name = name
+        self._port = port
+        self._hostname = hostname
+        self._name_sought = name is not None
+
+    def service(self, interval: float) -> TimerService:
+        """A service running a discovery tick every ``interval`` seconds."""
+        timer = TimerService(interval, lambda: Deferred.fromCoroutine(self.tick()))
+        timer.clock = self._clock
+        return timer
+
+    async def tick(self) -> None:
+        """One round: re-read this node, re-resolve, re-probe. Never raises."""
+        try:
+            await self._refresh_me()
+            if self.name is None:
+                return
+            try:
+                targets: list[Address] | None = await self.resolve(self.name)
+            except Exception as e:
+                log.warn(
+                    "DNS lookup of {name} failed ({why}); keeping the last peer set",
+                    name=self.name,
+                    why=_why(e),
+                )
+                targets = None
+            if targets is not None:
+                for peer in self.table.retain(a for a, _ in targets):
+                    log.info(
+                        "Agent left: {node} at {address} (gone from DNS)",
+                        node=peer.name,
+                        address=peer.address,
+                    )
+            else:
+                targets = [(p.address, p.port) for p in self.table.nodes() if not p.is_self]
+            await self._probe_all(targets)
+        except Exception:
+            log.failure("Discovery tick failed")
+
+    async def _refresh_me(self) -> None:
+        try:
+            identity = await self._engine.identity()
+        except Exception as e:
+            log.warn("Cannot read this node's identity from the engine: {why}", why=_why(e))
+            return
+        old = self.table.me.identity
+        if identity != old:
+            if old.name:
+                log.info("This node is now {new} (was {old})", new=identity, old=old)
+            self.table.set_me(identity)
+        if not self._name_sought and identity.swarm:
+            self._name_sought = True
+            await self._find_own_service()
+
+    async def _find_own_service(self) -> None:
+        # Inside a swarm task the hostname is the container's ID: its
+        # service label names the DNS entry of every task of the service.
+        try:
+            service = await self._engine.service_name(self._hostname)
+        except Exception as e:
+            log.info("Not running as a swarm service task ({why}): no peer discovery", why=_why(e))
+            return
+        if service:
+            self.name = f"tasks.{service}"
+            log.info("Discovering agents at {name}", name=self.name)
+
+    async def _probe_all(self, targets: list[Address]) -> None:
+        calls = [Deferred.fromCoroutine(self._probe_one(a, p)) for a, p in targets]
+        await DeferredList(calls, consumeErrors=True)
+
+    async def _probe_one(self, address: str, port: int) -> None:
+        try:
+            identity = await self._probe(address, port)
+        except Exception as e:
+            gone = self.table.failed(address)
+            if gone is not None:
+                log.info(
+                    "Agent left: {node} at {address} ({why})",
+                    node=gone.name,
+                    address=address,
+                    why=_why(e),
+                )
+            else:
+                log.debug(
+                    "Probe of {address}:{port} failed: {why}",
+                    address=address,
+                    port=port,
+                    why=_why(e),
+                )
+            return
+        news = self.table.seen(address, port, identity)
+        if news == "join":
+            log.info(
+                "Agent joined: {node} ({role}) at {address}:{port}",
+                node=identity.name,
+                role=identity.role,
+                address=address,
+                port=port,
+            )
+        elif news == "change":
+            log.info("Agent at {address} is now {identity}", address=address, identity=identity)
+
+    async def resolve(self, name: str) -> list[Address]:
+        """Addresses and ports of the agents behind ``name``."""
+        if not name.startswith("_"):
+            return [(a, self._port) for a in await self._addresses(name)]
+        answers, _, additional = await self._resolver.lookupService(name, timeout=DNS_TIMEOUTS)
+        glue: dict[str, list[str]] = {}
+        for record in additional:
+            if record.type in (dns.A, dns.AAAA):
+                glue.setdefault(str(record.name).lower(), []).append(_address(record))
+        found: list[Address] = []
+        for record in answers:
+            if record.type != dns.SRV:
+                continue
+            target = str(record.payload.target)
+            addresses = glue.get(target.lower()) or await self._addresses(target)
+            found.extend((a, record.payload.port) for a in addresses)
+        return found
+
+    async def _addresses(self, name: str) -> list[str]:
+        lookups = [
+            self._resolver.lookupAddress(name, timeout=DNS_TIMEOUTS),
+            self._resolver.lookupIPV6Address(name, timeout=DNS_TIMEOUTS),
+        ]
+        results = await DeferredList(lookups, consumeErrors=True)
+        found: list[str] = []
+        errors: list[Failure] = []
+        for ok, result in results:
+            if not ok:
+                errors.append(result)
+                continue
+            answers = result[0]
+            found.extend(_address(r) for r in answers if r.type in (dns.A, dns.AAAA))
+        if not found and len(errors) == len(lookups):
+            # Both failed: an error, so the last known set is kept. A name
+            # that exists with no records is an honest empty answer.
+            errors[0].raiseException()
+        return sorted(set(found))
+
+
+def _address(record: Any) -> str:
+    if record.type == dns.A:
+        return str(record.payload.dottedQuad())
+    return socket.inet_ntop(socket.AF_INET6, record.payload.address)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, DomainError):
+        return "no such name"
+    return str(e) or type(e).__name__

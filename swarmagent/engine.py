@@ -1,0 +1,72 @@
+"""The local Docker engine, asked for what the agent needs to know about its node."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from swarmagent.clients import ENGINE_BASE
+from swarmagent.peers import MANAGER, WORKER, NodeIdentity
+
+SERVICE_LABEL = "com.docker.swarm.service.name"
+
+
+class EngineError(Exception):
+    """The engine could not be reached or answered with an error."""
+
+
+class Engine:
+    """JSON calls to the local engine, each with a deadline."""
+
+    def __init__(self, http: HTTPClient, clock: IReactorTime, timeout: float) -> None:
+        self._http = http
+        self._clock = clock
+        self._timeout = timeout
+
+    async def get_json(self, path: str) -> Any:
+        """GET ``path`` from the engine and decode its JSON answer."""
+        d: Deferred[Any] = self._http.get(ENGINE_BASE + path.encode("ascii"))
+        d.addTimeout(self._timeout, self._clock)
+        try:
+            response = await d
+            body = await response.content()
+        except Exception as e:
+            raise EngineError(f"engine unreachable: {e}") from e
+        if response.code != 200:
+            raise EngineError(f"engine answered {response.code} to {path}: {body[:200]!r}")
+        try:
+            return json.loads(body)
+        except ValueError as e:
+            raise EngineError(f"engine sent bad JSON for {path}") from e
+
+    async def identity(self) -> NodeIdentity:
+        """This node's name, swarm node ID, role and leadership, read now."""
+        info = await self.get_json("/info")
+        swarm = info.get("Swarm") or {}
+        node_id = swarm.get("NodeID") or ""
+        if swarm.get("LocalNodeState") != "active":
+            node_id = ""
+        manager = bool(swarm.get("ControlAvailable"))
+        leader = False
+        if node_id and manager:
+            node = await self.get_json(f"/nodes/{quote(node_id)}")
+            leader = bool((node.get("ManagerStatus") or {}).get("Leader"))
+        return NodeIdentity(
+            name=str(info.get("Name", "")),
+            node_id=node_id,
+            role=MANAGER if manager or not node_id else WORKER,
+            leader=leader,
+            engine_version=str(info.get("ServerVersion", "")),
+        )
+
+    async def service_name(self, container: str) -> str | None:
+        """The swarm service a container belongs to, from its label."""
+        doc = await self.get_json(f"/containers/{quote(container, safe='')}/json")
+        labels = (doc.get("Config") or {}).get("Labels") or {}
+        name = labels.get(SERVICE_LABEL)
+        return name if isinstance(name, str) and name else None

@@ -1,0 +1,183 @@
+"""Cluster-wide lists: ask every node in parallel, tag each item, merge, name the missing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import NOT_DONE_YET, Request
+
+from swarmagent.clients import ENGINE_BASE, peer_url
+from swarmagent.errors import error_body
+from swarmagent.logs import logger
+from swarmagent.peers import Peer, PeerTable
+from swarmagent.proxy import forward_headers, request_headers
+
+log = logger(__name__)
+
+MISSING_HEADER = b"X-SwarmAgent-Missing-Nodes"
+
+
+class NodeFailed(Exception):
+    """A node gave no usable list."""
+
+    def __init__(self, why: str, code: int = 0, body: bytes = b"") -> None:
+        super().__init__(why)
+        self.code = code
+        self.body = body
+
+
+@dataclass
+class Merged:
+    """What the nodes answered, put together."""
+
+    items: list[Any] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    missing: list[tuple[Peer, NodeFailed]] = field(default_factory=list)
+    answered: int = 0
+
+
+def tag(items: list[Any], node_name: str) -> list[Any]:
+    """Mark each item with its node, where the Portainer UI looks for it."""
+    mark = {"Agent": {"NodeName": node_name}}
+    for item in items:
+        if isinstance(item, dict):
+            item["Portainer"] = mark
+    return items
+
+
+def parse_list(kind: str, body: bytes) -> tuple[list[Any], list[str]]:
+    """The items and engine warnings of one node's list answer."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise NodeFailed("answer is not JSON") from None
+    if kind == "volumes":
+        if not isinstance(doc, dict):
+            raise NodeFailed("volume answer is not an object")
+        volumes = doc.get("Volumes") or []
+        warnings = doc.get("Warnings") or []
+        if not isinstance(volumes, list) or not isinstance(warnings, list):
+            raise NodeFailed("volume answer has the wrong shape")
+        return volumes, [str(w) for w in warnings]
+    if not isinstance(doc, list):
+        raise NodeFailed("answer is not a list")
+    return doc, []
+
+
+class FanOut:
+    """Serves one cluster-wide list request."""
+
+    def __init__(
+        self,
+        table: PeerTable,
+        engine_http: Any,
+        peer_http: Any,
+        clock: IReactorTime,
+        timeout: float,
+    ) -> None:
+        self._table = table
+        self._engine_http = engine_http
+        self._peer_http = peer_http
+        self._clock = clock
+        self._timeout = timeout
+
+    def render(self, request: Request, kind: str) -> Any:
+        """Start the calls; the answer is written when the last one ends."""
+        Deferred.fromCoroutine(self._serve(request, kind))
+        return NOT_DONE_YET
+
+    async def collect(self, request: Request, kind: str) -> Merged:
+        """Ask every known node for its list, each bounded by the deadline."""
+        nodes = self._table.nodes()
+        calls = [self._ask(request, kind, peer) for peer in nodes]
+        results = await DeferredList(calls, consumeErrors=True)
+        merged = Merged()
+        for peer, (ok, result) in zip(nodes, results, strict=True):
+            if ok:
+                items, warnings = result
+                merged.answered += 1
+                merged.items.extend(tag(items, peer.name))
+                merged.warnings.extend(f"{peer.name}: {w}" for w in warnings)
+            else:
+                failure = result.value  # type: ignore[attr-defined]
+                if not isinstance(failure, NodeFailed):
+                    failure = NodeFailed(_describe(failure, self._timeout))
+                merged.missing.append((peer, failure))
+        return merged
+
+    def _ask(
+        self, request: Request, kind: str, peer: Peer
+    ) -> Deferred[tuple[list[Any], list[str]]]:
+        # Each node gets its own URL and headers: nothing is shared between
+        # the parallel calls (portainer/portainer#1867).
+        if peer is self._table.me:
+            http = self._engine_http
+            url = ENGINE_BASE + request.uri
+            headers = request_headers(request, keep_agent_headers=False)
+        else:
+            http = self._peer_http
+            url = peer_url(peer.address, peer.port, request.uri)
+            headers = forward_headers(request, peer, self._table.me.identity.key)
+
+        async def call() -> tuple[list[Any], list[str]]:
+            response = await http.get(url, headers=headers)
+            body = await response.content()
+            if response.code != 200:
+                raise NodeFailed(f"answered {response.code}", response.code, body)
+            return parse_list(kind, body)
+
+        return Deferred.fromCoroutine(call()).addTimeout(self._timeout, self._clock)
+
+    async def _serve(self, request: Request, kind: str) -> None:
+        finished = [False]
+        request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
+        merged = await self.collect(request, kind)
+        if finished[0]:
+            return
+        for peer, failure in merged.missing:
+            log.warn(
+                "{kind} list: node {node} left out: {why}", kind=kind, node=peer.name, why=failure
+            )
+        if merged.missing and not merged.answered:
+            self._write_all_failed(request, merged)
+            return
+        if merged.missing:
+            names = ", ".join(p.name for p, _ in merged.missing)
+            request.responseHeaders.setRawHeaders(MISSING_HEADER, [names.encode("utf-8")])
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        if kind == "volumes":
+            warnings = merged.warnings + [
+                f"node {p.name} did not answer: {f}" for p, f in merged.missing
+            ]
+            doc: Any = {"Volumes": merged.items, "Warnings": warnings}
+        else:
+            doc = merged.items
+        request.write(json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+        request.finish()
+
+    def _write_all_failed(self, request: Request, merged: Merged) -> None:
+        # Every node refused: if an engine said why (a bad filter, say), the
+        # client gets that answer; otherwise the agent's own 502.
+        for _, failure in merged.missing:
+            if 400 <= failure.code < 500:
+                request.setResponseCode(failure.code)
+                request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+                request.write(failure.body)
+                request.finish()
+                return
+        request.setResponseCode(502)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        names = ", ".join(f"{p.name}: {f}" for p, f in merged.missing)
+        request.write(error_body("No node answered the cluster-wide list", names))
+        request.finish()
+
+
+def _describe(failure: Any, timeout: float) -> str:
+    if isinstance(failure, DeferredTimeout):
+        return f"no answer within {timeout:g} s"
+    return str(failure) or type(failure).__name__

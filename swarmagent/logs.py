@@ -1,0 +1,26 @@
+"""The agent's loggers, all behind one LOG_LEVEL filter."""
+
+from __future__ import annotations
+
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
+
+# Log level is process-wide by nature (one LOG_LEVEL per agent), so the
+# filter is the one piece of module state: loggers are made at import time.
+_predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+_observer = FilteringLogObserver(globalLogPublisher, [_predicate])
+
+
+def logger(namespace: str) -> Logger:
+    """A logger whose events pass the LOG_LEVEL filter."""
+    return Logger(namespace=namespace, observer=_observer)
+
+
+def set_level(level: LogLevel) -> None:
+    """Show the agent's events at ``level`` and above."""
+    _predicate.setLogLevelForNamespace("", level)

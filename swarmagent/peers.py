@@ -1,0 +1,164 @@
+"""Who this node is, which agents it knows, and how to find one of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+MANAGER = "manager"
+WORKER = "worker"
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """A node as its engine describes it."""
+
+    name: str
+    node_id: str = ""
+    role: str = MANAGER
+    leader: bool = False
+    engine_version: str = ""
+
+    @property
+    def swarm(self) -> bool:
+        """True when the engine is part of a swarm."""
+        return bool(self.node_id)
+
+    @property
+    def key(self) -> str:
+        """A unique name: the swarm node ID, or the hostname outside a swarm."""
+        return self.node_id or self.name
+
+    def to_json(self) -> dict[str, Any]:
+        """The agent-to-agent identity document."""
+        return {
+            "NodeName": self.name,
+            "NodeID": self.node_id,
+            "NodeRole": self.role,
+            "Leader": self.leader,
+            "EngineVersion": self.engine_version,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> NodeIdentity:
+        """Read an identity document; raise ValueError if it is not one."""
+        try:
+            name, node_id, role = doc["NodeName"], doc["NodeID"], doc["NodeRole"]
+        except (KeyError, TypeError):
+            raise ValueError("not an identity document") from None
+        if not isinstance(name, str) or not name or not isinstance(node_id, str):
+            raise ValueError("identity document without a node name")
+        if role not in (MANAGER, WORKER):
+            raise ValueError(f"unknown node role {role!r}")
+        return cls(
+            name=name,
+            node_id=node_id,
+            role=role,
+            leader=bool(doc.get("Leader", False)),
+            engine_version=str(doc.get("EngineVersion", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An agent reachable at an address, and the node it serves."""
+
+    address: str
+    port: int
+    identity: NodeIdentity
+    failures: int = 0
+    is_self: bool = False
+
+    @property
+    def name(self) -> str:
+        """The node's name, as Portainer shows it."""
+        return self.identity.name
+
+
+@dataclass(frozen=True)
+class Ambiguous:
+    """A node name that more than one node answers to."""
+
+    name: str
+    node_ids: tuple[str, ...]
+
+
+@dataclass
+class PeerTable:
+    """The agents of the cluster as last seen, this one included.
+
+    Peers are keyed by address: DNS gives addresses, and an agent's address
+    is what a request is sent to. ``me`` is this node, always present.
+    """
+
+    me: Peer
+    max_failures: int = 3
+    _peers: dict[str, Peer] = field(default_factory=dict)
+
+    def set_me(self, identity: NodeIdentity, address: str | None = None) -> None:
+        """Record this node's identity, re-read from its engine."""
+        self.me = replace(self.me, identity=identity, address=address or self.me.address)
+
+    def seen(self, address: str, port: int, identity: NodeIdentity) -> str | None:
+        """Record a successful probe; return "join" or "change" when news."""
+        if identity.key == self.me.identity.key:
+            self._peers.pop(address, None)
+            if address != self.me.address:
+                self.me = replace(self.me, address=address, port=port)
+            return None
+        old = self._peers.get(address)
+        self._peers[address] = Peer(address, port, identity)
+        if old is None:
+            return "join"
+        if old.identity != identity:
+            return "change"
+        return None
+
+    def failed(self, address: str) -> Peer | None:
+        """Count a failed probe; return the peer if this one removed it."""
+        old = self._peers.get(address)
+        if old is None:
+            return None
+        if old.failures + 1 >= self.max_failures:
+            del self._peers[address]
+            return old
+        self._peers[address] = replace(old, failures=old.failures + 1)
+        return None
+
+    def retain(self, addresses: Iterable[str]) -> list[Peer]:
+        """Drop the peers whose address is not among ``addresses``; return them."""
+        keep = set(addresses)
+        gone = [p for a, p in self._peers.items() if a not in keep]
+        for peer in gone:
+            del self._peers[peer.address]
+        return gone
+
+    def nodes(self) -> list[Peer]:
+        """This node then the others, one entry per node (the newest if an
+        agent was replaced and its old address has not expired yet)."""
+        by_node: dict[str, Peer] = {}
+        for peer in self._peers.values():
+            current = by_node.get(peer.identity.key)
+            if current is None or peer.failures < current.failures:
+                by_node[peer.identity.key] = peer
+        by_node.pop(self.me.identity.key, None)
+        return [self.me, *sorted(by_node.values(), key=lambda p: (p.name, p.identity.key))]
+
+    def find(self, target: str) -> Peer | Ambiguous | None:
+        """The node a target header names: by node ID first, then by name."""
+        nodes = self.nodes()
+        for peer in nodes:
+            if peer.identity.node_id and peer.identity.node_id == target:
+                return peer
+        named = [p for p in nodes if p.name == target]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            return Ambiguous(target, tuple(p.identity.node_id for p in named))
+        return None
+
+    def managers(self) -> list[Peer]:
+        """Reachable managers, the leader first."""
+        found = [p for p in self.nodes() if p.identity.role == MANAGER and p.identity.swarm]
+        return sorted(found, key=lambda p: (not p.identity.leader, p.failures))

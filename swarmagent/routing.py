@@ -1,0 +1,124 @@
+"""Where a Docker API request goes: a pure function of the request and the peer table."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from swarmagent.peers import Ambiguous, Peer, PeerTable
+
+TARGET = "x-portaineragent-target"
+MANAGER_OPERATION = "x-portaineragent-manageroperation"
+# Set by an agent on every request it forwards: the receiver must serve it
+# itself, never forward it again, so no request can loop between agents.
+HOP = "x-swarmagent-hop"
+
+_VERSION = re.compile(r"^/v\d+\.\d+(?=/|$)")
+MANAGER_PREFIXES = ("/services", "/tasks", "/secrets", "/configs", "/swarm", "/nodes", "/info")
+FANOUT_PATHS = {
+    "/containers/json": "containers",
+    "/images/json": "images",
+    "/volumes": "volumes",
+    "/networks": "networks",
+}
+
+
+def strip_version(path: str) -> str:
+    """``/v1.41/containers/json`` → ``/containers/json``."""
+    return _VERSION.sub("", path, count=1) or "/"
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+@dataclass(frozen=True)
+class Local:
+    """Serve from this node's engine."""
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Send to another node's agent."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """Ask every node and merge the lists."""
+
+    kind: str
+
+
+@dataclass(frozen=True)
+class NoManager:
+    """A manager is needed and none is reachable."""
+
+
+@dataclass(frozen=True)
+class UnknownNode:
+    """The target names no known node."""
+
+    target: str
+    known: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AmbiguousNode:
+    """The target is a hostname that several nodes share."""
+
+    target: str
+    node_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Misdirected:
+    """A forwarded request reached a node that cannot serve it."""
+
+    why: str
+
+
+Route = Local | Forward | FanOut | NoManager | UnknownNode | AmbiguousNode | Misdirected
+
+
+def route(method: str, path: str, headers: Mapping[str, str], table: PeerTable) -> Route:
+    """Decide where a Docker API request is served.
+
+    ``path`` is the request path with its ``/vX.Y`` prefix; ``headers`` maps
+    lower-case names to values.
+    """
+    me = table.me
+    bare = strip_version(path)
+    forwarded = bool(headers.get(HOP))
+    target = headers.get(TARGET, "").strip()
+    targets_me = target in ("", me.name, me.identity.node_id)
+
+    if not me.identity.swarm:
+        return Local()
+
+    if headers.get(MANAGER_OPERATION) or any(_under(bare, p) for p in MANAGER_PREFIXES):
+        if me.identity.role == "manager":
+            return Local()
+        if forwarded:
+            return Misdirected(f"{me.name} is not a manager")
+        managers = table.managers()
+        return Forward(managers[0]) if managers else NoManager()
+
+    kind = FANOUT_PATHS.get(bare)
+    if kind and method == "GET" and not (target and targets_me):
+        if forwarded:
+            return Misdirected(f"fan-out reached {me.name} with target {target!r}")
+        return FanOut(kind)
+
+    if targets_me:
+        return Local()
+    if forwarded:
+        return Misdirected(f"{me.name} was sent a request for {target!r}")
+    found = table.find(target)
+    if isinstance(found, Ambiguous):
+        return AmbiguousNode(target, found.node_ids)
+    if found is None:
+        return UnknownNode(target, tuple(p.name for p in table.nodes()))
+    return Forward(found)
