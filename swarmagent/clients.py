@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import URI, Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -86,9 +86,15 @@ class PeerEndpoints:
         )
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    # One log line per pooled connection opened and closed is noise.
+    noisy = False
+
+
 def make_pool(reactor: Any) -> HTTPConnectionPool:
     """Persistent connections, enough per host for a burst of parallel calls."""
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietFactory
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 60
     return pool

@@ -90,7 +90,8 @@ class _BodyRelay(Protocol):
 
     def __init__(self, request: Request) -> None:
         self.request = request
-        self.done: Deferred[Failure] = Deferred()
+        self.reason: Failure | None = None
+        self.done: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
@@ -100,7 +101,8 @@ class _BodyRelay(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.request.unregisterProducer()
-        self.done.callback(reason)
+        self.reason = reason
+        self.done.callback(None)
 
 
 class Relay:
@@ -151,10 +153,11 @@ class Relay:
             request.responseHeaders.setRawHeaders(name, values)
         relay = _BodyRelay(request)
         response.deliverBody(relay)
-        reason = await relay.done
+        await relay.done
         if gone:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        reason = relay.reason
+        if reason is not None and reason.check(ResponseDone, PotentialDataLoss):
             request.finish()
         else:
             # The upstream broke mid-body: cut the client off too, so it
@@ -162,7 +165,7 @@ class Relay:
             log.warn(
                 "{upstream}: stream broken: {why}",
                 upstream=unreachable,
-                why=reason.getErrorMessage(),
+                why=reason.getErrorMessage() if reason else "closed",
             )
             request.loseConnection()
 

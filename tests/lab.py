@@ -77,10 +77,15 @@ IMAGE_REPO = "salab/busybox"
 IMAGE = f"{IMAGE_REPO}:latest"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Source tree the agents run from (PYTHONPATH): this working tree by default.
+AGENT_SRC = Path(os.environ.get("SALAB_AGENT_SRC", REPO_ROOT))
 DEFAULT_ROOT = Path(os.environ.get("SALAB_ROOT", "/var/tmp/swarmagent-lab"))
 BUSYBOX = Path("/bin/busybox")
 DOCKERD = os.environ.get("SALAB_DOCKERD", "/usr/sbin/dockerd")
 
+
+#: iptables FORWARD rule letting traffic between lab nodes through.
+_FORWARD_RULE = ("-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT")
 
 # ---------------------------------------------------------------------------
 # Small helpers
@@ -109,7 +114,7 @@ def wait_until(
             value = fn()
             if value:
                 return value
-        except Exception as e:  # noqa: BLE001 - polling: any error means "not yet"
+        except Exception as e:  # polling: any error means "not yet"
             last = e
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}") from last
@@ -171,9 +176,9 @@ def http_request(
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout, context=ctx)
+        conn = http.client.HTTPSConnection(u.hostname or "", u.port, timeout=timeout, context=ctx)
     else:
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+        conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=hdrs)
         r = conn.getresponse()
@@ -341,11 +346,20 @@ class Node:
 class Agent:
     """A running agent process (``twistd -n swarmagent``) on a node."""
 
-    def __init__(self, node: Node, proc: subprocess.Popen[bytes], log: Path, port: int) -> None:
+    def __init__(
+        self,
+        node: Node,
+        proc: subprocess.Popen[bytes],
+        log: Path,
+        port: int,
+        overrides: dict[str, str] | None = None,
+    ) -> None:
         self.node = node
         self.proc = proc
         self.log = log
         self.port = port
+        #: The ``**env`` it was started with, beyond the lab's defaults.
+        self.overrides = dict(overrides or {})
         self.url = f"{AGENT_SCHEME}://{node.ip}:{port}"
 
     def __repr__(self) -> str:
@@ -411,6 +425,9 @@ class Lab:
         hierarchy = _cgroup_hierarchy()
         self.cgroup: Path | None = hierarchy / PREFIX if hierarchy else None
         self._agent_seq = 0
+        self._tokens: dict[str, str] = {}
+        #: Names of the nodes whose link is cut right now.
+        self.cut: set[str] = set()
 
     # -- availability ------------------------------------------------------
 
@@ -470,12 +487,9 @@ class Lab:
         # containers (``sleep`` as PID 1 ignores SIGTERM), and the whole
         # mount namespace with its overlay mounts disappears anyway.
         self._kill_all()
-        for proc in [self.dns] + [p for n in self.nodes for p in (n.dockerd, n.holder)]:
-            if proc is not None:
-                with contextlib.suppress(Exception):
-                    proc.wait(10)
         self.dns = None
         self.nodes = []
+        self.cut = set()
         self._remove_network()
         self._remove_cgroups()
         self._remove_files()
@@ -492,12 +506,15 @@ class Lab:
 
         def victims() -> set[int]:
             pids: set[int] = set()
-            if self.cgroup is not None:
-                pids |= _cgroup_pids(self.cgroup)
             for ns in self._lab_netns():
                 pids |= {int(p) for p in run("ip", "netns", "pids", ns, check=False).stdout.split()}
-            # Without cgroups, dockerd/containerd/DNS mention the lab root.
-            pids |= _pids_mentioning(str(self.root) + "/")
+            if self.cgroup is not None:
+                pids |= _cgroup_pids(self.cgroup)
+            else:
+                # No cgroup tracking: dockerd, the DNS server and the holders
+                # name the lab root on their command line. (Containers and
+                # agents are found through the netns, or not at all.)
+                pids |= _pids_mentioning(str(self.root) + "/")
             return pids
 
         deadline = time.monotonic() + 15
@@ -516,6 +533,7 @@ class Lab:
         return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX + "-")]
 
     def _remove_network(self) -> None:
+        self._remove_forward_rules()
         for ns in self._lab_netns():
             run("ip", "netns", "del", ns, check=False)
         links = run("ip", "-o", "link", "show", check=False).stdout
@@ -563,11 +581,31 @@ class Lab:
         run("ip", "link", "add", BRIDGE, "type", "bridge", "forward_delay", "0")
         run("ip", "addr", "add", f"{HOST_IP}/{PREFIX_LEN}", "dev", BRIDGE)
         run("ip", "link", "set", BRIDGE, "up")
+        # With br_netfilter loaded, frames between two ports of the bridge go
+        # through the host's iptables FORWARD chain, whose policy is DROP on
+        # any host that runs Docker itself. Let the lab's own traffic pass.
+        if shutil.which("iptables"):
+            run("iptables", "-I", "FORWARD", *_FORWARD_RULE, check=False)
+
+    @staticmethod
+    def _remove_forward_rules() -> None:
+        if shutil.which("iptables"):
+            for _ in range(10):  # one per earlier run that crashed, at most
+                if run("iptables", "-D", "FORWARD", *_FORWARD_RULE, check=False).returncode:
+                    break
 
     def _start_dns(self) -> None:
         log = self.root / "dns.log"
-        cmd = [sys.executable, str(Path(__file__).with_name("lab_dns.py")),
-               "--records", str(self.dns_file), "--listen", HOST_IP, "--port", "53"]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("lab_dns.py")),
+            "--records",
+            str(self.dns_file),
+            "--listen",
+            HOST_IP,
+            "--port",
+            "53",
+        ]
         self.dns = self._spawn(cmd, "dns", log)
 
         def answering() -> bool:
@@ -595,9 +633,22 @@ class Lab:
     def cut_link(self, node: Node) -> None:
         """Take the node off the bridge (host side of its veth down)."""
         run("ip", "link", "set", node.veth, "down")
+        self.cut.add(node.name)
 
-    def restore_link(self, node: Node) -> None:
+    def restore_link(self, node: Node, timeout: float = 10) -> None:
+        """Put the node back on the bridge and wait until the host reaches it.
+
+        The first packets after the link comes back can take a few hundred
+        ms (neighbour entries that went FAILED during the cut).
+        """
         run("ip", "link", "set", node.veth, "up")
+        self.cut.discard(node.name)
+        wait_until(
+            lambda: run(str(BUSYBOX), "ping", "-c1", "-W1", node.ip, check=False).returncode == 0,
+            timeout,
+            0.05,
+            f"{node.name} reachable again",
+        )
 
     # -- processes ---------------------------------------------------------
 
@@ -615,7 +666,11 @@ class Lab:
             cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg / "cgroup.procs"), *cmd]
         with open(log, "ab") as out:
             return subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
                 start_new_session=True,  # a ^C on the test run must not hit them first
             )
 
@@ -629,8 +684,19 @@ class Lab:
             (node.dir / sub).mkdir(parents=True, exist_ok=True)
         (node.dir / "resolv.conf").write_text(f"nameserver {HOST_IP}\nsearch {DOMAIN}\n")
         run("ip", "netns", "add", node.netns)
-        run("ip", "link", "add", node.veth, "type", "veth", "peer", "name", "eth0",
-            "netns", node.netns)
+        run(
+            "ip",
+            "link",
+            "add",
+            node.veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            node.netns,
+        )
         run("ip", "link", "set", node.veth, "master", BRIDGE, "up")
         run("ip", "-n", node.netns, "addr", "add", f"{node.ip}/{PREFIX_LEN}", "dev", "eth0")
         run("ip", "-n", node.netns, "link", "set", "eth0", "up")
@@ -642,8 +708,11 @@ class Lab:
         resolv = Path("/etc/resolv.conf").resolve()
         # If /etc/resolv.conf points into /run, its target vanishes under our
         # fresh /run tmpfs: recreate it so the bind mount has a target.
-        touch = (f'mkdir -p "{resolv.parent}" && touch "{resolv}" && '
-                 if str(resolv).startswith("/run/") else "")
+        touch = (
+            f'mkdir -p "{resolv.parent}" && touch "{resolv}" && '
+            if str(resolv).startswith("/run/")
+            else ""
+        )
         script = (
             "set -e; "
             f"echo {node.name} > /proc/sys/kernel/hostname; "
@@ -656,9 +725,18 @@ class Lab:
             "exec sleep infinity"
         )
         node.holder = self._spawn(
-            ["nsenter", f"--net=/run/netns/{node.netns}", "unshare", "--uts", "--mount",
-             "sh", "-c", script],
-            f"{node.name}/holder", node.dir / "holder.log",
+            [
+                "nsenter",
+                f"--net=/run/netns/{node.netns}",
+                "unshare",
+                "--uts",
+                "--mount",
+                "sh",
+                "-c",
+                script,
+            ],
+            f"{node.name}/holder",
+            node.dir / "holder.log",
         )
         node.pid = node.holder.pid
 
@@ -675,13 +753,20 @@ class Lab:
         """(Re)start the node's dockerd and wait until it answers."""
         Path(node.socket).unlink(missing_ok=True)
         cmd = [
-            *node.nsenter(), DOCKERD,
-            "--data-root", "/var/lib/docker",
-            "--exec-root", "/run/docker",
-            "--pidfile", "/run/docker.pid",
-            "-H", "unix:///var/run/docker.sock",
-            "-H", f"unix://{node.socket}",
-            "--storage-driver", "overlay2",
+            *node.nsenter(),
+            DOCKERD,
+            "--data-root",
+            "/var/lib/docker",
+            "--exec-root",
+            "/run/docker",
+            "--pidfile",
+            "/run/docker.pid",
+            "-H",
+            "unix:///var/run/docker.sock",
+            "-H",
+            f"unix://{node.socket}",
+            "--storage-driver",
+            "overlay2",
             "--iptables=false",
             # Containers land in the lab's cgroup tree, so teardown finds them.
             *(["--cgroup-parent", f"/{PREFIX}/{node.name}"] if self.cgroup else []),
@@ -796,7 +881,7 @@ class Lab:
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "HOME": str(node.dir),
             "LANG": "C.UTF-8",
-            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONPATH": str(AGENT_SRC),
             "PYTHONUNBUFFERED": "1",
             "AGENT_HOST": node.ip,
             "AGENT_PORT": str(AGENT_PORT),
@@ -816,16 +901,21 @@ class Lab:
         self._agent_seq += 1
         log = node.dir / f"agent-{self._agent_seq}.log"
         cmd = [
-            *node.nsenter(), sys.executable, "-c",
+            *node.nsenter(),
+            sys.executable,
+            "-c",
             "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "swarmagent",
+            "-n",
+            "--pidfile=",
+            "swarmagent",
         ]
         proc = self._spawn(cmd, f"{node.name}/agents", log, env=full_env)
-        agent = Agent(node, proc, log, int(full_env["AGENT_PORT"]))
+        agent = Agent(
+            node, proc, log, int(full_env["AGENT_PORT"]), {k: str(v) for k, v in env.items()}
+        )
         self.agents.append(agent)
         return agent
 
     def logs(self, lines: int = 30) -> str:
         """Tails of the agent logs (for failure reports)."""
         return "\n".join(a.log_tail(lines) for a in self.agents)
-

@@ -31,7 +31,7 @@ import os
 import sys
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.names import authority, dns, server
 from twisted.python import log
 
@@ -69,6 +69,9 @@ def parse_records(data: dict[str, Any]) -> tuple[tuple[bytes, dns.Record_SOA], d
 
 class JsonAuthority(authority.FileAuthority):
     """An authority whose zone is a JSON file, reloaded when the file changes."""
+
+    soa: Any = None
+    records: Any = None
 
     def __init__(self, filename: str) -> None:
         self._filename = filename
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=53)
     args = p.parse_args(argv)
 
+    reactor: Any = _reactor
     log.startLogging(sys.stdout)
     factory = server.DNSServerFactory(authorities=[JsonAuthority(args.records)])
     reactor.listenUDP(args.port, dns.DNSDatagramProtocol(factory), interface=args.listen)
