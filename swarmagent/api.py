@@ -9,8 +9,6 @@ from typing import Any
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from swarmagent import __version__
-from swarmagent.discovery import IDENTITY_PATH
 from swarmagent.errors import ErrorResource
 from swarmagent.fanout import FanOut
 from swarmagent.peers import PeerTable
@@ -27,12 +25,7 @@ from swarmagent.routing import (
 from swarmagent.routing import (
     FanOut as FanOutRoute,
 )
-
-AGENT_HEADERS = (
-    (b"Portainer-Agent", __version__.encode("ascii")),
-    (b"Portainer-Agent-API-Version", b"2"),
-    (b"Portainer-Agent-Platform", b"1"),
-)
+from swarmagent.wire import AGENT_HEADERS, IDENTITY_PATH
 
 
 def lower_headers(request: Request) -> dict[str, str]:

@@ -8,8 +8,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from twisted.web.client import URI, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from swarmagent.config import EngineAddress
@@ -98,20 +98,6 @@ def make_pool(reactor: Any) -> HTTPConnectionPool:
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 60
     return pool
-
-
-def engine_agent(
-    reactor: Any, address: EngineAddress, timeout: float, pool: HTTPConnectionPool
-) -> IAgent:
-    """An HTTP agent whose every request reaches the local engine."""
-    return Agent.usingEndpointFactory(
-        reactor, EngineEndpoints(reactor, address, timeout), pool=pool
-    )
-
-
-def peer_agent(reactor: Any, timeout: float, pool: HTTPConnectionPool) -> IAgent:
-    """An HTTP agent for the other nodes' agents."""
-    return Agent.usingEndpointFactory(reactor, PeerEndpoints(reactor, timeout), pool=pool)
 
 
 def peer_url(address: str, port: int, path: bytes) -> bytes:

@@ -18,8 +18,8 @@ from swarmagent.clients import peer_url
 from swarmagent.engine import Engine
 from swarmagent.logs import logger
 from swarmagent.peers import NodeIdentity, PeerTable
+from swarmagent.wire import IDENTITY_PATH
 
-IDENTITY_PATH = b"/swarmagent/identity"
 # Retry delays (seconds) for one DNS query: a tick must end well before the next.
 DNS_TIMEOUTS = (1, 2)
 

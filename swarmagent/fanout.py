@@ -16,10 +16,9 @@ from swarmagent.errors import error_body
 from swarmagent.logs import logger
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import forward_headers, request_headers
+from swarmagent.wire import MISSING_NODES
 
 log = logger(__name__)
-
-MISSING_HEADER = b"X-SwarmAgent-Missing-Nodes"
 
 
 class NodeFailed(Exception):
@@ -148,7 +147,7 @@ class FanOut:
             return
         if merged.missing:
             names = ", ".join(p.name for p, _ in merged.missing)
-            request.responseHeaders.setRawHeaders(MISSING_HEADER, [names.encode("utf-8")])
+            request.responseHeaders.setRawHeaders(MISSING_NODES, [names.encode("utf-8")])
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         if kind == "volumes":
             warnings = merged.warnings + [

@@ -8,10 +8,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.client import URI, FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -19,7 +19,8 @@ from swarmagent.clients import ENGINE_BASE, peer_url
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
 from swarmagent.peers import Peer
-from swarmagent.routing import HOP, TARGET
+from swarmagent.tunnel import hijack, wants_upgrade
+from swarmagent.wire import AGENT_HEADERS, HOP, TARGET
 
 log = logger(__name__)
 
@@ -41,9 +42,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the agent that answers the client; a peer's copies would double them.
-AGENT_HEADERS = frozenset(
-    {b"portainer-agent", b"portainer-agent-api-version", b"portainer-agent-platform"}
-)
+OWN_HEADERS = frozenset(name.lower() for name, _ in AGENT_HEADERS)
 
 
 def _is_agent_header(name: bytes) -> bool:
@@ -76,7 +75,7 @@ def request_headers(request: Request, *, keep_agent_headers: bool) -> Headers:
 
 def response_headers(response: IResponse) -> list[tuple[bytes, list[bytes]]]:
     """The end-to-end headers of an upstream response, for the client."""
-    drop = (HOP_BY_HOP - {b"content-length"}) | AGENT_HEADERS | _connection_tokens(response.headers)
+    drop = (HOP_BY_HOP - {b"content-length"}) | OWN_HEADERS | _connection_tokens(response.headers)
     return [(n, v) for n, v in response.headers.getAllRawHeaders() if n.lower() not in drop]
 
 
@@ -108,8 +107,11 @@ class _BodyRelay(Protocol):
 class Relay:
     """Sends one client request upstream and streams the answer back."""
 
-    def __init__(self, agent: IAgent, cooperator: Cooperator) -> None:
+    def __init__(
+        self, agent: IAgent, endpoints: IAgentEndpointFactory, cooperator: Cooperator
+    ) -> None:
         self._agent = agent
+        self._endpoints = endpoints
         self._cooperator = cooperator
 
     def _body(self, request: Request) -> IBodyProducer | None:
@@ -124,6 +126,10 @@ class Relay:
 
     def __call__(self, request: Request, url: bytes, headers: Headers, unreachable: str) -> None:
         """Relay ``request`` to ``url``; ``unreachable`` names the upstream in errors."""
+        if wants_upgrade(request):
+            endpoint = self._endpoints.endpointForURI(URI.fromBytes(url))
+            hijack(request, endpoint, headers, AGENT_HEADERS, unreachable)
+            return
         Deferred.fromCoroutine(self._relay(request, url, headers, unreachable))
 
     async def _relay(

@@ -7,12 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from swarmagent.peers import Ambiguous, Peer, PeerTable
-
-TARGET = "x-portaineragent-target"
-MANAGER_OPERATION = "x-portaineragent-manageroperation"
-# Set by an agent on every request it forwards: the receiver must serve it
-# itself, never forward it again, so no request can loop between agents.
-HOP = "x-swarmagent-hop"
+from swarmagent.wire import HOP, MANAGER_OPERATION, TARGET
 
 _VERSION = re.compile(r"^/v\d+\.\d+(?=/|$)")
 MANAGER_PREFIXES = ("/services", "/tasks", "/secrets", "/configs", "/swarm", "/nodes", "/info")

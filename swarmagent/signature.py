@@ -245,7 +245,9 @@ class Verifier:
             der = store.load()
             if der is not None:
                 self._paired_der, self._paired_key = der, load_public_key(der)
-                _log.info("Paired with key {fp} (from {path})", fp=fingerprint(der), path=store.path)
+                _log.info(
+                    "Paired with key {fp} (from {path})", fp=fingerprint(der), path=store.path
+                )
 
     @property
     def paired_key(self) -> bytes | None:
@@ -315,7 +317,9 @@ class Verifier:
                 e=e,
             )
         else:
-            _log.info("Paired with key {fp}, saved to {path}", fp=fingerprint(der), path=self._store.path)
+            _log.info(
+                "Paired with key {fp}, saved to {path}", fp=fingerprint(der), path=self._store.path
+            )
 
 
 class Signer:

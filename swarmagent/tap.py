@@ -14,10 +14,11 @@ from twisted.internet.task import Cooperator
 from twisted.names import client as dns_client
 from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
+from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from swarmagent.api import AgentRoot
-from swarmagent.clients import engine_agent, make_pool, peer_agent
+from swarmagent.clients import EngineEndpoints, PeerEndpoints, make_pool
 from swarmagent.config import Options
 from swarmagent.discovery import Discovery, HTTPProbe
 from swarmagent.engine import Engine
@@ -64,8 +65,10 @@ def makeService(
     connect_timeout = options["connect-timeout"]
     engine_pool = make_pool(reactor)
     peer_pool = make_pool(reactor)
-    engine_raw = engine_agent(reactor, options["docker-host"], connect_timeout, engine_pool)
-    peer_raw = peer_agent(reactor, connect_timeout, peer_pool)
+    engine_endpoints = EngineEndpoints(reactor, options["docker-host"], connect_timeout)
+    peer_endpoints = PeerEndpoints(reactor, connect_timeout)
+    engine_raw = Agent.usingEndpointFactory(reactor, engine_endpoints, pool=engine_pool)
+    peer_raw = Agent.usingEndpointFactory(reactor, peer_endpoints, pool=peer_pool)
     engine_http = HTTPClient(engine_raw)
     peer_http = HTTPClient(peer_raw)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
@@ -87,7 +90,11 @@ def makeService(
     )
     fanout = FanOut(table, engine_http, peer_http, reactor, options["fanout-timeout"])
     root = AgentRoot(
-        table, Relay(engine_raw, cooperator), Relay(peer_raw, cooperator), fanout, reactor
+        table,
+        Relay(engine_raw, engine_endpoints, cooperator),
+        Relay(peer_raw, peer_endpoints, cooperator),
+        fanout,
+        reactor,
     )
     site = Site(root)
 

@@ -1,0 +1,208 @@
+"""Hijacked connections: ``attach`` and ``exec`` start with ``Upgrade: tcp``.
+
+The engine answers such a request with ``101 UPGRADED`` and then speaks raw
+bytes both ways on the same connection, with half-close meaning "stdin ended".
+twisted.web has no upgrade support, so the agent takes the client's connection
+away from the HTTP channel (as autobahn's ``WebSocketResource`` does), replays
+the request on a fresh connection upstream, and splices the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from swarmagent.errors import error_body
+from swarmagent.logs import logger
+
+log = logger(__name__)
+
+MAX_HEAD = 64 * 1024
+
+
+def wants_upgrade(request: Request) -> bool:
+    """True for a request asking to turn its connection into a raw stream."""
+    upgrade = b",".join(request.requestHeaders.getRawHeaders(b"upgrade", [])).lower()
+    return b"tcp" in [t.strip() for t in upgrade.split(b",")]
+
+
+def request_head(request: Request, headers: Headers, body: bytes) -> bytes:
+    """The request line and headers to replay upstream."""
+    lines = [request.method + b" " + request.uri + b" HTTP/1.1", b"Host: docker"]
+    for name, values in headers.getAllRawHeaders():
+        lines.extend(name + b": " + v for v in values)
+    lines += [b"Connection: Upgrade", b"Upgrade: tcp", b"Content-Length: %d" % len(body)]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def error_response(
+    code: int, reason: bytes, body: bytes, extra: tuple[tuple[bytes, bytes], ...]
+) -> bytes:
+    """A whole HTTP/1.1 error answer, written on a connection already taken over."""
+    head = [b"HTTP/1.1 %d %s" % (code, reason), b"Content-Type: application/json"]
+    head += [n + b": " + v for n, v in extra]
+    head += [b"Content-Length: %d" % len(body), b"Connection: close"]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class Tunnel:
+    """Two connections spliced: the client's, taken from twisted.web, and the upstream's."""
+
+    def __init__(
+        self, client: Any, head: bytes, extra_headers: tuple[tuple[bytes, bytes], ...]
+    ) -> None:
+        self.client = client
+        self._head = head
+        self._extra = extra_headers
+        self.upstream: Any = None
+        self._early: list[bytes] = []
+        self._client_eof = False
+        self.closed = False
+
+    # client side
+    def from_client(self, data: bytes) -> None:
+        if self.upstream is None:
+            self._early.append(data)
+        else:
+            self.upstream.write(data)
+
+    def client_eof(self) -> None:
+        self._client_eof = True
+        if self.upstream is not None:
+            self.upstream.loseWriteConnection()
+
+    def client_gone(self) -> None:
+        self.closed = True
+        if self.upstream is not None:
+            self.upstream.loseConnection()
+
+    # upstream side
+    def upstream_connected(self, transport: Any) -> None:
+        if self.closed:
+            transport.loseConnection()
+            return
+        self.upstream = transport
+        transport.write(self._head)
+        for data in self._early:
+            transport.write(data)
+        self._early = []
+        if self._client_eof:
+            transport.loseWriteConnection()
+        # Each side is the other's producer: a slow reader pauses the writer.
+        self.client.registerProducer(transport, True)
+        transport.registerProducer(self.client, True)
+
+    def upstream_head(self, head: bytes) -> bytes:
+        """The upstream's answer head, marked as the agent's, for the client."""
+        line, _, rest = head.partition(b"\r\n")
+        marks = b"".join(n + b": " + v + b"\r\n" for n, v in self._extra)
+        return line + b"\r\n" + marks + rest
+
+    def upstream_failed(self, reason: Failure, what: str) -> None:
+        log.warn("{what}: {why}", what=what, why=reason.getErrorMessage())
+        body = error_body(what, reason.getErrorMessage())
+        self.client.write(error_response(502, b"Bad Gateway", body, self._extra))
+        self.client.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class _ClientSide(Protocol):
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tunnel.from_client(data)
+
+    def readConnectionLost(self) -> None:
+        self.tunnel.client_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.tunnel.client_gone()
+
+
+@implementer(IHalfCloseableProtocol)
+class _UpstreamSide(Protocol):
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self._buffer = b""
+        self._head_done = False
+
+    def connectionMade(self) -> None:
+        self.tunnel.upstream_connected(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._head_done:
+            self.tunnel.client.write(data)
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEAD:
+                assert self.transport is not None
+                self.transport.loseConnection()
+            return
+        head, rest = self._buffer[: end + 4], self._buffer[end + 4 :]
+        self._buffer = b""
+        self._head_done = True
+        self.tunnel.client.write(self.tunnel.upstream_head(head))
+        if rest:
+            self.tunnel.client.write(rest)
+
+    def readConnectionLost(self) -> None:
+        # The upstream finished writing (the process's output ended): pass
+        # the half-close on, the client may still be sending.
+        self.tunnel.client.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.tunnel.client.loseConnection()
+
+
+def take_over(request: Request, tunnel_for: Any) -> Any:
+    """Detach the client's connection from twisted.web and hand it to a tunnel."""
+    channel = request.channel
+    transport: Any = channel.transport
+    channel.transport = None
+    transport.unregisterProducer()
+    tunnel: Tunnel = tunnel_for(transport)
+    client_side = _ClientSide(tunnel)
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = client_side
+    else:
+        transport.protocol = client_side
+    client_side.makeConnection(transport)
+    return tunnel
+
+
+def hijack(
+    request: Request,
+    endpoint: IStreamClientEndpoint,
+    headers: Headers,
+    extra_headers: tuple[tuple[bytes, bytes], ...],
+    what: str,
+) -> Any:
+    """Serve an upgrade request by splicing the client to ``endpoint``."""
+    content = request.content
+    body = b""
+    if content is not None:
+        content.seek(0)
+        body = content.read()
+    head = request_head(request, headers, body) + body
+    tunnel = take_over(request, lambda transport: Tunnel(transport, head, extra_headers))
+    factory = Factory.forProtocol(lambda: _UpstreamSide(tunnel))
+    factory.noisy = False
+    d = endpoint.connect(factory)
+    d.addErrback(tunnel.upstream_failed, what)
+    return NOT_DONE_YET

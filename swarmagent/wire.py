@@ -1,0 +1,24 @@
+"""Names on the wire: headers and paths shared by the agent's modules."""
+
+from __future__ import annotations
+
+from swarmagent import __version__
+
+# Request headers Portainer sends (matched case-insensitively).
+TARGET = "x-portaineragent-target"
+MANAGER_OPERATION = "x-portaineragent-manageroperation"
+# Set by an agent on every request it forwards: the receiver must serve it
+# itself, never forward it again, so no request can loop between agents.
+HOP = "x-swarmagent-hop"
+
+# On every answer, as the Portainer agent sends them.
+AGENT_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"Portainer-Agent", __version__.encode("ascii")),
+    (b"Portainer-Agent-API-Version", b"2"),
+    (b"Portainer-Agent-Platform", b"1"),
+)
+# Names the nodes a cluster-wide list left out.
+MISSING_NODES = b"X-SwarmAgent-Missing-Nodes"
+
+# The agent-to-agent identity document.
+IDENTITY_PATH = b"/swarmagent/identity"
