@@ -95,7 +95,8 @@ class EngineAddress:
 def parse_docker_host(value: str) -> EngineAddress:
     """Parse ``unix:///path`` or ``tcp://host:port`` as DOCKER_HOST does."""
     parts = urlsplit(value)
-    if parts.scheme == "unix" and parts.path:
+    # unix://var/run/docker.sock would read "var" as a host and drop it.
+    if parts.scheme == "unix" and parts.path and not parts.netloc:
         return EngineAddress("unix", path=parts.path)
     if parts.scheme == "tcp" and parts.hostname:
         try:

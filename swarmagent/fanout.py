@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -105,7 +104,7 @@ class FanOut:
             else:
                 failure = result.value  # type: ignore[attr-defined]
                 if not isinstance(failure, NodeFailed):
-                    failure = NodeFailed(_describe(failure, self._timeout))
+                    failure = NodeFailed(str(failure) or type(failure).__name__)
                 merged.missing.append((peer, failure))
         return merged
 
@@ -130,7 +129,11 @@ class FanOut:
                 raise NodeFailed(f"answered {response.code}", response.code, body)
             return parse_list(kind, body)
 
-        return Deferred.fromCoroutine(call()).addTimeout(self._timeout, self._clock)
+        # A cancelled HTTP call fails with its own error (ResponseNeverReceived
+        # wrapping CancelledError), not CancelledError: name the deadline here.
+        return Deferred.fromCoroutine(call()).addTimeout(
+            self._timeout, self._clock, onTimeoutCancel=_timed_out
+        )
 
     async def _serve(self, request: Request, kind: str) -> None:
         finished = [False]
@@ -176,7 +179,5 @@ class FanOut:
         request.finish()
 
 
-def _describe(failure: Any, timeout: float) -> str:
-    if isinstance(failure, DeferredTimeout):
-        return f"no answer within {timeout:g} s"
-    return str(failure) or type(failure).__name__
+def _timed_out(result: object, timeout: float) -> NoReturn:
+    raise NodeFailed(f"no answer within {timeout:g} s")

@@ -99,7 +99,9 @@ class _BodyRelay(Protocol):
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.request.unregisterProducer()
+        # A client that left first took the request's channel with it.
+        if self.request.channel is not None:
+            self.request.unregisterProducer()
         self.reason = reason
         self.done.callback(None)
 
@@ -157,6 +159,10 @@ class Relay:
         request.setResponseCode(response.code, response.phrase)
         for name, values in response_headers(response):
             request.responseHeaders.setRawHeaders(name, values)
+        # Send the head now: a client may wait for it before its next call
+        # (the CLI's `wait?condition=next-exit` answers only its head until
+        # the container exits, and `docker run` starts it only after).
+        request.write(b"")
         relay = _BodyRelay(request)
         response.deliverBody(relay)
         await relay.done

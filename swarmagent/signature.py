@@ -49,8 +49,9 @@ PAIRED_KEY_FILE = "paired-key.hex"
 #: P-256 scalars are 32 bytes; a signature is r‖s.
 SCALAR_SIZE = 32
 SIGNATURE_SIZE = 2 * SCALAR_SIZE
-#: 64 bytes in unpadded base64.
-SIGNATURE_CHARS = 86
+#: Characters read from a signature header before giving up (64 bytes take 86). Room is
+#: left so that a padded signature is named as badly encoded, as Go would, not as too long.
+MAX_SIGNATURE_CHARS = 256
 #: Hex digits read from a key header before giving up. A P-256 key is 182; the bound leaves
 #: room for an RSA-4096 key, so that a wrong key type is named as such rather than "too long".
 MAX_KEY_HEX = 2048
@@ -123,11 +124,11 @@ def parse_public_key(hex_text: str | bytes) -> ec.EllipticCurvePublicKey:
 def parse_signature(b64_text: str | bytes) -> tuple[int, int]:
     """Parse a ``X-PortainerAgent-Signature`` value into ``(r, s)``.
 
-    Raise SignatureLengthError for well-formed base64 of the wrong size (or too long to be
-    64 bytes) and SignatureError for anything that is not unpadded standard base64.
+    Raise SignatureLengthError for well-formed base64 of the wrong size (or text far too long
+    to be 64 bytes) and SignatureError for anything that is not unpadded standard base64.
     """
     text = _text(b64_text)
-    if len(text) > SIGNATURE_CHARS:
+    if len(text) > MAX_SIGNATURE_CHARS:
         raise SignatureLengthError("signature is too long")
     # Go's RawStdEncoding: no "=", no URL alphabet, and a lone trailing character is an error.
     if not _BASE64_RAW.fullmatch(text) or len(text) % 4 == 1:

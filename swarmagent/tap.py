@@ -96,7 +96,7 @@ def makeService(
         fanout,
         reactor,
     )
-    site = Site(root)
+    site = Site(root, reactor=reactor)
 
     host = options["host"]
     endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint

@@ -31,6 +31,7 @@ from weakref import WeakKeyDictionary
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import (
@@ -67,11 +68,9 @@ class Identity:
     chain: tuple[x509.Certificate, ...] = field(default=())
 
 
-def _public_der(key: Any) -> bytes:
-    return bytes(
-        key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+def _public_der(key: CertificatePublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
@@ -85,7 +84,7 @@ def load_identity(cert_path: str | os.PathLike[str], key_path: str | os.PathLike
         key = load_key(key_path)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{key_path}: not an unencrypted PEM key ({e})") from None
-    if _public_der(certs[0].public_key()) != _public_der(key):
+    if _public_der(certs[0].public_key()) != _public_der(key.public_key()):
         raise ValueError(f"{key_path} is not the key of the certificate in {cert_path}")
     return Identity(certs[0], key, tuple(certs[1:]))
 
@@ -122,7 +121,9 @@ def load_ca(path: str | os.PathLike[str]) -> tuple[x509.Certificate, ...]:
 
 def chains_to(identity: Identity, ca: Sequence[x509.Certificate]) -> bool:
     """Whether the identity's certificate verifies against ``ca``, as a peer will check it."""
-    store = _store(ca)
+    store = crypto.X509Store()
+    for cert in ca:
+        store.add_cert(crypto.X509.from_cryptography(cert))
     try:
         crypto.X509StoreContext(
             store,
@@ -132,13 +133,6 @@ def chains_to(identity: Identity, ca: Sequence[x509.Certificate]) -> bool:
     except crypto.X509StoreContextError:
         return False
     return True
-
-
-def _store(ca: Sequence[x509.Certificate]) -> crypto.X509Store:
-    store = crypto.X509Store()
-    for cert in ca:
-        store.add_cert(crypto.X509.from_cryptography(cert))
-    return store
 
 
 def _context(identity: Identity | None) -> SSL.Context:
@@ -278,9 +272,9 @@ def from_settings(
     )
     if not ca:
         return ServerTLS(identity), ClientTLS()
-    cas = load_ca(ca)
     if not cert:
         raise ValueError("AGENT_TLS_CA needs AGENT_TLS_CERT and AGENT_TLS_KEY signed by that CA")
+    cas = load_ca(ca)
     # Peers check this certificate against the same CA, as a server and as a client: a
     # mistake here would only show later as failed calls between agents.
     if not chains_to(identity, cas):

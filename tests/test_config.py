@@ -1,0 +1,205 @@
+"""Options: flags, environment fallbacks, defaults and one-line errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.logger import LogLevel
+from twisted.trial.unittest import SynchronousTestCase
+
+from swarmagent.config import SETTINGS, EngineAddress, Options, parse_docker_host
+
+DEFAULTS: dict[str, Any] = {
+    "host": "0.0.0.0",
+    "port": 9001,
+    "cluster-addr": "",
+    "advertise-addr": "",
+    "secret": "",
+    "log-level": LogLevel.info,
+    "data-path": "/data",
+    "docker-host": EngineAddress("unix", path="/var/run/docker.sock"),
+    "refresh-interval": 5.0,
+    "fanout-timeout": 10.0,
+    "connect-timeout": 5.0,
+    "probe-failures": 3,
+}
+
+# One good non-default value per option: (raw string, parsed value).
+OTHER: dict[str, tuple[str, Any]] = {
+    "host": ("::", "::"),
+    "port": ("9443", 9443),
+    "cluster-addr": ("_agent._tcp.example", "_agent._tcp.example"),
+    "advertise-addr": ("10.1.2.3", "10.1.2.3"),
+    "secret": ("s3cret", "s3cret"),
+    "log-level": ("DEBUG", LogLevel.debug),
+    "data-path": ("/srv/agent", "/srv/agent"),
+    "docker-host": ("tcp://10.0.0.7:2376", EngineAddress("tcp", host="10.0.0.7", port=2376)),
+    "refresh-interval": ("0.5", 0.5),
+    "fanout-timeout": ("2.5", 2.5),
+    "connect-timeout": ("1", 1.0),
+    "probe-failures": ("7", 7),
+}
+
+# Values each option must refuse (secret and data-path take any string).
+BAD: dict[str, list[str]] = {
+    "host": ["localhost", "10.0.0", ""],
+    "port": ["http", "0", "65536", "-1", "1.5"],
+    "cluster-addr": ["tasks. agent", "a" * 254],
+    "advertise-addr": ["node-1", "300.0.0.1"],
+    "log-level": ["verbose", "trace", ""],
+    "docker-host": [
+        "/var/run/docker.sock",
+        "http://docker:2375",
+        "unix://",
+        "tcp://",
+        "tcp://host:port",
+        "tcp://host:70000",
+        "unix://var/run/docker.sock",
+    ],
+    "refresh-interval": ["soon", "0", "-1", "inf", "nan"],
+    "fanout-timeout": ["x", "0", "-5"],
+    "connect-timeout": ["", "0"],
+    "probe-failures": ["many", "0", "-2", "1.5"],
+}
+
+ENV = {s.flag: s.env for s in SETTINGS}
+DEFAULTS_RAW = {s.flag: s.default for s in SETTINGS}
+
+
+def parse(argv: list[str], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    options = Options(environ={} if environ is None else environ)
+    options.parseOptions(argv)
+    return dict(options)
+
+
+class DefaultsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """No flags and no environment: every option at its documented default."""
+        self.assertEqual(parse([]), DEFAULTS)
+
+    def test_settings_cover_every_option(self) -> None:
+        """The tables here name every option there is, so none goes untested."""
+        self.assertEqual(set(ENV), set(DEFAULTS))
+        self.assertEqual(set(OTHER), set(DEFAULTS))
+
+    def test_process_environment_is_the_default_source(self) -> None:
+        self.patch(os, "environ", {"AGENT_PORT": "9555"})
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options["port"], 9555)
+
+
+class SourceTests(SynchronousTestCase):
+    def test_each_flag(self) -> None:
+        for flag, (raw, value) in OTHER.items():
+            with self.subTest(flag=flag):
+                self.assertEqual(parse([f"--{flag}", raw]), {**DEFAULTS, flag: value})
+
+    def test_each_environment_variable(self) -> None:
+        for flag, (raw, value) in OTHER.items():
+            with self.subTest(env=ENV[flag]):
+                self.assertEqual(parse([], {ENV[flag]: raw}), {**DEFAULTS, flag: value})
+
+    def test_flag_wins_over_environment(self) -> None:
+        environ = {ENV[flag]: raw for flag, (raw, _) in OTHER.items()}
+        argv = [f"--{flag}={DEFAULTS_RAW[flag]}" for flag in OTHER]
+        self.assertEqual(parse(argv, environ), DEFAULTS)
+
+    def test_empty_flag_wins_over_environment(self) -> None:
+        """An explicitly empty flag is a value, not an absence."""
+        parsed = parse(["--cluster-addr="], {"AGENT_CLUSTER_ADDR": "tasks.agent"})
+        self.assertEqual(parsed["cluster-addr"], "")
+
+    def test_all_from_environment(self) -> None:
+        environ = {ENV[flag]: raw for flag, (raw, _) in OTHER.items()}
+        self.assertEqual(parse([], environ), {flag: value for flag, (_, value) in OTHER.items()})
+
+    def test_unrelated_environment_ignored(self) -> None:
+        self.assertEqual(parse([], {"PORT": "1", "HOST": "x", "AGENT_PORTS": "2"}), DEFAULTS)
+
+
+class LogLevelTests(SynchronousTestCase):
+    def test_any_case(self) -> None:
+        for raw, level in [
+            ("error", LogLevel.error),
+            ("Warn", LogLevel.warn),
+            ("warning", LogLevel.warn),
+            ("iNfO", LogLevel.info),
+            ("debug", LogLevel.debug),
+        ]:
+            with self.subTest(raw=raw):
+                self.assertEqual(parse([], {"LOG_LEVEL": raw})["log-level"], level)
+                self.assertEqual(parse(["--log-level", raw])["log-level"], level)
+
+
+class BadValueTests(SynchronousTestCase):
+    def assertRefused(self, flag: str, raw: str, *, from_env: bool) -> None:
+        argv, environ = ([], {ENV[flag]: raw}) if from_env else ([f"--{flag}={raw}"], {})
+        with self.assertRaises(SystemExit) as caught:
+            parse(argv, environ)
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertTrue(message.startswith("swarmagent: "), message)
+        self.assertIn(f"--{flag}", message)
+        self.assertIn(ENV[flag], message)
+
+    def test_bad_flag_values(self) -> None:
+        for flag, values in BAD.items():
+            for raw in values:
+                with self.subTest(flag=flag, raw=raw):
+                    self.assertRefused(flag, raw, from_env=False)
+
+    def test_bad_environment_values(self) -> None:
+        for flag, values in BAD.items():
+            for raw in values:
+                with self.subTest(env=ENV[flag], raw=raw):
+                    self.assertRefused(flag, raw, from_env=True)
+
+    def test_message_names_the_option_at_fault_only(self) -> None:
+        with self.assertRaises(SystemExit) as caught:
+            parse(["--port", "99999"], {"AGENT_FANOUT_TIMEOUT": "0"})
+        message = str(caught.exception.code)
+        self.assertIn("--port / AGENT_PORT", message)
+        self.assertIn("99999", message)
+
+    def test_good_flag_overrides_bad_environment(self) -> None:
+        self.assertEqual(parse(["--port", "9002"], {"AGENT_PORT": "nope"})["port"], 9002)
+
+
+class DockerHostTests(SynchronousTestCase):
+    def test_unix(self) -> None:
+        self.assertEqual(
+            parse_docker_host("unix:///run/user/1000/docker.sock"),
+            EngineAddress("unix", path="/run/user/1000/docker.sock"),
+        )
+
+    def test_tcp(self) -> None:
+        self.assertEqual(
+            parse_docker_host("tcp://engine.local:2376"),
+            EngineAddress("tcp", host="engine.local", port=2376),
+        )
+
+    def test_tcp_default_port(self) -> None:
+        self.assertEqual(
+            parse_docker_host("tcp://10.0.0.5"), EngineAddress("tcp", host="10.0.0.5", port=2375)
+        )
+
+    def test_tcp_ipv6(self) -> None:
+        self.assertEqual(
+            parse_docker_host("tcp://[fd00::5]:2375"),
+            EngineAddress("tcp", host="fd00::5", port=2375),
+        )
+
+    def test_unix_with_a_host_part_is_refused(self) -> None:
+        """``unix://var/run/docker.sock`` (two slashes) must not quietly
+        become ``/run/docker.sock``: ``var`` would be read as a host."""
+        with self.assertRaises(ValueError):
+            parse_docker_host("unix://var/run/docker.sock")
+
+    def test_refused(self) -> None:
+        for value in ["", "docker.sock", "ssh://me@host", "tcp://:2375", "npipe:////./pipe/x"]:
+            with self.subTest(value=value), self.assertRaises(ValueError) as caught:
+                parse_docker_host(value)
+            self.assertIn(repr(value), str(caught.exception))

@@ -1,0 +1,281 @@
+"""The streaming relay to the local engine and to other agents."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Cooperator
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from swarmagent.clients import EngineEndpoints, PeerEndpoints
+from swarmagent.config import EngineAddress
+from swarmagent.peers import Peer
+from swarmagent.proxy import EngineProxy, PeerProxy, Relay
+from tests.helpers import (
+    AGENT_PORT,
+    Client,
+    FakeAgent,
+    UpstreamCall,
+    body_of,
+    make_site,
+    worker,
+)
+
+# End-to-end headers a Docker client sends, kept on every hop.
+END_TO_END = [
+    ("User-Agent", "docker/27.0"),
+    ("Content-Type", "application/json"),
+    ("X-Registry-Auth", "e30="),
+]
+# Hop-by-hop headers: this connection's business only.
+HOP_BY_HOP = [
+    ("Connection", "keep-alive, X-Private-Hop"),
+    ("X-Private-Hop", "1"),
+    ("Keep-Alive", "timeout=5"),
+    ("TE", "trailers"),
+    ("Trailer", "X-Checksum"),
+    ("Proxy-Authorization", "Basic eDp5"),
+    ("Proxy-Connection", "keep-alive"),
+]
+AGENT = [
+    ("X-PortainerAgent-Target", "b"),
+    ("X-PortainerAgent-Signature", "c2ln"),
+    ("X-PortainerAgent-PublicKey", "3059"),
+    ("X-PortainerAgent-ManagerOperation", "1"),
+    ("X-SwarmAgent-Hop", "id-z"),
+]
+NEVER_FORWARDED = {
+    b"connection",
+    b"x-private-hop",
+    b"keep-alive",
+    b"te",
+    b"trailer",
+    b"proxy-authorization",
+    b"proxy-connection",
+    b"host",
+    b"content-length",
+    b"transfer-encoding",
+}
+
+
+def header_names(call: UpstreamCall) -> set[bytes]:
+    return {name.lower() for name, _ in call.headers.getAllRawHeaders()}
+
+
+class RelayCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.upstream = FakeAgent()
+        self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work))
+        self.addCleanup(self.cooperator.stop)
+
+    def engine_site(self) -> Resource:
+        endpoints = EngineEndpoints(self.clock, EngineAddress("unix", path="/x.sock"), 5)
+        return EngineProxy(Relay(self.upstream, endpoints, self.cooperator), self.clock)
+
+    def request(
+        self, method: str, uri: str, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+    ) -> Client:
+        return Client(make_site(self.engine_site(), self.clock)).send(method, uri, headers, body)
+
+    def only_call(self) -> UpstreamCall:
+        self.assertEqual(len(self.upstream.calls), 1)
+        return self.upstream.calls[0]
+
+
+class EngineRequestTests(RelayCase):
+    def test_url_method_and_query(self) -> None:
+        self.request("POST", "/v1.41/containers/abc/stop?t=30")
+        call = self.only_call()
+        self.assertEqual(call.method, b"POST")
+        self.assertEqual(call.url, b"http://docker/v1.41/containers/abc/stop?t=30")
+
+    def test_body(self) -> None:
+        self.request("POST", "/containers/create?name=x", END_TO_END, b'{"Image":"alpine"}')
+        self.assertEqual(body_of(self.only_call().body, self.clock), b'{"Image":"alpine"}')
+
+    def test_no_body(self) -> None:
+        self.request("GET", "/version")
+        self.assertIsNone(self.only_call().body)
+
+    def test_headers(self) -> None:
+        self.request("POST", "/build", END_TO_END + HOP_BY_HOP + AGENT, b"tar")
+        call = self.only_call()
+        for name, value in END_TO_END:
+            self.assertEqual(call.header(name.encode()), [value.encode()])
+        self.assertEqual(call.header(b"x-forwarded-for"), [b"10.9.9.9"])
+        names = header_names(call)
+        self.assertFalse(names & NEVER_FORWARDED)
+        self.assertFalse({n for n in names if n.startswith((b"x-portaineragent", b"x-swarmagent"))})
+
+    def test_forwarded_for_appended(self) -> None:
+        self.request("GET", "/version", [("X-Forwarded-For", "192.0.2.1")])
+        self.assertEqual(self.only_call().header(b"x-forwarded-for"), [b"192.0.2.1, 10.9.9.9"])
+
+
+class StreamingTests(RelayCase):
+    def test_pieces_reach_the_client_as_they_arrive(self) -> None:
+        client = self.request("GET", "/containers/abc/logs?follow=1")
+        response = self.only_call().respond(
+            200, {b"Content-Type": [b"application/vnd.docker.raw-stream"]}
+        )
+        for piece in (b"first line\n", b"second line\n", b"third line\n"):
+            response.deliver(piece)
+            self.assertIn(piece, client.raw)
+            self.assertFalse(client.response().complete)
+        response.end()
+        answer = client.response()
+        self.assertTrue(answer.complete)
+        self.assertEqual(answer.code, 200)
+        self.assertEqual(answer.body, b"first line\nsecond line\nthird line\n")
+        self.assertEqual(answer.header("content-type"), "application/vnd.docker.raw-stream")
+
+    def test_status_phrase_and_headers(self) -> None:
+        client = self.request("GET", "/containers/nope/json")
+        response = self.only_call().respond(
+            404,
+            {
+                b"Content-Type": [b"application/json"],
+                b"Content-Length": [b"27"],
+                b"Docker-Experimental": [b"false"],
+                b"Connection": [b"close, X-Upstream-Hop"],
+                b"X-Upstream-Hop": [b"1"],
+                b"Keep-Alive": [b"timeout=5"],
+                b"Transfer-Encoding": [b"chunked"],
+            },
+            b"Not Found",
+        )
+        response.deliver(b'{"message":"no such thing"}')
+        response.end()
+        self.assertTrue(client.raw.startswith(b"HTTP/1.1 404 Not Found\r\n"))
+        answer = client.response()
+        self.assertEqual(answer.header("docker-experimental"), "false")
+        self.assertEqual(answer.header("content-length"), "27")
+        self.assertNotIn("x-upstream-hop", answer.headers)
+        self.assertNotIn("keep-alive", answer.headers)
+        self.assertNotIn("transfer-encoding", answer.headers)
+        self.assertEqual(answer.json(), {"message": "no such thing"})
+
+    def test_no_default_content_type(self) -> None:
+        client = self.request("POST", "/containers/abc/start")
+        self.only_call().respond(204, {}, b"No Content").end()
+        answer = client.response()
+        self.assertEqual(answer.code, 204)
+        self.assertNotIn("content-type", answer.headers)
+
+    def test_slow_client_pauses_the_upstream(self) -> None:
+        client = self.request("GET", "/events")
+        response = self.only_call().respond(200)
+        response.deliver(b"{}")
+        client.pause()
+        self.assertEqual(response.transport.producerState, "paused")
+        client.resume()
+        self.assertEqual(response.transport.producerState, "producing")
+
+    def test_upstream_breaks_mid_body(self) -> None:
+        """The client must see a cut answer, not a complete-looking one."""
+        client = self.request("GET", "/containers/abc/export")
+        response = self.only_call().respond(200)
+        response.deliver(b"part")
+        response.broken()
+        self.assertTrue(client.transport.disconnecting)
+        self.assertFalse(client.response().complete)
+
+
+class ClientGoneTests(RelayCase):
+    def test_before_the_answer_cancels_the_upstream_request(self) -> None:
+        client = self.request("GET", "/events")
+        client.disconnect()
+        self.assertTrue(self.only_call().cancelled)
+        self.assertEqual(client.raw, b"")
+
+    def test_mid_body_stops_the_upstream(self) -> None:
+        client = self.request("GET", "/containers/abc/logs?follow=1")
+        response = self.only_call().respond(200)
+        response.deliver(b"line\n")
+        client.disconnect()
+        self.assertEqual(response.transport.producerState, "stopped")
+        written = client.raw
+        response.deliver(b"in flight\n")  # already on its way: dropped
+        self.assertEqual(client.raw, written)
+        # The upstream connection then closes; the relay ends quietly.
+        response.broken()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class UnreachableTests(RelayCase):
+    def test_engine_unreachable(self) -> None:
+        client = self.request("GET", "/version")
+        self.only_call().result.errback(ConnectionRefusedError("connection refused"))
+        answer = client.response()
+        self.assertEqual(answer.code, 502)
+        self.assertEqual(answer.header("content-type"), "application/json")
+        self.assertEqual(
+            answer.json(),
+            {
+                "message": "Unable to reach the Docker engine",
+                "details": "Connection was refused by other side: connection refused.",
+            },
+        )
+
+    def test_peer_unreachable(self) -> None:
+        peer = Peer("10.0.0.2", AGENT_PORT, worker("b"))
+        relay = Relay(self.upstream, PeerEndpoints(self.clock, 5), self.cooperator)
+        site = make_site(PeerProxy(relay, peer, "id-a", self.clock), self.clock)
+        client = Client(site).send("GET", "/version")
+        self.only_call().result.errback(ConnectionRefusedError())
+        answer = client.response()
+        self.assertEqual(answer.code, 502)
+        self.assertEqual(answer.json()["message"], "Unable to reach the agent of node b")
+        self.assertTrue(answer.json()["details"])
+
+
+class PeerTests(RelayCase):
+    def forward(self, peer: Peer, uri: str, headers: Sequence[tuple[str, str]]) -> Client:
+        relay = Relay(self.upstream, PeerEndpoints(self.clock, 5), self.cooperator)
+        site = make_site(PeerProxy(relay, peer, "id-a", self.clock), self.clock)
+        return Client(site).send("POST", uri, headers, b"{}")
+
+    def test_url(self) -> None:
+        self.forward(Peer("10.0.0.2", 9100, worker("b")), "/v1.41/exec/e1/start?x=1", [])
+        self.assertEqual(self.only_call().url, b"http://10.0.0.2:9100/v1.41/exec/e1/start?x=1")
+
+    def test_ipv6_url(self) -> None:
+        self.forward(Peer("fd00::2", AGENT_PORT, worker("b")), "/version", [])
+        self.assertEqual(self.only_call().url, b"http://[fd00::2]:9001/version")
+
+    def test_headers(self) -> None:
+        peer = Peer("10.0.0.2", AGENT_PORT, worker("b"))
+        self.forward(peer, "/containers/abc/start", END_TO_END + HOP_BY_HOP + AGENT)
+        call = self.only_call()
+        self.assertEqual(call.header(b"x-portaineragent-target"), [b"id-b"])
+        self.assertEqual(call.header(b"x-swarmagent-hop"), [b"id-a"])
+        self.assertEqual(call.header(b"x-portaineragent-signature"), [b"c2ln"])
+        self.assertEqual(call.header(b"x-portaineragent-publickey"), [b"3059"])
+        self.assertEqual(call.header(b"x-portaineragent-manageroperation"), [b"1"])
+        self.assertEqual(call.header(b"x-forwarded-for"), [b"10.9.9.9"])
+        for name, value in END_TO_END:
+            self.assertEqual(call.header(name.encode()), [value.encode()])
+        self.assertFalse(header_names(call) & NEVER_FORWARDED)
+        self.assertEqual(body_of(call.body, self.clock), b"{}")
+
+    def test_agent_headers_of_the_peer_are_not_doubled(self) -> None:
+        peer = Peer("10.0.0.2", AGENT_PORT, worker("b"))
+        client = self.forward(peer, "/version", [])
+        response = self.only_call().respond(
+            200,
+            {
+                b"Portainer-Agent": [b"9.9.9"],
+                b"Portainer-Agent-API-Version": [b"2"],
+                b"Portainer-Agent-Platform": [b"1"],
+                b"Api-Version": [b"1.46"],
+            },
+        )
+        response.end()
+        answer = client.response()
+        self.assertEqual(answer.header("api-version"), "1.46")
+        for name in ("portainer-agent", "portainer-agent-api-version", "portainer-agent-platform"):
+            self.assertNotIn(name, answer.headers)

@@ -1,0 +1,312 @@
+"""The routing table: where each Docker API request is served."""
+
+from __future__ import annotations
+
+from itertools import product
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from swarmagent.peers import Peer, PeerTable
+from swarmagent.routing import (
+    FANOUT_PATHS,
+    HOP,
+    MANAGER_OPERATION,
+    MANAGER_PREFIXES,
+    TARGET,
+    AmbiguousNode,
+    FanOut,
+    Forward,
+    Local,
+    Misdirected,
+    NoManager,
+    Route,
+    UnknownNode,
+    route,
+    strip_version,
+)
+from tests.helpers import make_table, manager, standalone, worker
+
+LIST_KINDS = {
+    "/containers/json": "containers",
+    "/images/json": "images",
+    "/volumes": "volumes",
+    "/networks": "networks",
+}
+MANAGER_PATHS = [
+    "/services",
+    "/services/abc/update",
+    "/tasks",
+    "/secrets/s1",
+    "/configs",
+    "/swarm/init",
+    "/nodes/n1",
+    "/info",
+]
+NODE_PATHS = [
+    "/_ping",
+    "/version",
+    "/events",
+    "/containers/abc/json",
+    "/containers/create",
+    "/images/create",
+    "/volumes/create",
+    "/networks/create",
+    "/system/df",
+    "/infoX",
+    "/servicesfoo",
+    "/nodesx/1",
+    "/containers/json/extra",
+    "/",
+]
+
+
+def versions(path: str) -> list[str]:
+    return [path, "/v1.41" + path, "/v1.24" + path]
+
+
+def cluster(me: str = "manager") -> PeerTable:
+    """Three nodes: a (this one), b and c; a is a manager or a worker."""
+    identity = manager("a") if me == "manager" else worker("a")
+    return make_table(
+        identity,
+        {"10.0.0.2": manager("b", leader=True), "10.0.0.3": worker("c")},
+    )
+
+
+def peer(table: PeerTable, name: str) -> Peer:
+    found = table.find(name)
+    assert isinstance(found, Peer)
+    return found
+
+
+def go(
+    table: PeerTable,
+    path: str,
+    method: str = "GET",
+    **headers: str,
+) -> Route:
+    names = {"target": TARGET, "manager": MANAGER_OPERATION, "hop": HOP}
+    return route(method, path, {names[k]: v for k, v in headers.items()}, table)
+
+
+class StripVersionTests(SynchronousTestCase):
+    def test_strip(self) -> None:
+        for given, expected in [
+            ("/v1.41/containers/json", "/containers/json"),
+            ("/v1.41", "/"),
+            ("/v10.100/info", "/info"),
+            ("/containers/json", "/containers/json"),
+            ("/v1.41x/info", "/v1.41x/info"),
+            ("/v1/agents", "/v1/agents"),
+            ("/api/v1.41/info", "/api/v1.41/info"),
+            ("/v1.41/v1.40/info", "/v1.40/info"),
+        ]:
+            with self.subTest(path=given):
+                self.assertEqual(strip_version(given), expected)
+
+    def test_tables_agree(self) -> None:
+        self.assertEqual(FANOUT_PATHS, LIST_KINDS)
+        self.assertEqual(
+            set(MANAGER_PREFIXES),
+            {"/services", "/tasks", "/secrets", "/configs", "/swarm", "/nodes", "/info"},
+        )
+
+
+class StandaloneTests(SynchronousTestCase):
+    def test_always_local(self) -> None:
+        """Outside a swarm there is no one else: targets and headers are moot."""
+        table = make_table(standalone("solo"), {"10.0.0.2": standalone("other")})
+        paths = [*LIST_KINDS, *MANAGER_PATHS, *NODE_PATHS]
+        for path, method, headers in product(
+            paths,
+            ["GET", "POST", "DELETE"],
+            [{}, {"target": "other"}, {"target": "nobody"}, {"manager": "1"}, {"hop": "x"}],
+        ):
+            with self.subTest(path=path, method=method, headers=headers):
+                self.assertEqual(go(table, path, method, **headers), Local())
+
+
+class FanOutTests(SynchronousTestCase):
+    def test_get_on_list_paths(self) -> None:
+        for path, kind in LIST_KINDS.items():
+            for versioned in versions(path):
+                with self.subTest(path=versioned):
+                    self.assertEqual(go(cluster(), versioned), FanOut(kind))
+
+    def test_other_methods_are_not_fanned_out(self) -> None:
+        for path, method in product(LIST_KINDS, ["POST", "HEAD", "DELETE", "PUT"]):
+            with self.subTest(path=path, method=method):
+                self.assertEqual(go(cluster(), path, method), Local())
+
+    def test_on_a_worker_too(self) -> None:
+        self.assertEqual(go(cluster("worker"), "/v1.41/containers/json"), FanOut("containers"))
+
+    def test_target_me_is_served_here(self) -> None:
+        for target in ("a", "id-a", " a "):
+            with self.subTest(target=target):
+                self.assertEqual(go(cluster(), "/containers/json", target=target), Local())
+
+    def test_target_other_still_fans_out(self) -> None:
+        """As the reference agent does: only one's own name means "just mine"."""
+        for target in ("b", "id-c", "nobody"):
+            with self.subTest(target=target):
+                self.assertEqual(go(cluster(), "/images/json", target=target), FanOut("images"))
+
+    def test_other_paths_are_not_fanned_out(self) -> None:
+        for path in NODE_PATHS:
+            with self.subTest(path=path):
+                self.assertNotIsInstance(go(cluster(), path), FanOut)
+
+    def test_manager_operation_wins(self) -> None:
+        self.assertEqual(go(cluster(), "/containers/json", manager="1"), Local())
+        self.assertEqual(
+            go(cluster("worker"), "/containers/json", manager="1"), Forward(peer(cluster(), "b"))
+        )
+
+
+class ManagerTests(SynchronousTestCase):
+    def test_manager_serves_manager_paths(self) -> None:
+        for path in MANAGER_PATHS:
+            for versioned in versions(path):
+                for method in ("GET", "POST"):
+                    with self.subTest(path=versioned, method=method):
+                        self.assertEqual(go(cluster(), versioned, method), Local())
+
+    def test_worker_forwards_to_the_leader(self) -> None:
+        table = cluster("worker")
+        leader = peer(table, "b")
+        for path in MANAGER_PATHS:
+            for versioned in versions(path):
+                with self.subTest(path=versioned):
+                    self.assertEqual(go(table, versioned, "POST"), Forward(leader))
+
+    def test_leader_even_if_listed_last(self) -> None:
+        table = make_table(
+            worker("a"),
+            {
+                "10.0.0.2": manager("m1"),
+                "10.0.0.3": manager("m2"),
+                "10.0.0.4": manager("zz", leader=True),
+            },
+        )
+        decision = go(table, "/services")
+        assert isinstance(decision, Forward)
+        self.assertEqual(decision.peer.name, "zz")
+
+    def test_target_does_not_matter(self) -> None:
+        """Swarm-scoped calls describe the swarm, not a node."""
+        table = cluster("worker")
+        self.assertEqual(go(table, "/info", target="c"), Forward(peer(table, "b")))
+        self.assertEqual(go(cluster(), "/info", target="c"), Local())
+
+    def test_manager_operation_header(self) -> None:
+        """Any non-empty value moves any path to a manager, whatever the target."""
+        table = cluster("worker")
+        for path in ["/containers/abc/json", "/version", "/volumes", "/_ping"]:
+            with self.subTest(path=path):
+                self.assertEqual(
+                    go(table, path, "POST", manager="1", target="c"),
+                    Forward(peer(table, "b")),
+                )
+                self.assertEqual(go(cluster(), path, manager="true"), Local())
+
+    def test_empty_manager_operation_header_is_no_header(self) -> None:
+        self.assertEqual(go(cluster("worker"), "/version", manager=""), Local())
+
+    def test_prefix_is_a_whole_segment(self) -> None:
+        table = cluster("worker")
+        for path in ["/infoX", "/servicesfoo", "/v1.41/infos", "/tasksx/1", "/swarmy"]:
+            with self.subTest(path=path):
+                self.assertEqual(go(table, path), Local())
+
+    def test_no_manager(self) -> None:
+        table = make_table(worker("a"), {"10.0.0.3": worker("c")})
+        self.assertEqual(go(table, "/services"), NoManager())
+        self.assertEqual(go(table, "/version", manager="1"), NoManager())
+
+
+class TargetTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.table = make_table(
+            manager("a"),
+            {
+                "10.0.0.2": worker("b"),
+                "10.0.0.3": worker("dup", "n3"),
+                "10.0.0.4": worker("dup", "n4"),
+            },
+        )
+
+    def test_no_target(self) -> None:
+        self.assertEqual(go(self.table, "/containers/abc/logs"), Local())
+
+    def test_own_name_and_id(self) -> None:
+        for target in ("a", "id-a"):
+            with self.subTest(target=target):
+                self.assertEqual(go(self.table, "/v1.41/containers/x/json", target=target), Local())
+
+    def test_other_name_and_id(self) -> None:
+        b = peer(self.table, "b")
+        for target in ("b", "id-b", "  b"):
+            with self.subTest(target=target):
+                self.assertEqual(
+                    go(self.table, "/containers/x/start", "POST", target=target), Forward(b)
+                )
+
+    def test_duplicate_name_by_id(self) -> None:
+        decision = go(self.table, "/containers/x/json", target="n4")
+        assert isinstance(decision, Forward)
+        self.assertEqual(decision.peer.address, "10.0.0.4")
+
+    def test_unknown(self) -> None:
+        self.assertEqual(
+            go(self.table, "/containers/x/json", target="zz"),
+            UnknownNode("zz", ("a", "b", "dup", "dup")),
+        )
+
+    def test_ambiguous(self) -> None:
+        self.assertEqual(
+            go(self.table, "/containers/x/json", target="dup"),
+            AmbiguousNode("dup", ("n3", "n4")),
+        )
+
+    def test_on_a_worker(self) -> None:
+        table = cluster("worker")
+        self.assertEqual(go(table, "/exec/e1/start", "POST", target="b"), Forward(peer(table, "b")))
+
+
+class HopTests(SynchronousTestCase):
+    """A request another agent forwarded is served here or refused, never sent on."""
+
+    def test_never_forwarded_again(self) -> None:
+        paths = [*LIST_KINDS, *MANAGER_PATHS, *NODE_PATHS, "/v1.41/containers/json"]
+        targets = ["", "a", "id-a", "b", "id-b", "c", "nobody"]
+        for role, path, method, target, op in product(
+            ("manager", "worker"), paths, ("GET", "POST"), targets, ("", "1")
+        ):
+            with self.subTest(role=role, path=path, method=method, target=target, op=op):
+                decision = go(cluster(role), path, method, target=target, manager=op, hop="id-b")
+                self.assertIsInstance(decision, (Local, Misdirected))
+
+    def test_served_when_it_is_for_me(self) -> None:
+        self.assertEqual(go(cluster(), "/containers/json", target="id-a", hop="id-b"), Local())
+        self.assertEqual(go(cluster(), "/services", target="id-a", hop="id-b"), Local())
+        self.assertEqual(
+            go(cluster("worker"), "/containers/x/json", target="id-a", hop="id-b"), Local()
+        )
+
+    def test_misdirected(self) -> None:
+        cases = [
+            (cluster("worker"), "/services", "id-a"),  # manager work reached a worker
+            (cluster(), "/containers/json", ""),  # a fan-out copy without a target
+            (cluster(), "/containers/json", "id-c"),  # a fan-out copy for someone else
+            (cluster(), "/containers/x/json", "id-c"),  # a targeted call for someone else
+        ]
+        for table, path, target in cases:
+            with self.subTest(path=path, target=target):
+                self.assertIsInstance(go(table, path, target=target, hop="id-b"), Misdirected)
+
+    def test_without_hop_the_same_requests_move_on(self) -> None:
+        """The control for the tests above: the hop header alone makes the difference."""
+        self.assertIsInstance(go(cluster("worker"), "/services"), Forward)
+        self.assertIsInstance(go(cluster(), "/containers/json", target="id-c"), FanOut)
+        self.assertIsInstance(go(cluster(), "/containers/x/json", target="id-c"), Forward)

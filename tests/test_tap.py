@@ -1,0 +1,88 @@
+"""makeService: the listener and the discovery timer, on an injected reactor."""
+
+from __future__ import annotations
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+
+from swarmagent.api import AgentRoot
+from swarmagent.config import Options
+from swarmagent.tap import makeService
+from tests.helpers import StubResolver
+
+ENGINE_TIMEOUT = 10  # the engine's deadline: max(connect timeout, 10 s)
+
+
+def options(*argv: str) -> Options:
+    parsed = Options(environ={})
+    parsed.parseOptions(list(argv))
+    return parsed
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.resolver = StubResolver()
+        self.resolver.names["tasks.agent"] = ["10.0.0.2"]
+
+    def make(self, *argv: str) -> MultiService:
+        service = makeService(
+            options(*argv), reactor=self.reactor, resolver=self.resolver, hostname="node-a"
+        )
+        self.assertIsInstance(service, MultiService)
+        return service
+
+    def start(self, service: MultiService) -> None:
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+
+    def test_children(self) -> None:
+        service = self.make("--refresh-interval", "7")
+        children = list(service)
+        self.assertEqual(
+            sorted(type(c).__name__ for c in children),
+            ["StreamServerEndpointService", "TimerService"],
+        )
+        [timer] = [c for c in children if isinstance(c, TimerService)]
+        self.assertEqual(timer.step, 7)
+        self.assertIs(timer.clock, self.reactor)
+
+    def test_listens(self) -> None:
+        service = self.make("--port", "9443", "--host", "127.0.0.1")
+        self.assertEqual(self.reactor.tcpServers, [])
+        self.start(service)
+        [(port, factory, _, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (9443, "127.0.0.1"))
+        assert isinstance(factory, Site)
+        self.assertIsInstance(factory.resource, AgentRoot)
+        self.assertIs(factory.reactor, self.reactor)
+
+    def test_listens_on_ipv6(self) -> None:
+        self.start(self.make("--host", "::"))
+        [(port, _, _, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (9001, "::"))
+
+    def test_discovery_runs_on_the_injected_reactor_and_resolver(self) -> None:
+        self.start(self.make("--cluster-addr", "tasks.agent", "--docker-host", "unix:///e.sock"))
+        # The first tick starts at once: it asks the engine who this node is.
+        self.assertEqual([c[0] for c in self.reactor.unixClients], ["/e.sock"])
+        self.assertEqual(self.resolver.queries, [])
+        # The engine never answers; at its deadline the tick goes on to DNS,
+        # then probes the agent it found.
+        self.reactor.advance(ENGINE_TIMEOUT)
+        self.assertIn(("A", "tasks.agent"), self.resolver.queries)
+        # (MemoryReactorClock's name resolver maps every host to 127.0.0.1.)
+        self.assertEqual([port for _, port, *_ in self.reactor.tcpClients], [9001])
+
+    def test_stop(self) -> None:
+        service = self.make("--docker-host", "unix:///e.sock", "--refresh-interval", "1")
+        service.startService()
+        self.reactor.advance(ENGINE_TIMEOUT)
+        tries = len(self.reactor.unixClients)
+        self.successResultOf(service.stopService())
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.unixClients), tries)
+        self.assertFalse(service.running)
