@@ -57,9 +57,14 @@ T = TypeVar("T")
 
 # --- Fixed lab addressing. One lab per machine at a time: the names below are
 # --- what start() cleans up after a crashed run.
-PREFIX = "salab"  # netns salab-nodeN, host veth salabvN, cgroup salab/
-BRIDGE = "salab0"
-NET = "10.213.0"  # private test range; never routed anywhere
+#: Labs with different SALAB_ID (0-9) can run side by side: every name,
+#: address range and folder below derives from it.
+LAB_ID = int(os.environ.get("SALAB_ID", "0"))
+if not 0 <= LAB_ID <= 9:
+    raise ValueError(f"SALAB_ID must be 0-9, got {LAB_ID}")
+PREFIX = "salab" if LAB_ID == 0 else f"sa{LAB_ID}lab"  # netns PREFIX-nodeN, veth PREFIXvN
+BRIDGE = f"{PREFIX}0"
+NET = f"10.213.{LAB_ID}"  # private test range; never routed anywhere
 HOST_IP = f"{NET}.1"
 PREFIX_LEN = 24
 #: Swarm overlay networks get addresses from here, away from NET.
@@ -79,7 +84,7 @@ IMAGE = f"{IMAGE_REPO}:latest"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Source tree the agents run from (PYTHONPATH): this working tree by default.
 AGENT_SRC = Path(os.environ.get("SALAB_AGENT_SRC", REPO_ROOT))
-DEFAULT_ROOT = Path(os.environ.get("SALAB_ROOT", "/var/tmp/swarmagent-lab"))
+DEFAULT_ROOT = Path(os.environ.get("SALAB_ROOT", f"/var/tmp/swarmagent-lab{LAB_ID or ''}"))
 BUSYBOX = Path("/bin/busybox")
 DOCKERD = os.environ.get("SALAB_DOCKERD", "/usr/sbin/dockerd")
 
