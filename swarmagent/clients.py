@@ -6,7 +6,7 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import URI, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
@@ -73,17 +73,17 @@ class EngineEndpoints:
 
 @implementer(IAgentEndpointFactory)
 class PeerEndpoints:
-    """TCP to the host and port a peer URI names."""
+    """TLS over TCP to the host and port a peer URI names."""
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(self, reactor: Any, timeout: float, tls: Any) -> None:
         self._reactor = reactor
         self._timeout = timeout
+        self._tls = tls
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii").strip("[]")
-        return TunedTCPEndpoint(
-            HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        )
+        tcp = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        return wrapClientTLS(self._tls, TunedTCPEndpoint(tcp))
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -103,4 +103,4 @@ def make_pool(reactor: Any) -> HTTPConnectionPool:
 def peer_url(address: str, port: int, path: bytes) -> bytes:
     """The URL of ``path`` (with its query) on the agent at ``address``."""
     host = f"[{address}]" if ":" in address else address
-    return f"http://{host}:{port}".encode("ascii") + path
+    return f"https://{host}:{port}".encode("ascii") + path

@@ -47,6 +47,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Address peers reach this agent on. Default: learnt from DNS, else --host.",
     ),
     Setting("secret", "AGENT_SECRET", "", "Shared secret Portainer signs instead of the default."),
+    Setting(
+        "tls-cert",
+        "AGENT_TLS_CERT",
+        "",
+        "PEM certificate for the API. Default: a self-signed one made at start.",
+    ),
+    Setting("tls-key", "AGENT_TLS_KEY", "", "PEM private key of --tls-cert."),
+    Setting(
+        "tls-ca",
+        "AGENT_TLS_CA",
+        "",
+        "PEM CA: clients with a certificate it signed need no signature; agents "
+        "present --tls-cert to each other and verify each other against it.",
+    ),
     Setting("log-level", "LOG_LEVEL", "INFO", "ERROR, WARN, INFO or DEBUG (any case)."),
     Setting("data-path", "DATA_PATH", "/data", "Folder for state kept across restarts."),
     Setting(
@@ -186,6 +200,13 @@ class Options(usage.Options):
         if failures < 1:
             raise bad("probe-failures", f"must be 1 or more, got {failures}")
         self["probe-failures"] = failures
+        if bool(self["tls-cert"]) != bool(self["tls-key"]):
+            raise bad("tls-cert", "--tls-cert and --tls-key go together")
+        if self["tls-ca"] and not self["tls-cert"]:
+            raise bad("tls-ca", "needs --tls-cert and --tls-key signed by that CA")
+        for flag in ("tls-cert", "tls-key", "tls-ca"):
+            if self[flag] and not os.path.isfile(self[flag]):
+                raise bad(flag, f"no such file: {self[flag]!r}")
         name = self["cluster-addr"]
         if name and (len(name) > 253 or any(c.isspace() for c in name)):
             raise bad("cluster-addr", f"not a DNS name: {name!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -32,14 +32,22 @@ Probe = Callable[[str, int], Awaitable[NodeIdentity]]
 class HTTPProbe:
     """Ask the agent at an address who it is, over the agent-to-agent API."""
 
-    def __init__(self, http: Any, clock: IReactorTime, timeout: float) -> None:
+    def __init__(
+        self,
+        http: Any,
+        clock: IReactorTime,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._http = http
         self._clock = clock
         self._timeout = timeout
+        self._headers = dict(headers or {})
 
     async def __call__(self, address: str, port: int) -> NodeIdentity:
         """Return the identity the agent at ``address:port`` reports."""
-        d: Deferred[Any] = self._http.get(peer_url(address, port, IDENTITY_PATH))
+        url = peer_url(address, port, IDENTITY_PATH)
+        d: Deferred[Any] = self._http.get(url, headers=self._headers)
 
         async def fetch() -> bytes:
             response = await d

@@ -33,7 +33,8 @@ class NodeFailed(Exception):
 class Merged:
     """What the nodes answered, put together."""
 
-    items: list[Any] = field(default_factory=list)
+    #: Each answering node's tagged items, JSON-encoded without the brackets.
+    chunks: list[bytes] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     missing: list[tuple[Peer, NodeFailed]] = field(default_factory=list)
     answered: int = 0
@@ -97,9 +98,10 @@ class FanOut:
         merged = Merged()
         for peer, (ok, result) in zip(nodes, results, strict=True):
             if ok:
-                items, warnings = result
+                chunk, warnings = result
                 merged.answered += 1
-                merged.items.extend(tag(items, peer.name))
+                if chunk:
+                    merged.chunks.append(chunk)
                 merged.warnings.extend(f"{peer.name}: {w}" for w in warnings)
             else:
                 failure = result.value  # type: ignore[attr-defined]
@@ -108,9 +110,7 @@ class FanOut:
                 merged.missing.append((peer, failure))
         return merged
 
-    def _ask(
-        self, request: Request, kind: str, peer: Peer
-    ) -> Deferred[tuple[list[Any], list[str]]]:
+    def _ask(self, request: Request, kind: str, peer: Peer) -> Deferred[tuple[bytes, list[str]]]:
         # Each node gets its own URL and headers: nothing is shared between
         # the parallel calls (portainer/portainer#1867).
         if peer is self._table.me:
@@ -122,12 +122,15 @@ class FanOut:
             url = peer_url(peer.address, peer.port, request.uri)
             headers = forward_headers(request, peer, self._table.me.identity.key)
 
-        async def call() -> tuple[list[Any], list[str]]:
+        async def call() -> tuple[bytes, list[str]]:
             response = await http.get(url, headers=headers)
             body = await response.content()
             if response.code != 200:
                 raise NodeFailed(f"answered {response.code}", response.code, body)
-            return parse_list(kind, body)
+            items, warnings = parse_list(kind, body)
+            # Encoded as soon as it arrives, while other nodes are still awaited;
+            # many small encodes are also cheaper than one of everything.
+            return _encode_items(tag(items, peer.name)), warnings
 
         # A cancelled HTTP call fails with its own error (ResponseNeverReceived
         # wrapping CancelledError), not CancelledError: name the deadline here.
@@ -152,14 +155,15 @@ class FanOut:
             names = ", ".join(p.name for p, _ in merged.missing)
             request.responseHeaders.setRawHeaders(MISSING_NODES, [names.encode("utf-8")])
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        items = b"[" + b",".join(merged.chunks) + b"]"
         if kind == "volumes":
             warnings = merged.warnings + [
                 f"node {p.name} did not answer: {f}" for p, f in merged.missing
             ]
-            doc: Any = {"Volumes": merged.items, "Warnings": warnings}
+            encoded = json.dumps(warnings, separators=(",", ":")).encode("utf-8")
+            request.write(b'{"Volumes":' + items + b',"Warnings":' + encoded + b"}")
         else:
-            doc = merged.items
-        request.write(json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+            request.write(items)
         request.finish()
 
     def _write_all_failed(self, request: Request, merged: Merged) -> None:
@@ -177,6 +181,11 @@ class FanOut:
         names = ", ".join(f"{p.name}: {f}" for p, f in merged.missing)
         request.write(error_body("No node answered the cluster-wide list", names))
         request.finish()
+
+
+def _encode_items(items: list[Any]) -> bytes:
+    """``items`` as JSON without the enclosing brackets (b"" for none)."""
+    return json.dumps(items, separators=(",", ":"))[1:-1].encode("utf-8")
 
 
 def _timed_out(result: object, timeout: float) -> NoReturn:

@@ -48,6 +48,11 @@ class FanOut:
 
 
 @dataclass(frozen=True)
+class MergedEvents:
+    """Merge every node's event stream into one."""
+
+
+@dataclass(frozen=True)
 class NoManager:
     """A manager is needed and none is reachable."""
 
@@ -75,7 +80,9 @@ class Misdirected:
     why: str
 
 
-Route = Local | Forward | FanOut | NoManager | UnknownNode | AmbiguousNode | Misdirected
+Route = (
+    Local | Forward | FanOut | MergedEvents | NoManager | UnknownNode | AmbiguousNode | Misdirected
+)
 
 
 def route(method: str, path: str, headers: Mapping[str, str], table: PeerTable) -> Route:
@@ -106,6 +113,11 @@ def route(method: str, path: str, headers: Mapping[str, str], table: PeerTable) 
         if forwarded:
             return Misdirected(f"fan-out reached {me.name} with target {target!r}")
         return FanOut(kind)
+
+    # A forwarded request always names its node, so only a client's own
+    # untargeted request is merged.
+    if bare == "/events" and method == "GET" and not target and not forwarded:
+        return MergedEvents()
 
     if targets_me:
         return Local()

@@ -14,20 +14,29 @@ from twisted.internet.task import Cooperator
 from twisted.names import client as dns_client
 from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from swarmagent.api import AgentRoot
+from swarmagent.auth import Authorizer
 from swarmagent.clients import EngineEndpoints, PeerEndpoints, make_pool
 from swarmagent.config import Options
 from swarmagent.discovery import Discovery, HTTPProbe
 from swarmagent.engine import Engine
+from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
 from swarmagent.logs import set_level
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
+from swarmagent.signature import PairingStore, Signer, Verifier
+from swarmagent.tls import from_settings
+from swarmagent.websocket import ConsoleFactory, ConsoleResource
 
 __all__ = ["Options", "makeService"]
+
+# Seconds an idle client connection (or one that never sends a request) is kept.
+IDLE_TIMEOUT = 120
 
 
 class _PoolService(MultiService):
@@ -61,12 +70,30 @@ def makeService(
             ]
         )
     set_level(options["log-level"])
+    name = hostname or socket.gethostname()
+    advertise = options["advertise-addr"] or options["host"]
+    try:
+        server_tls, client_tls = from_settings(
+            cert=options["tls-cert"],
+            key=options["tls-key"],
+            ca=options["tls-ca"],
+            node_name=name,
+            advertise_ip=advertise,
+        )
+        verifier = Verifier(options["secret"], PairingStore(options["data-path"]))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"swarmagent: {e}") from None
+    # Agents prove themselves to each other with their certificate when a CA
+    # is set, else by signing the shared secret; with neither, they have no
+    # common credential and the identity route stays open (docs/security.md).
+    agents_authenticate = bool(options["tls-ca"] or options["secret"])
+    probe_headers = Signer.generate(options["secret"]).headers() if options["secret"] else {}
 
     connect_timeout = options["connect-timeout"]
     engine_pool = make_pool(reactor)
     peer_pool = make_pool(reactor)
     engine_endpoints = EngineEndpoints(reactor, options["docker-host"], connect_timeout)
-    peer_endpoints = PeerEndpoints(reactor, connect_timeout)
+    peer_endpoints = PeerEndpoints(reactor, connect_timeout, client_tls)
     engine_raw = Agent.usingEndpointFactory(reactor, engine_endpoints, pool=engine_pool)
     peer_raw = Agent.usingEndpointFactory(reactor, peer_endpoints, pool=peer_pool)
     engine_http = HTTPClient(engine_raw)
@@ -74,19 +101,18 @@ def makeService(
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
     port = options["port"]
-    advertise = options["advertise-addr"] or options["host"]
-    me = Peer(advertise, port, NodeIdentity(name=hostname or socket.gethostname()), is_self=True)
+    me = Peer(advertise, port, NodeIdentity(name=name), is_self=True)
     table = PeerTable(me, max_failures=options["probe-failures"])
     engine = Engine(engine_http, reactor, timeout=max(connect_timeout, 10.0))
     discovery = Discovery(
         table,
         engine,
         resolver,
-        HTTPProbe(peer_http, reactor, timeout=connect_timeout),
+        HTTPProbe(peer_http, reactor, timeout=connect_timeout, headers=probe_headers),
         reactor,
         name=options["cluster-addr"] or None,
         port=port,
-        hostname=hostname or socket.gethostname(),
+        hostname=name,
     )
     fanout = FanOut(table, engine_http, peer_http, reactor, options["fanout-timeout"])
     root = AgentRoot(
@@ -95,14 +121,20 @@ def makeService(
         Relay(peer_raw, peer_endpoints, cooperator),
         fanout,
         reactor,
+        Authorizer(verifier, server_tls),
+        identity_open=not agents_authenticate,
+        events=ClusterEvents(table, engine_raw, peer_raw, reactor),
+        consoles=ConsoleResource(ConsoleFactory(engine_endpoints, reactor)),
     )
-    site = Site(root, reactor=reactor)
+    # The idle timeout also closes connections that never send a request.
+    site = Site(root, reactor=reactor, timeout=IDLE_TIMEOUT)
 
     host = options["host"]
     endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
     endpoint = endpoint_class(reactor, port, interface=host)
 
     agent = _PoolService([engine_pool, peer_pool])
-    StreamServerEndpointService(endpoint, site).setServiceParent(agent)
+    https = TLSMemoryBIOFactory(server_tls, False, site)
+    StreamServerEndpointService(endpoint, https).setServiceParent(agent)
     discovery.service(options["refresh-interval"]).setServiceParent(agent)
     return agent

@@ -27,10 +27,21 @@ log = logger(__name__)
 MAX_HEAD = 64 * 1024
 
 
+# The upgrades the agent passes through: Docker's raw stream, and WebSocket
+# (a console forwarded to the agent that serves it, or the engine's own
+# ``attach/ws``), spliced the same way since the far end speaks the protocol.
+UPGRADES = (b"tcp", b"websocket")
+
+
+def _upgrade(request: Request) -> bytes | None:
+    upgrade = b",".join(request.requestHeaders.getRawHeaders(b"upgrade", [])).lower()
+    tokens = [t.strip() for t in upgrade.split(b",")]
+    return next((u for u in UPGRADES if u in tokens), None)
+
+
 def wants_upgrade(request: Request) -> bool:
     """True for a request asking to turn its connection into a raw stream."""
-    upgrade = b",".join(request.requestHeaders.getRawHeaders(b"upgrade", [])).lower()
-    return b"tcp" in [t.strip() for t in upgrade.split(b",")]
+    return _upgrade(request) is not None
 
 
 def request_head(request: Request, headers: Headers, body: bytes) -> bytes:
@@ -38,7 +49,8 @@ def request_head(request: Request, headers: Headers, body: bytes) -> bytes:
     lines = [request.method + b" " + request.uri + b" HTTP/1.1", b"Host: docker"]
     for name, values in headers.getAllRawHeaders():
         lines.extend(name + b": " + v for v in values)
-    lines += [b"Connection: Upgrade", b"Upgrade: tcp", b"Content-Length: %d" % len(body)]
+    upgrade = _upgrade(request) or b"tcp"
+    lines += [b"Connection: Upgrade", b"Upgrade: " + upgrade, b"Content-Length: %d" % len(body)]
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 

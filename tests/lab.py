@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import http.client
 import io
+import ipaddress
 import json
 import os
 import shutil
@@ -52,6 +53,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
+
+from swarmagent import certs
 
 T = TypeVar("T")
 
@@ -75,9 +78,10 @@ AGENT_TASKS_NAME = f"tasks.agent.{DOMAIN}"
 #: The same agents as an SRV record set.
 AGENT_SRV_NAME = f"_agent._tcp.{DOMAIN}"
 AGENT_PORT = 9001
-#: The agents' URL scheme. Only this and :func:`http_request` know about it:
-#: switch to "https" when the agent grows TLS.
-AGENT_SCHEME = "http"
+#: The agents serve HTTPS only. The lab makes one CA (``Lab.tls``): agents
+#: use its server certificate and trust its clients, as an operator would
+#: with ``python -m swarmagent.certs init``.
+AGENT_SCHEME = "https"
 IMAGE_REPO = "salab/busybox"
 IMAGE = f"{IMAGE_REPO}:latest"
 
@@ -163,11 +167,12 @@ def http_request(
     body: bytes | str | dict[str, Any] | list[Any] | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 15,
+    context: ssl.SSLContext | None = None,
 ) -> Response:
     """One HTTP(S) request to ``url`` + ``path``; never raises on 4xx/5xx.
 
-    A dict/list body is sent as JSON. For https the agent's self-signed
-    certificate is accepted (tests check TLS separately).
+    A dict/list body is sent as JSON. For https without ``context`` the
+    server is not verified and no client certificate is sent.
     """
     u = urllib.parse.urlsplit(url)
     hdrs = dict(headers or {})
@@ -178,9 +183,11 @@ def http_request(
         body = body.encode()
     conn: http.client.HTTPConnection
     if u.scheme == "https":
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+        ctx = context
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
         conn = http.client.HTTPSConnection(u.hostname or "", u.port, timeout=timeout, context=ctx)
     else:
         conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=timeout)
@@ -358,8 +365,11 @@ class Agent:
         log: Path,
         port: int,
         overrides: dict[str, str] | None = None,
+        context: ssl.SSLContext | None = None,
     ) -> None:
         self.node = node
+        #: TLS for :meth:`request`: the lab's client certificate by default.
+        self.context = context
         self.proc = proc
         self.log = log
         self.port = port
@@ -375,7 +385,9 @@ class Agent:
         return self.proc.poll() is None
 
     def request(self, method: str, path: str, **kw: Any) -> Response:
-        """HTTP request to this agent; see :func:`http_request`."""
+        """HTTP request to this agent, with the lab's client certificate
+        unless ``context`` says otherwise; see :func:`http_request`."""
+        kw.setdefault("context", self.context)
         return http_request(self.url, method, path, **kw)
 
     def wait_ready(self, timeout: float = 15) -> None:
@@ -474,6 +486,7 @@ class Lab:
         self.cleanup_leftovers()
         self.root.mkdir(parents=True, exist_ok=True)
         tarball = busybox_tarball(self.cache)
+        self._make_certs()
         self._setup_bridge()
         self.nodes = [self._new_node(i) for i in range(1, self.n_nodes + 1)]
         self.set_dns(self.nodes)
@@ -498,6 +511,24 @@ class Lab:
         self._remove_network()
         self._remove_cgroups()
         self._remove_files()
+
+    @property
+    def tls(self) -> Path:
+        """The lab's CA, agent certificate and client certificate (Docker's layout)."""
+        return self.root / "tls"
+
+    def _make_certs(self) -> None:
+        ips = [ipaddress.ip_address(f"{NET}.{10 + i}") for i in range(1, 40)]
+        names = [f"node{i}" for i in range(1, 40)]
+        certs.init(self.tls, names, ips, force=True)
+
+    def client_context(self, certificate: bool = True) -> ssl.SSLContext:
+        """TLS that verifies the agents against the lab's CA and, if
+        ``certificate``, presents the lab's client certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.tls / certs.CA_CERT))
+        if certificate:
+            ctx.load_cert_chain(self.tls / certs.CLIENT_CERT, self.tls / certs.CLIENT_KEY)
+        return ctx
 
     def cleanup_leftovers(self) -> None:
         """Remove what an earlier (crashed) run of a lab may have left behind."""
@@ -896,6 +927,9 @@ class Lab:
             "AGENT_REFRESH_INTERVAL": "1",
             "AGENT_FANOUT_TIMEOUT": "3",
             "DATA_PATH": str(node.dir / "agent-data"),
+            "AGENT_TLS_CERT": str(self.tls / certs.SERVER_CERT),
+            "AGENT_TLS_KEY": str(self.tls / certs.SERVER_KEY),
+            "AGENT_TLS_CA": str(self.tls / certs.CA_CERT),
         }
         base.update({k: str(v) for k, v in env.items()})
         return base
@@ -915,9 +949,9 @@ class Lab:
             "swarmagent",
         ]
         proc = self._spawn(cmd, f"{node.name}/agents", log, env=full_env)
-        agent = Agent(
-            node, proc, log, int(full_env["AGENT_PORT"]), {k: str(v) for k, v in env.items()}
-        )
+        overrides = {k: str(v) for k, v in env.items()}
+        context = self.client_context() if full_env.get("AGENT_TLS_CA") else None
+        agent = Agent(node, proc, log, int(full_env["AGENT_PORT"]), overrides, context)
         self.agents.append(agent)
         return agent
 

@@ -12,11 +12,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swarmagent import __version__
 from swarmagent.api import AgentRoot
+from swarmagent.auth import Authorizer
 from swarmagent.clients import EngineEndpoints, PeerEndpoints
 from swarmagent.config import EngineAddress
 from swarmagent.fanout import FanOut
 from swarmagent.peers import PeerTable
 from swarmagent.proxy import Relay
+from swarmagent.signature import Signer, Verifier
+from swarmagent.tls import ClientTLS
 from tests.helpers import (
     ByHost,
     Client,
@@ -28,6 +31,9 @@ from tests.helpers import (
     manager,
     worker,
 )
+
+SECRET = "s"
+SIGNER = Signer.generate(SECRET)
 
 AGENT_HEADERS = {
     "portainer-agent": [__version__],
@@ -65,14 +71,17 @@ class AgentCase(SynchronousTestCase):
         root = AgentRoot(
             self.table,
             Relay(self.engine, endpoints, cooperator),
-            Relay(self.peers, PeerEndpoints(self.clock, 5), cooperator),
+            Relay(self.peers, PeerEndpoints(self.clock, 5, ClientTLS()), cooperator),
             fanout,
             self.clock,
+            Authorizer(Verifier(secret=SECRET), None),
         )
         self.site = make_site(root, self.clock)
 
     def request(self, method: str, uri: str, headers: Sequence[tuple[str, str]] = ()) -> Client:
-        return Client(self.site).send(method, uri, headers)
+        """Send a request signed as Portainer signs it (with the agent's secret)."""
+        signed = [*SIGNER.headers().items(), *headers]
+        return Client(self.site).send(method, uri, signed)
 
     def get(self, uri: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
         return self.request("GET", uri, headers).response()
@@ -150,7 +159,7 @@ class DockerRoutesTests(AgentCase):
         client = self.request("POST", "/containers/abc/start", [("X-PortainerAgent-Target", "c")])
         self.assertEqual(self.engine.calls, [])
         [call] = self.peers.calls
-        self.assertEqual(call.url, b"http://10.0.0.3:9001/containers/abc/start")
+        self.assertEqual(call.url, b"https://10.0.0.3:9001/containers/abc/start")
         self.assertEqual(call.header(b"x-portaineragent-target"), [b"id-c"])
         self.assertEqual(call.header(b"x-swarmagent-hop"), [b"id-a"])
         call.respond(204, {b"Portainer-Agent": [b"0.0.1-peer"]}, b"No Content").end()

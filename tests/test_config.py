@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from twisted.logger import LogLevel
@@ -17,6 +18,9 @@ DEFAULTS: dict[str, Any] = {
     "cluster-addr": "",
     "advertise-addr": "",
     "secret": "",
+    "tls-cert": "",
+    "tls-key": "",
+    "tls-ca": "",
     "log-level": LogLevel.info,
     "data-path": "/data",
     "docker-host": EngineAddress("unix", path="/var/run/docker.sock"),
@@ -26,7 +30,16 @@ DEFAULTS: dict[str, Any] = {
     "probe-failures": 3,
 }
 
-# One good non-default value per option: (raw string, parsed value).
+# The TLS options name files that must exist (ConfigCase makes them), and go together:
+# each needs the ones listed here to be set as well.
+TLS_FILES = {"tls-cert": "agent.crt", "tls-key": "agent.key", "tls-ca": "ca.crt"}
+COMPANIONS: dict[str, tuple[str, ...]] = {
+    "tls-cert": ("tls-key",),
+    "tls-key": ("tls-cert",),
+    "tls-ca": ("tls-cert", "tls-key"),
+}
+
+# One good non-default value per option but the TLS files: (raw string, parsed value).
 OTHER: dict[str, tuple[str, Any]] = {
     "host": ("::", "::"),
     "port": ("9443", 9443),
@@ -74,7 +87,24 @@ def parse(argv: list[str], environ: Mapping[str, str] | None = None) -> dict[str
     return dict(options)
 
 
-class DefaultsTests(SynchronousTestCase):
+class ConfigCase(SynchronousTestCase):
+    """``self.other``: OTHER plus the TLS options, naming files made for the test."""
+
+    def setUp(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        self.other = dict(OTHER)
+        for flag, name in TLS_FILES.items():
+            path = folder / name
+            path.write_text("-----BEGIN PLACEHOLDER-----\n")
+            self.other[flag] = (str(path), str(path))
+
+    def with_companions(self, flag: str) -> list[str]:
+        """``flag`` and the options it needs set with it."""
+        return [flag, *COMPANIONS.get(flag, ())]
+
+
+class DefaultsTests(ConfigCase):
     def test_defaults(self) -> None:
         """No flags and no environment: every option at its documented default."""
         self.assertEqual(parse([]), DEFAULTS)
@@ -82,7 +112,7 @@ class DefaultsTests(SynchronousTestCase):
     def test_settings_cover_every_option(self) -> None:
         """The tables here name every option there is, so none goes untested."""
         self.assertEqual(set(ENV), set(DEFAULTS))
-        self.assertEqual(set(OTHER), set(DEFAULTS))
+        self.assertEqual(set(self.other), set(DEFAULTS))
 
     def test_process_environment_is_the_default_source(self) -> None:
         self.patch(os, "environ", {"AGENT_PORT": "9555"})
@@ -91,20 +121,26 @@ class DefaultsTests(SynchronousTestCase):
         self.assertEqual(options["port"], 9555)
 
 
-class SourceTests(SynchronousTestCase):
+class SourceTests(ConfigCase):
     def test_each_flag(self) -> None:
-        for flag, (raw, value) in OTHER.items():
+        for flag in self.other:
+            flags = self.with_companions(flag)
             with self.subTest(flag=flag):
-                self.assertEqual(parse([f"--{flag}", raw]), {**DEFAULTS, flag: value})
+                argv = [a for f in flags for a in (f"--{f}", self.other[f][0])]
+                expected = {**DEFAULTS, **{f: self.other[f][1] for f in flags}}
+                self.assertEqual(parse(argv), expected)
 
     def test_each_environment_variable(self) -> None:
-        for flag, (raw, value) in OTHER.items():
+        for flag in self.other:
+            flags = self.with_companions(flag)
             with self.subTest(env=ENV[flag]):
-                self.assertEqual(parse([], {ENV[flag]: raw}), {**DEFAULTS, flag: value})
+                environ = {ENV[f]: self.other[f][0] for f in flags}
+                expected = {**DEFAULTS, **{f: self.other[f][1] for f in flags}}
+                self.assertEqual(parse([], environ), expected)
 
     def test_flag_wins_over_environment(self) -> None:
-        environ = {ENV[flag]: raw for flag, (raw, _) in OTHER.items()}
-        argv = [f"--{flag}={DEFAULTS_RAW[flag]}" for flag in OTHER]
+        environ = {ENV[flag]: raw for flag, (raw, _) in self.other.items()}
+        argv = [f"--{flag}={DEFAULTS_RAW[flag]}" for flag in self.other]
         self.assertEqual(parse(argv, environ), DEFAULTS)
 
     def test_empty_flag_wins_over_environment(self) -> None:
@@ -113,8 +149,10 @@ class SourceTests(SynchronousTestCase):
         self.assertEqual(parsed["cluster-addr"], "")
 
     def test_all_from_environment(self) -> None:
-        environ = {ENV[flag]: raw for flag, (raw, _) in OTHER.items()}
-        self.assertEqual(parse([], environ), {flag: value for flag, (_, value) in OTHER.items()})
+        environ = {ENV[flag]: raw for flag, (raw, _) in self.other.items()}
+        self.assertEqual(
+            parse([], environ), {flag: value for flag, (_, value) in self.other.items()}
+        )
 
     def test_unrelated_environment_ignored(self) -> None:
         self.assertEqual(parse([], {"PORT": "1", "HOST": "x", "AGENT_PORTS": "2"}), DEFAULTS)
@@ -166,6 +204,43 @@ class BadValueTests(SynchronousTestCase):
 
     def test_good_flag_overrides_bad_environment(self) -> None:
         self.assertEqual(parse(["--port", "9002"], {"AGENT_PORT": "nope"})["port"], 9002)
+
+
+class TLSFileTests(ConfigCase):
+    def refused(self, settings: Mapping[str, str], *, from_env: bool) -> str:
+        argv = [] if from_env else [f"--{flag}={raw}" for flag, raw in settings.items()]
+        environ = {ENV[flag]: raw for flag, raw in settings.items()} if from_env else {}
+        with self.assertRaises(SystemExit) as caught:
+            parse(argv, environ)
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertTrue(message.startswith("swarmagent: "), message)
+        return message
+
+    def test_cert_and_key_go_together(self) -> None:
+        for flag in ("tls-cert", "tls-key"):
+            for from_env in (False, True):
+                with self.subTest(flag=flag, from_env=from_env):
+                    message = self.refused({flag: self.other[flag][0]}, from_env=from_env)
+                    self.assertIn("--tls-cert / AGENT_TLS_CERT", message)
+                    self.assertIn("--tls-key", message)
+
+    def test_ca_needs_a_certificate(self) -> None:
+        for from_env in (False, True):
+            with self.subTest(from_env=from_env):
+                message = self.refused({"tls-ca": self.other["tls-ca"][0]}, from_env=from_env)
+                self.assertIn("--tls-ca / AGENT_TLS_CA", message)
+
+    def test_missing_files(self) -> None:
+        for flag in TLS_FILES:
+            settings = {f: self.other[f][0] for f in self.with_companions(flag)}
+            settings[flag] = "/nonexistent/" + TLS_FILES[flag]
+            for from_env in (False, True):
+                with self.subTest(flag=flag, from_env=from_env):
+                    message = self.refused(settings, from_env=from_env)
+                    self.assertIn(f"--{flag} / {ENV[flag]}", message)
+                    self.assertIn(repr(settings[flag]), message)
+                    self.assertIn("no such file", message)
 
 
 class DockerHostTests(SynchronousTestCase):

@@ -14,6 +14,7 @@ from swarmagent.clients import EngineEndpoints, PeerEndpoints
 from swarmagent.config import EngineAddress
 from swarmagent.peers import Peer
 from swarmagent.proxy import EngineProxy, PeerProxy, Relay
+from swarmagent.tls import ClientTLS
 from tests.helpers import (
     AGENT_PORT,
     Client,
@@ -223,7 +224,7 @@ class UnreachableTests(RelayCase):
 
     def test_peer_unreachable(self) -> None:
         peer = Peer("10.0.0.2", AGENT_PORT, worker("b"))
-        relay = Relay(self.upstream, PeerEndpoints(self.clock, 5), self.cooperator)
+        relay = Relay(self.upstream, PeerEndpoints(self.clock, 5, ClientTLS()), self.cooperator)
         site = make_site(PeerProxy(relay, peer, "id-a", self.clock), self.clock)
         client = Client(site).send("GET", "/version")
         self.only_call().result.errback(ConnectionRefusedError())
@@ -235,17 +236,17 @@ class UnreachableTests(RelayCase):
 
 class PeerTests(RelayCase):
     def forward(self, peer: Peer, uri: str, headers: Sequence[tuple[str, str]]) -> Client:
-        relay = Relay(self.upstream, PeerEndpoints(self.clock, 5), self.cooperator)
+        relay = Relay(self.upstream, PeerEndpoints(self.clock, 5, ClientTLS()), self.cooperator)
         site = make_site(PeerProxy(relay, peer, "id-a", self.clock), self.clock)
         return Client(site).send("POST", uri, headers, b"{}")
 
     def test_url(self) -> None:
         self.forward(Peer("10.0.0.2", 9100, worker("b")), "/v1.41/exec/e1/start?x=1", [])
-        self.assertEqual(self.only_call().url, b"http://10.0.0.2:9100/v1.41/exec/e1/start?x=1")
+        self.assertEqual(self.only_call().url, b"https://10.0.0.2:9100/v1.41/exec/e1/start?x=1")
 
     def test_ipv6_url(self) -> None:
         self.forward(Peer("fd00::2", AGENT_PORT, worker("b")), "/version", [])
-        self.assertEqual(self.only_call().url, b"http://[fd00::2]:9001/version")
+        self.assertEqual(self.only_call().url, b"https://[fd00::2]:9001/version")
 
     def test_headers(self) -> None:
         peer = Peer("10.0.0.2", AGENT_PORT, worker("b"))

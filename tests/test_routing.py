@@ -17,6 +17,7 @@ from swarmagent.routing import (
     FanOut,
     Forward,
     Local,
+    MergedEvents,
     Misdirected,
     NoManager,
     Route,
@@ -310,3 +311,30 @@ class HopTests(SynchronousTestCase):
         self.assertIsInstance(go(cluster("worker"), "/services"), Forward)
         self.assertIsInstance(go(cluster(), "/containers/json", target="id-c"), FanOut)
         self.assertIsInstance(go(cluster(), "/containers/x/json", target="id-c"), Forward)
+
+
+class EventsTests(SynchronousTestCase):
+    """``GET /events`` with no target is the whole cluster's stream."""
+
+    def test_untargeted_is_merged(self) -> None:
+        for role, path in product(("manager", "worker"), versions("/events")):
+            with self.subTest(role=role, path=path):
+                self.assertEqual(go(cluster(role), path), MergedEvents())
+                self.assertEqual(go(cluster(role), path, target="  "), MergedEvents())
+
+    def test_targeted_is_one_node(self) -> None:
+        table = cluster()
+        self.assertEqual(go(table, "/events", target="a"), Local())
+        self.assertEqual(go(table, "/v1.41/events", target="c"), Forward(peer(table, "c")))
+
+    def test_forwarded_never_merged(self) -> None:
+        for target in ("", "id-a"):
+            with self.subTest(target=target):
+                self.assertNotIsInstance(
+                    go(cluster(), "/events", target=target, hop="id-b"), MergedEvents
+                )
+
+    def test_only_get_and_only_in_a_swarm(self) -> None:
+        self.assertEqual(go(cluster(), "/events", "POST"), Local())
+        self.assertEqual(go(cluster(), "/events/x"), Local())
+        self.assertEqual(go(make_table(standalone("s")), "/events"), Local())

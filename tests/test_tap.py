@@ -5,12 +5,13 @@ from __future__ import annotations
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from swarmagent.api import AgentRoot
 from swarmagent.config import Options
-from swarmagent.tap import makeService
+from swarmagent.tap import IDLE_TIMEOUT, makeService
 from tests.helpers import StubResolver
 
 ENGINE_TIMEOUT = 10  # the engine's deadline: max(connect timeout, 10 s)
@@ -29,8 +30,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.resolver.names["tasks.agent"] = ["10.0.0.2"]
 
     def make(self, *argv: str) -> MultiService:
+        data = ["--data-path", self.mktemp()]  # the paired key is kept there
         service = makeService(
-            options(*argv), reactor=self.reactor, resolver=self.resolver, hostname="node-a"
+            options(*data, *argv), reactor=self.reactor, resolver=self.resolver, hostname="node-a"
         )
         self.assertIsInstance(service, MultiService)
         return service
@@ -56,9 +58,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.start(service)
         [(port, factory, _, interface)] = self.reactor.tcpServers
         self.assertEqual((port, interface), (9443, "127.0.0.1"))
-        assert isinstance(factory, Site)
-        self.assertIsInstance(factory.resource, AgentRoot)
-        self.assertIs(factory.reactor, self.reactor)
+        # HTTPS only: the Site is reached through TLS.
+        assert isinstance(factory, TLSMemoryBIOFactory)
+        site = factory.wrappedFactory
+        assert isinstance(site, Site)
+        self.assertIsInstance(site.resource, AgentRoot)
+        self.assertIs(site.reactor, self.reactor)
+        self.assertEqual(site.timeOut, IDLE_TIMEOUT)
 
     def test_listens_on_ipv6(self) -> None:
         self.start(self.make("--host", "::"))

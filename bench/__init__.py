@@ -1,0 +1,1 @@
+"""Benchmarks of swarmagent against the engine and nginx: ``python -m bench``."""

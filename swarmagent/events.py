@@ -1,0 +1,386 @@
+"""The cluster-wide event stream: every node's ``/events``, merged live, each event tagged.
+
+One client request opens one upstream ``/events`` per node (this node's
+engine directly, the others through their agents, re-targeted and
+hop-marked), with the client's query. Each upstream body is cut into lines
+(one JSON event per line, as the engine writes them), each event is tagged
+with its node as list items are, and written to the client as it comes.
+
+Memory stays constant per stream: a node's unfinished line is bounded by
+``max_line`` (a longer one is dropped, not buffered), and a slow client
+pauses every upstream transport (the stream is the request's producer).
+The peer table is polled on the injected clock, so a node that joins is
+added to the open stream and one that leaves is dropped from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from swarmagent.clients import ENGINE_BASE, peer_url
+from swarmagent.errors import error_body
+from swarmagent.logs import logger
+from swarmagent.peers import Peer, PeerTable
+from swarmagent.proxy import forward_headers, request_headers
+
+log = logger(__name__)
+
+#: Longest event line kept; engine events are well under 4 KiB.
+MAX_LINE = 256 * 1024
+#: Seconds between looks at the peer table for joins and leaves.
+POLL_INTERVAL = 1.0
+#: Most of a node's error answer kept to pass on.
+MAX_ERROR_BODY = 64 * 1024
+
+
+class LineSplitter:
+    """Cuts a byte stream into lines, holding at most ``max_line`` bytes.
+
+    A line longer than ``max_line`` is dropped whole (its start is not kept
+    while its end is awaited), and counted in ``dropped``.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
+        self.dropped = 0
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The lines ``data`` completes, without their line ends."""
+        lines: list[bytes] = []
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            piece = data[start:end]
+            if self._skipping:
+                self._skipping = False
+            elif self._size + len(piece) > self.max_line:
+                self.dropped += 1
+            else:
+                line = b"".join([*self._parts, piece]).rstrip(b"\r")
+                if line.strip():
+                    lines.append(line)
+            self._parts, self._size = [], 0
+            start = end + 1
+        rest = data[start:]
+        if rest and not self._skipping:
+            if self._size + len(rest) > self.max_line:
+                # Forget the start now: holding it until the line ends would
+                # make memory depend on what the upstream sends.
+                self._skipping = True
+                self.dropped += 1
+                self._parts, self._size = [], 0
+            else:
+                self._parts.append(rest)
+                self._size += len(rest)
+        return lines
+
+
+def tag_event(line: bytes, node_name: str) -> bytes | None:
+    """One event line marked with its node, or None if it is not a JSON object."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    event["Portainer"] = {"Agent": {"NodeName": node_name}}
+    return json.dumps(event, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+class ClusterEvents:
+    """Serves ``GET /events`` for the whole cluster."""
+
+    def __init__(
+        self,
+        table: PeerTable,
+        engine_agent: IAgent,
+        peer_agent: IAgent,
+        clock: IReactorTime,
+        *,
+        poll_interval: float = POLL_INTERVAL,
+        max_line: int = MAX_LINE,
+    ) -> None:
+        self.table = table
+        self.engine_agent = engine_agent
+        self.peer_agent = peer_agent
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.max_line = max_line
+
+    def render(self, request: Request) -> Any:
+        """Open every node's stream; the answer ends when they all have."""
+        request.defaultContentType = None
+        MergedStream(self, request).start()
+        return NOT_DONE_YET
+
+
+@dataclass(eq=False)
+class _Node:
+    """One node's upstream stream within a merged stream."""
+
+    peer: Peer
+    pending: Deferred[IResponse] | None = None
+    transport: Any = None
+    ended: bool = False
+    lines: LineSplitter = field(default_factory=LineSplitter)
+
+
+@dataclass
+class _Failure:
+    node: str
+    why: str
+    code: int = 0
+    body: bytes = b""
+
+
+@implementer(IPushProducer)
+class MergedStream:
+    """One client's merged stream; the producer of the client's request."""
+
+    def __init__(self, events: ClusterEvents, request: Request) -> None:
+        self._events = events
+        self._request = request
+        self._nodes: dict[str, _Node] = {}
+        self._failures: list[_Failure] = []
+        self._paused = False
+        self._head_sent = False
+        self._done = False
+        self._poll = LoopingCall(self.sync)
+        self._poll.clock = events.clock
+
+    @property
+    def open_nodes(self) -> list[str]:
+        """Names of the nodes whose stream is open or opening."""
+        return [n.peer.name for n in self._nodes.values() if not n.ended]
+
+    def start(self) -> None:
+        self._request.notifyFinish().addErrback(self._client_gone)
+        self.sync()
+        if not self._done:
+            self._poll.start(self._events.poll_interval, now=False)
+
+    def sync(self) -> None:
+        """Follow the peer table: open new nodes' streams, drop those that left."""
+        if self._done:
+            return
+        current = {p.identity.key: p for p in self._events.table.nodes()}
+        for key in [k for k in self._nodes if k not in current]:
+            node = self._nodes.pop(key)
+            if not node.ended:
+                log.info("events: node {node} left; dropped from the stream", node=node.peer.name)
+            self._close(node)
+        for key, peer in current.items():
+            if key not in self._nodes:
+                self._open(key, peer)
+        self._maybe_finish()
+
+    # -- one node -----------------------------------------------------------
+
+    def _open(self, key: str, peer: Peer) -> None:
+        node = _Node(peer, lines=LineSplitter(self._events.max_line))
+        self._nodes[key] = node
+        request = self._request
+        # A fresh URL and fresh headers per node (portainer/portainer#1867).
+        if peer.is_self:
+            agent = self._events.engine_agent
+            url = ENGINE_BASE + request.uri
+            headers = request_headers(request, keep_agent_headers=False)
+        else:
+            agent = self._events.peer_agent
+            url = peer_url(peer.address, peer.port, request.uri)
+            headers = forward_headers(request, peer, self._events.table.me.identity.key)
+        node.pending = agent.request(b"GET", url, headers, None)
+        node.pending.addCallbacks(
+            self._answered, self._unreachable, callbackArgs=(node,), errbackArgs=(node,)
+        )
+
+    def _answered(self, response: IResponse, node: _Node) -> None:
+        node.pending = None
+        if self._done or self._nodes.get(node.peer.identity.key) is not node:
+            response.deliverBody(_Discard())
+            return
+        if response.code != 200:
+            response.deliverBody(_ErrorBody(self, node, response.code))
+            return
+        self._send_head()
+        response.deliverBody(_NodeLines(self, node))
+
+    def _unreachable(self, reason: Failure, node: _Node) -> None:
+        node.pending = None
+        # Cancelled by the agent itself (client gone, node left): no news.
+        if self._done or node.ended or self._nodes.get(node.peer.identity.key) is not node:
+            return
+        self.node_failed(node, _Failure(node.peer.name, reason.getErrorMessage()))
+
+    def node_failed(self, node: _Node, failure: _Failure) -> None:
+        log.warn("events: node {node} left out: {why}", node=failure.node, why=failure.why)
+        self._failures.append(failure)
+        self.node_ended(node)
+
+    def node_connected(self, node: _Node, transport: Any) -> None:
+        node.transport = transport
+        if self._paused:
+            transport.pauseProducing()
+
+    def node_lines(self, node: _Node, lines: list[bytes]) -> None:
+        if self._done or self._nodes.get(node.peer.identity.key) is not node:
+            return
+        for line in lines:
+            event = tag_event(line, node.peer.name)
+            if event is None:
+                log.debug("events: node {node} sent a non-event line", node=node.peer.name)
+                continue
+            self._request.write(event)
+
+    def node_ended(self, node: _Node) -> None:
+        node.ended = True
+        node.transport = None
+        if self._nodes.get(node.peer.identity.key) is node:
+            self._maybe_finish()
+
+    def _close(self, node: _Node) -> None:
+        node.ended = True
+        if node.pending is not None:
+            node.pending.cancel()
+        if node.transport is not None:
+            node.transport.stopProducing()
+            node.transport = None
+
+    # -- the client's side --------------------------------------------------
+
+    def _send_head(self) -> None:
+        if self._head_sent:
+            return
+        self._head_sent = True
+        request = self._request
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.registerProducer(self, True)
+        # The head goes out now: a client waits for it before it reads events.
+        request.write(b"")
+
+    def _maybe_finish(self) -> None:
+        if self._done or any(not n.ended for n in self._nodes.values()):
+            return
+        self._done = True
+        if self._poll.running:
+            self._poll.stop()
+        request = self._request
+        if self._head_sent:
+            request.unregisterProducer()
+            request.finish()
+            return
+        # No node ever streamed: pass on an engine's refusal (a bad filter,
+        # say), as a single engine would give it; else the agent's own 502.
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        refusal = next((f for f in self._failures if 400 <= f.code < 500), None)
+        if refusal is not None:
+            request.setResponseCode(refusal.code)
+            request.write(refusal.body)
+        else:
+            request.setResponseCode(502)
+            why = "; ".join(f"{f.node}: {f.why}" for f in self._failures) or "no node"
+            request.write(error_body("No node streamed its events", why))
+        request.finish()
+
+    def _client_gone(self, reason: Failure) -> None:
+        self.stopProducing()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        for node in self._nodes.values():
+            if node.transport is not None:
+                node.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        for node in self._nodes.values():
+            if node.transport is not None:
+                node.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The client left: close every upstream at once."""
+        if self._done:
+            return
+        self._done = True
+        if self._poll.running:
+            self._poll.stop()
+        for node in self._nodes.values():
+            self._close(node)
+
+
+class _NodeLines(Protocol):
+    """Receives one node's event stream."""
+
+    def __init__(self, stream: MergedStream, node: _Node) -> None:
+        self._stream = stream
+        self._node = node
+
+    def connectionMade(self) -> None:
+        self._stream.node_connected(self._node, self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        lines = self._node.lines
+        dropped = lines.dropped
+        complete = lines.feed(data)
+        if lines.dropped != dropped:
+            log.warn(
+                "events: node {node} sent a line over {max} bytes; dropped",
+                node=self._node.peer.name,
+                max=lines.max_line,
+            )
+        self._stream.node_lines(self._node, complete)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # A stream the agent closed itself (client gone, node left) is no news.
+        if not self._node.ended and not reason.check(ResponseDone, PotentialDataLoss):
+            log.warn(
+                "events: node {node} stream broken: {why}",
+                node=self._node.peer.name,
+                why=reason.getErrorMessage(),
+            )
+        self._stream.node_ended(self._node)
+
+
+class _ErrorBody(Protocol):
+    """Keeps the start of a node's error answer."""
+
+    def __init__(self, stream: MergedStream, node: _Node, code: int) -> None:
+        self._stream = stream
+        self._node = node
+        self._code = code
+        self._body: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._size < MAX_ERROR_BODY:
+            self._body.append(data[: MAX_ERROR_BODY - self._size])
+            self._size += len(self._body[-1])
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        body = b"".join(self._body)
+        why = f"answered {self._code}"
+        self._stream.node_failed(self._node, _Failure(self._node.peer.name, why, self._code, body))
+
+
+class _Discard(Protocol):
+    """Reads an answer nobody wants any more, and hangs up."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.stopProducing()

@@ -1,0 +1,392 @@
+"""Portainer's WebSocket consoles: ``/websocket/exec`` and ``/websocket/attach``.
+
+A console is a WebSocket (autobahn) on the client's side and a hijacked
+engine connection on the other: ``POST /exec/<id>/start`` (TTY forced) or
+``POST /containers/<id>/attach?stdin=1&stdout=1&stderr=1&stream=1``, with
+``Upgrade: tcp``, answered ``101``. The engine is asked before the WebSocket
+handshake is answered, so a refusal (no such exec, say) reaches the client as
+an HTTP error, not as an open socket that closes at once.
+
+Client messages, Text or Binary, are written raw to the engine. Engine output
+goes to the client without losing a byte, unlike the reference agent (which
+drops invalid UTF-8): valid UTF-8 is sent as Text frames, a multi-byte
+character cut between two reads waits for its end, and only bytes that can
+never be UTF-8 (binary output) go out, in their place, as Binary frames.
+Portainer's terminal reads Text frames, so text output always reaches it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import URI
+from twisted.web.http import RESPONSES
+from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from swarmagent.errors import error_body, write_error
+from swarmagent.logs import logger
+from swarmagent.tunnel import MAX_HEAD, error_response
+from swarmagent.wire import AGENT_HEADERS, HOP
+
+log = logger(__name__)
+
+#: Console paths and what each opens on the engine.
+CONSOLE_PATHS = {
+    b"/websocket/exec": "exec",
+    b"/v2/websocket/exec": "exec",
+    b"/websocket/attach": "attach",
+    b"/v2/websocket/attach": "attach",
+}
+#: Largest client message (a pasted file, say); the reference's 2048 B is too small.
+MAX_MESSAGE = 1024 * 1024
+#: Seconds between pings, as the reference agent; a client that misses the
+#: pong deadline is gone.
+PING_INTERVAL = 50.0
+PING_TIMEOUT = 30.0
+_HEX = re.compile(rb"[0-9a-fA-F]+")
+# Bytes the decoder could not read come back as U+DC80..U+DCFF.
+_ESCAPED = re.compile("([\udc80-\udcff]+)")
+
+
+class Utf8Frames:
+    """Cuts a byte stream into WebSocket payloads: (data, is_binary) pairs."""
+
+    def __init__(self) -> None:
+        # surrogateescape keeps every undecodable byte; the incremental
+        # decoder holds an incomplete character until the next read.
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+
+    def feed(self, data: bytes, final: bool = False) -> list[tuple[bytes, bool]]:
+        """The payloads ``data`` completes; ``final`` flushes a cut character."""
+        text = self._decoder.decode(data, final)
+        out: list[tuple[bytes, bool]] = []
+        for i, run in enumerate(_ESCAPED.split(text)):
+            if not run:
+                continue
+            if i % 2:
+                out.append((bytes(ord(c) - 0xDC00 for c in run), True))
+            else:
+                out.append((run.encode("utf-8"), False))
+        return out
+
+
+def engine_request(kind: str, ident: str) -> bytes:
+    """The hijacking request a console sends to the engine, as the reference does."""
+    if kind == "exec":
+        path = f"/exec/{ident}/start"
+        body = json.dumps({"Tty": True, "Detach": False}).encode()
+    else:
+        path = f"/containers/{ident}/attach?stdin=1&stdout=1&stderr=1&stream=1"
+        body = b""
+    head = [
+        f"POST {path} HTTP/1.1",
+        "Host: docker",
+        "Content-Type: application/json",
+        "Connection: Upgrade",
+        "Upgrade: tcp",
+        f"Content-Length: {len(body)}",
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+class EngineRefused(Exception):
+    """The engine did not switch protocols."""
+
+    def __init__(self, code: int, body: bytes) -> None:
+        super().__init__(f"engine answered {code}")
+        self.code = code
+        self.body = body
+
+
+class _EngineSide(Protocol):
+    """The engine's end of a console: the upgrade, then raw bytes."""
+
+    def __init__(self, console: ConsoleProtocol, request: bytes) -> None:
+        self.console = console
+        self.request = request
+        self.ready: Deferred[None] = Deferred()
+        self._buffer = b""
+        self._code = 0
+        self._length: int | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.ready.called:
+            self.console.from_engine(data)
+            return
+        self._buffer += data
+        if not self._code:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > MAX_HEAD:
+                    self._refused(502, error_body("The engine sent no answer head"))
+                return
+            head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+            self._code, self._length = _parse_head(head)
+            if self._code == 101:
+                rest, self._buffer = self._buffer, b""
+                self.ready.callback(None)
+                if rest:
+                    self.console.from_engine(rest)
+                return
+        # A refusal: its body says why.
+        if self._length is not None and len(self._buffer) >= self._length:
+            self._refused(self._code, self._buffer[: self._length])
+        elif len(self._buffer) > MAX_HEAD:
+            self._refused(self._code, self._buffer[:MAX_HEAD])
+
+    def _refused(self, code: int, body: bytes) -> None:
+        if not self.ready.called:
+            self.ready.errback(EngineRefused(code, body))
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.ready.called:
+            body = self._buffer or error_body(
+                "The engine closed the connection", reason.getErrorMessage()
+            )
+            self.ready.errback(EngineRefused(self._code or 502, body))
+            return
+        self.console.engine_gone()
+
+
+def _parse_head(head: bytes) -> tuple[int, int | None]:
+    """Status code and Content-Length (None if absent) of an answer head."""
+    lines = head.split(b"\r\n")
+    try:
+        code = int(lines[0].split(b" ")[1])
+    except (IndexError, ValueError):
+        return 502, 0
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value.strip())
+    return code, length
+
+
+class ConsoleProtocol(WebSocketServerProtocol):
+    """One console: the client's WebSocket spliced to the engine's raw stream."""
+
+    factory: ConsoleFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._engine: _EngineSide | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._utf8 = Utf8Frames()
+        self._early: list[bytes] = []
+        self._engine_done = False
+        self._refusal: bytes | None = None
+
+    # -- handshake ------------------------------------------------------------
+
+    # autobahn waits on a Deferred (txaio.as_future); its stub says otherwise.
+    def onConnect(  # type: ignore[override]
+        self, request: ConnectionRequest
+    ) -> Deferred[tuple[None, dict[str, str]]]:
+        return Deferred.fromCoroutine(self._connect(request))
+
+    async def _connect(self, request: ConnectionRequest) -> tuple[None, dict[str, str]]:
+        kind = CONSOLE_PATHS.get(request.path.encode("utf-8"))
+        ident = (request.params.get("id") or [""])[0]
+        if kind is None or not _HEX.fullmatch(ident.encode("utf-8")):
+            raise ConnectionDeny(400, "Invalid query parameter: id")
+        engine = self._engine = _EngineSide(self, engine_request(kind, ident))
+        endpoint = self.factory.engine_endpoints.endpointForURI(URI.fromBytes(b"http://docker/"))
+        factory = Factory.forProtocol(lambda: engine)
+        factory.noisy = False
+        self._connecting = endpoint.connect(factory)
+        try:
+            await self._connecting
+            await engine.ready
+        except EngineRefused as e:
+            self._refusal = e.body
+            raise ConnectionDeny(e.code, f"The engine refused the {kind}") from None
+        except Exception as e:
+            why = str(e) or type(e).__name__
+            self._refusal = error_body("Unable to reach the Docker engine", why)
+            raise ConnectionDeny(502, "Unable to reach the Docker engine") from None
+        finally:
+            self._connecting = None
+        # The engine may answer before the client reads the handshake: hold
+        # its output until the socket is open.
+        self._engine_transport().pauseProducing()
+        # The agent that answers the client marks the answer; a forwarded
+        # request's answer is marked by the agent that forwarded it.
+        own = {} if HOP in request.headers else dict(_agent_headers())
+        return None, own
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """Refuse as the agent refuses anything: a JSON error with the agent headers."""
+        self.wasNotCleanReason = reason
+        body = self._refusal or error_body(reason)
+        phrase = RESPONSES.get(code, b"Error")
+        self.sendData(error_response(code, phrase, body, AGENT_HEADERS))
+        self.dropConnection(abort=False)
+        self._close_engine()
+
+    def onOpen(self) -> None:
+        transport = self._engine_transport()
+        client = self._client()
+        # Each side is the other's producer: a slow reader pauses the writer.
+        client.registerProducer(transport, True)
+        transport.registerProducer(_PauseOnly(client), True)
+        early, self._early = self._early, []
+        for data in early:
+            self.from_engine(data)
+        if self._engine_done:
+            self.engine_gone()
+        else:
+            transport.resumeProducing()
+
+    # -- relay ----------------------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._engine is not None and self._engine.transport is not None:
+            self._engine.transport.write(payload)
+
+    def from_engine(self, data: bytes) -> None:
+        if self.state != self.STATE_OPEN:
+            self._early.append(data)
+            return
+        for payload, binary in self._utf8.feed(data):
+            self.sendMessage(payload, isBinary=binary)
+
+    def engine_gone(self) -> None:
+        """The process ended (or the engine went away): end the console."""
+        self._engine_done = True
+        if self.state != self.STATE_OPEN:
+            return
+        for payload, binary in self._utf8.feed(b"", final=True):
+            self.sendMessage(payload, isBinary=binary)
+        self._client().unregisterProducer()
+        self.sendClose(1000)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._close_engine()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self._close_engine()
+
+    def _close_engine(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._engine is not None and not self._engine.ready.called:
+            self._engine.ready.cancel()
+        if self._engine is not None and self._engine.transport is not None:
+            self._engine.transport.loseConnection()
+
+    def _client(self) -> Any:
+        return self.transport
+
+    def _engine_transport(self) -> Any:
+        assert self._engine is not None and self._engine.transport is not None
+        return self._engine.transport
+
+
+@implementer(IPushProducer)
+class _PauseOnly:
+    """The client's connection as the engine's producer, for pausing only.
+
+    A transport stops its producer when it closes; the engine closing must
+    not cut the client off before the last output and the close frame.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _agent_headers() -> list[tuple[str, str]]:
+    return [(n.decode("ascii"), v.decode("ascii")) for n, v in AGENT_HEADERS]
+
+
+class _ClockTimer:
+    """autobahn's timers on the injected clock (its own go to the global reactor)."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+
+    def call_later(self, delay: float, fun: Any, *args: Any, **kwargs: Any) -> IDelayedCall:
+        return self._clock.callLater(delay, fun, *args, **kwargs)
+
+
+class ConsoleFactory(WebSocketServerFactory):
+    """Builds consoles whose engine is reached through ``engine_endpoints``."""
+
+    protocol = ConsoleProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        engine_endpoints: IAgentEndpointFactory,
+        reactor: Any,
+        *,
+        max_message: int = MAX_MESSAGE,
+        ping_interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+    ) -> None:
+        super().__init__(server=None, reactor=reactor)
+        self.engine_endpoints = engine_endpoints
+        self.setProtocolOptions(
+            maxFramePayloadSize=max_message,
+            maxMessagePayloadSize=max_message,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout,
+            webStatus=False,
+            # Tell a client why it is cut off (1009 for a message over the
+            # limit) rather than just dropping it.
+            failByDrop=False,
+        )
+        self._batched_timer = _ClockTimer(reactor)
+        self.noisy = False
+
+
+class ConsoleResource(WebSocketResource):
+    """Checks a console request, then takes its connection over for the WebSocket."""
+
+    def __init__(self, factory: ConsoleFactory) -> None:
+        super().__init__(factory)
+
+    def render(self, request: Request) -> Any:
+        args: dict[bytes, list[bytes]] = request.args or {}
+        ident = args.get(b"id", [b""])[0]
+        if not _HEX.fullmatch(ident):
+            return write_error(
+                request, 400, "Invalid query parameter: id", "The ID must be hexadecimal"
+            )
+        upgrade = b",".join(request.requestHeaders.getRawHeaders(b"upgrade", [])).lower()
+        if b"websocket" not in upgrade:
+            return write_error(
+                request, 400, "A console is a WebSocket", "Send an Upgrade: websocket request"
+            )
+        # twisted.web's channel is the connection's producer; the console
+        # registers its own, so the channel lets go first (as tunnel.take_over).
+        transport: Any = request.channel.transport
+        transport.unregisterProducer()
+        return super().render(request)
