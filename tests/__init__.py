@@ -1,0 +1,1 @@
+"""swarmagent tests: unit tests and real multi-node swarm tests."""
