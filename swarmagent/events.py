@@ -30,11 +30,10 @@ from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from swarmagent.clients import ENGINE_BASE, peer_url
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
 from swarmagent.peers import Peer, PeerTable
-from swarmagent.proxy import forward_headers, request_headers
+from swarmagent.proxy import node_copy
 
 log = logger(__name__)
 
@@ -195,15 +194,8 @@ class MergedStream:
         node = _Node(peer, lines=LineSplitter(self._events.max_line))
         self._nodes[key] = node
         request = self._request
-        # A fresh URL and fresh headers per node (portainer/portainer#1867).
-        if peer.is_self:
-            agent = self._events.engine_agent
-            url = ENGINE_BASE + request.uri
-            headers = request_headers(request, keep_agent_headers=False)
-        else:
-            agent = self._events.peer_agent
-            url = peer_url(peer.address, peer.port, request.uri)
-            headers = forward_headers(request, peer, self._events.table.me.identity.key)
+        agent = self._events.engine_agent if peer.is_self else self._events.peer_agent
+        url, headers = node_copy(request, peer, self._events.table.me)
         node.pending = agent.request(b"GET", url, headers, None)
         node.pending.addCallbacks(
             self._answered, self._unreachable, callbackArgs=(node,), errbackArgs=(node,)

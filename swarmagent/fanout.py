@@ -10,11 +10,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import NOT_DONE_YET, Request
 
-from swarmagent.clients import ENGINE_BASE, peer_url
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
 from swarmagent.peers import Peer, PeerTable
-from swarmagent.proxy import forward_headers, request_headers
+from swarmagent.proxy import node_copy
 from swarmagent.wire import MISSING_NODES
 
 log = logger(__name__)
@@ -111,16 +110,9 @@ class FanOut:
         return merged
 
     def _ask(self, request: Request, kind: str, peer: Peer) -> Deferred[tuple[bytes, list[str]]]:
-        # Each node gets its own URL and headers: nothing is shared between
-        # the parallel calls (portainer/portainer#1867).
-        if peer is self._table.me:
-            http = self._engine_http
-            url = ENGINE_BASE + request.uri
-            headers = request_headers(request, keep_agent_headers=False)
-        else:
-            http = self._peer_http
-            url = peer_url(peer.address, peer.port, request.uri)
-            headers = forward_headers(request, peer, self._table.me.identity.key)
+        me = self._table.me
+        http = self._engine_http if peer is me else self._peer_http
+        url, headers = node_copy(request, peer, me)
 
         async def call() -> tuple[bytes, list[str]]:
             response = await http.get(url, headers=headers)

@@ -219,6 +219,18 @@ class PeerProxy(ReverseProxyResource):
         return NOT_DONE_YET
 
 
+def node_copy(request: Request, peer: Peer, me: Peer) -> tuple[bytes, Headers]:
+    """A fresh URL and headers for ``request`` as ``peer`` must serve it.
+
+    Built anew per node: nothing is shared between parallel calls
+    (portainer/portainer#1867). This node's copy goes to its engine.
+    """
+    if peer is me or peer.is_self:
+        return ENGINE_BASE + request.uri, request_headers(request, keep_agent_headers=False)
+    url = peer_url(peer.address, peer.port, request.uri)
+    return url, forward_headers(request, peer, me.identity.key)
+
+
 def forward_headers(request: Request, peer: Peer, hop: str) -> Headers:
     """Headers for a copy of ``request`` that ``peer`` must serve itself."""
     headers = request_headers(request, keep_agent_headers=True)
