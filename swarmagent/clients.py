@@ -8,8 +8,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import URI, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.client import URI, HTTPConnectionPool, _HTTP11ClientFactory, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from swarmagent.config import EngineAddress
@@ -104,3 +105,14 @@ def peer_url(address: str, port: int, path: bytes) -> bytes:
     """The URL of ``path`` (with its query) on the agent at ``address``."""
     host = f"[{address}]" if ":" in address else address
     return f"https://{host}:{port}".encode("ascii") + path
+
+
+async def get(agent: IAgent, url: bytes, headers: Headers) -> tuple[int, bytes]:
+    """GET ``url`` and read the whole answer: its status and body.
+
+    Straight on the ``IAgent``: treq re-parses URLs with hyperlink, which
+    rejects an IPv6 literal host (``https://[fd00::3]:9001/``).
+    """
+    response: IResponse = await agent.request(b"GET", url, headers)
+    body: bytes = await readBody(response)
+    return response.code, body

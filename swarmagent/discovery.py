@@ -13,8 +13,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.names import dns
 from twisted.names.error import DomainError
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
 
-from swarmagent.clients import peer_url
+from swarmagent.clients import get, peer_url
 from swarmagent.engine import Engine
 from swarmagent.logs import logger
 from swarmagent.peers import NodeIdentity, PeerTable
@@ -34,12 +36,12 @@ class HTTPProbe:
 
     def __init__(
         self,
-        http: Any,
+        agent: IAgent,
         clock: IReactorTime,
         timeout: float,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self._http = http
+        self._agent = agent
         self._clock = clock
         self._timeout = timeout
         self._headers = dict(headers or {})
@@ -47,17 +49,12 @@ class HTTPProbe:
     async def __call__(self, address: str, port: int) -> NodeIdentity:
         """Return the identity the agent at ``address:port`` reports."""
         url = peer_url(address, port, IDENTITY_PATH)
-        d: Deferred[Any] = self._http.get(url, headers=self._headers)
-
-        async def fetch() -> bytes:
-            response = await d
-            body: bytes = await response.content()
-            if response.code != 200:
-                raise ValueError(f"identity probe answered {response.code}")
-            return body
-
-        whole = Deferred.fromCoroutine(fetch()).addTimeout(self._timeout, self._clock)
-        return NodeIdentity.from_json(json.loads(await whole))
+        headers = Headers({k: [v] for k, v in self._headers.items()})
+        call = Deferred.fromCoroutine(get(self._agent, url, headers))
+        code, body = await call.addTimeout(self._timeout, self._clock)
+        if code != 200:
+            raise ValueError(f"identity probe answered {code}")
+        return NodeIdentity.from_json(json.loads(body))
 
 
 class Discovery:

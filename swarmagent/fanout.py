@@ -8,8 +8,10 @@ from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IAgent
 from twisted.web.server import NOT_DONE_YET, Request
 
+from swarmagent.clients import get
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
 from swarmagent.peers import Peer, PeerTable
@@ -73,14 +75,14 @@ class FanOut:
     def __init__(
         self,
         table: PeerTable,
-        engine_http: Any,
-        peer_http: Any,
+        engine: IAgent,
+        peers: IAgent,
         clock: IReactorTime,
         timeout: float,
     ) -> None:
         self._table = table
-        self._engine_http = engine_http
-        self._peer_http = peer_http
+        self._engine = engine
+        self._peers = peers
         self._clock = clock
         self._timeout = timeout
 
@@ -111,14 +113,13 @@ class FanOut:
 
     def _ask(self, request: Request, kind: str, peer: Peer) -> Deferred[tuple[bytes, list[str]]]:
         me = self._table.me
-        http = self._engine_http if peer is me else self._peer_http
+        agent = self._engine if peer is me else self._peers
         url, headers = node_copy(request, peer, me)
 
         async def call() -> tuple[bytes, list[str]]:
-            response = await http.get(url, headers=headers)
-            body = await response.content()
-            if response.code != 200:
-                raise NodeFailed(f"answered {response.code}", response.code, body)
+            code, body = await get(agent, url, headers)
+            if code != 200:
+                raise NodeFailed(f"answered {code}", code, body)
             items, warnings = parse_list(kind, body)
             # Encoded as soon as it arrives, while other nodes are still awaited;
             # many small encodes are also cheaper than one of everything.

@@ -97,7 +97,6 @@ def makeService(
     engine_raw = Agent.usingEndpointFactory(reactor, engine_endpoints, pool=engine_pool)
     peer_raw = Agent.usingEndpointFactory(reactor, peer_endpoints, pool=peer_pool)
     engine_http = HTTPClient(engine_raw)
-    peer_http = HTTPClient(peer_raw)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
     port = options["port"]
@@ -108,13 +107,13 @@ def makeService(
         table,
         engine,
         resolver,
-        HTTPProbe(peer_http, reactor, timeout=connect_timeout, headers=probe_headers),
+        HTTPProbe(peer_raw, reactor, timeout=connect_timeout, headers=probe_headers),
         reactor,
         name=options["cluster-addr"] or None,
         port=port,
         hostname=name,
     )
-    fanout = FanOut(table, engine_http, peer_http, reactor, options["fanout-timeout"])
+    fanout = FanOut(table, engine_raw, peer_raw, reactor, options["fanout-timeout"])
     root = AgentRoot(
         table,
         Relay(engine_raw, engine_endpoints, cooperator),

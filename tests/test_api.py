@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Cooperator
 from twisted.internet.testing import MemoryReactorClock
@@ -66,7 +66,13 @@ class AgentCase(SynchronousTestCase):
         self.addCleanup(cooperator.stop)
         self.own_list = FakeNode([{"Id": "a1"}])
         nodes = {f"10.0.0.{i}:9001".encode(): FakeNode([{"Id": f"x{i}"}]) for i in range(2, 6)}
-        fanout = FanOut(self.table, StubTreq(self.own_list), StubTreq(ByHost(nodes)), self.clock, 2)
+        fanout = FanOut(
+            self.table,
+            RequestTraversalAgent(self.own_list),
+            RequestTraversalAgent(ByHost(nodes)),
+            self.clock,
+            2,
+        )
         endpoints = EngineEndpoints(self.clock, EngineAddress("unix", path="/x.sock"), 5)
         root = AgentRoot(
             self.table,

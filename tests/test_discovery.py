@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names.error import DNSNameError
@@ -338,7 +338,7 @@ class HTTPProbeTests(SynchronousTestCase):
         self.agent = FakeNode(B.to_json())
         self.v6 = FakeNode(C.to_json())
         hosts = {b"10.0.0.2:9001": self.agent, b"[fd00::3]:9001": self.v6}
-        self.probe = HTTPProbe(StubTreq(ByHost(hosts)), self.clock, timeout=2)
+        self.probe = HTTPProbe(RequestTraversalAgent(ByHost(hosts)), self.clock, timeout=2)
 
     def ask(self, address: str) -> Deferred[NodeIdentity]:
         return Deferred.fromCoroutine(self.probe(address, AGENT_PORT))
@@ -349,10 +349,6 @@ class HTTPProbeTests(SynchronousTestCase):
 
     def test_ipv6(self) -> None:
         self.assertEqual(self.successResultOf(self.ask("fd00::3")), C)
-
-    # treq re-parses every URL with hyperlink, whose to_uri() IDNA-encodes the
-    # host and rejects an IPv6 literal: no probe can reach an IPv6 peer.
-    test_ipv6.todo = "treq/hyperlink cannot request http://[v6]:port/ URLs"  # type: ignore[attr-defined]
 
     def test_error_status(self) -> None:
         self.agent.code = 503
