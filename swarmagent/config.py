@@ -48,6 +48,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("secret", "AGENT_SECRET", "", "Shared secret Portainer signs instead of the default."),
     Setting(
+        "secret-file",
+        "AGENT_SECRET_FILE",
+        "",
+        "File holding --secret, such as a Docker secret; its final newline is ignored.",
+    ),
+    Setting(
         "tls-cert",
         "AGENT_TLS_CERT",
         "",
@@ -207,6 +213,23 @@ class Options(usage.Options):
         for flag in ("tls-cert", "tls-key", "tls-ca"):
             if self[flag] and not os.path.isfile(self[flag]):
                 raise bad(flag, f"no such file: {self[flag]!r}")
+        if self["secret-file"]:
+            self["secret"] = self._read_secret()
         name = self["cluster-addr"]
         if name and (len(name) > 253 or any(c.isspace() for c in name)):
             raise bad("cluster-addr", f"not a DNS name: {name!r}")
+
+    def _read_secret(self) -> str:
+        """``--secret`` from ``--secret-file``, which must not contradict it."""
+        path = self["secret-file"]
+        env = "--secret-file / AGENT_SECRET_FILE"
+        if self["secret"]:
+            raise ValueError(f"{env}: give the secret or a file holding it, not both")
+        try:
+            with open(path, encoding="utf-8") as f:
+                secret = f.read().removesuffix("\n").removesuffix("\r")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{env}: cannot read {path!r}: {e}") from None
+        if not secret:
+            raise ValueError(f"{env}: {path!r} is empty")
+        return secret

@@ -18,6 +18,7 @@ DEFAULTS: dict[str, Any] = {
     "cluster-addr": "",
     "advertise-addr": "",
     "secret": "",
+    "secret-file": "",
     "tls-cert": "",
     "tls-key": "",
     "tls-ca": "",
@@ -112,7 +113,8 @@ class DefaultsTests(ConfigCase):
     def test_settings_cover_every_option(self) -> None:
         """The tables here name every option there is, so none goes untested."""
         self.assertEqual(set(ENV), set(DEFAULTS))
-        self.assertEqual(set(self.other), set(DEFAULTS))
+        # --secret-file changes --secret too: SecretFileTests has it.
+        self.assertEqual(set(self.other) | {"secret-file"}, set(DEFAULTS))
 
     def test_process_environment_is_the_default_source(self) -> None:
         self.patch(os, "environ", {"AGENT_PORT": "9555"})
@@ -151,7 +153,8 @@ class SourceTests(ConfigCase):
     def test_all_from_environment(self) -> None:
         environ = {ENV[flag]: raw for flag, (raw, _) in self.other.items()}
         self.assertEqual(
-            parse([], environ), {flag: value for flag, (_, value) in self.other.items()}
+            parse([], environ),
+            {"secret-file": "", **{flag: value for flag, (_, value) in self.other.items()}},
         )
 
     def test_unrelated_environment_ignored(self) -> None:
@@ -204,6 +207,43 @@ class BadValueTests(SynchronousTestCase):
 
     def test_good_flag_overrides_bad_environment(self) -> None:
         self.assertEqual(parse(["--port", "9002"], {"AGENT_PORT": "nope"})["port"], 9002)
+
+
+class SecretFileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp())
+
+    def refused(self, argv: list[str], environ: Mapping[str, str]) -> str:
+        with self.assertRaises(SystemExit) as caught:
+            parse(argv, environ)
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertIn("--secret-file / AGENT_SECRET_FILE", message)
+        return message
+
+    def test_the_file_gives_the_secret(self) -> None:
+        """A Docker secret written with a final newline: the newline is not part of it."""
+        for content, secret in [("s3cret\n", "s3cret"), ("s3cret", "s3cret"), ("a b\r\n", "a b")]:
+            self.path.write_text(content)
+            for argv, environ in [
+                ([f"--secret-file={self.path}"], {}),
+                ([], {"AGENT_SECRET_FILE": str(self.path)}),
+            ]:
+                with self.subTest(content=content, argv=argv):
+                    parsed = parse(argv, environ)
+                    self.assertEqual(parsed["secret"], secret)
+                    self.assertEqual(parsed["secret-file"], str(self.path))
+
+    def test_not_both(self) -> None:
+        self.path.write_text("one")
+        message = self.refused([], {"AGENT_SECRET": "two", "AGENT_SECRET_FILE": str(self.path)})
+        self.assertNotIn("one", message)
+        self.assertNotIn("two", message)
+
+    def test_missing_or_empty(self) -> None:
+        self.assertIn("cannot read", self.refused([f"--secret-file={self.path}"], {}))
+        self.path.write_text("\n")
+        self.assertIn("is empty", self.refused([f"--secret-file={self.path}"], {}))
 
 
 class TLSFileTests(ConfigCase):
