@@ -6,7 +6,7 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import URI, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 from twisted.web.http_headers import Headers
@@ -14,6 +14,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from swarmagent.config import EngineAddress
+from swarmagent.halfclose import HalfCloseTLSEndpoint
 
 # A peer that dies with requests in flight must cost a bounded wait, yet an
 # engine may take minutes to answer (a container stop with a long grace
@@ -84,7 +85,8 @@ class PeerEndpoints:
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii").strip("[]")
         tcp = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        return wrapClientTLS(self._tls, TunedTCPEndpoint(tcp))
+        # Half-closeable, so a tunnel can pass the end of a stream's input on.
+        return HalfCloseTLSEndpoint(self._tls, TunedTCPEndpoint(tcp))
 
 
 class _QuietFactory(_HTTP11ClientFactory):

@@ -14,7 +14,6 @@ from twisted.internet.task import Cooperator
 from twisted.names import client as dns_client
 from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.client import Agent
 from twisted.web.server import Site
 
@@ -26,6 +25,7 @@ from swarmagent.discovery import Discovery, HTTPProbe
 from swarmagent.engine import Engine
 from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
+from swarmagent.halfclose import HalfCloseTLSFactory
 from swarmagent.logs import set_level
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
@@ -133,7 +133,8 @@ def makeService(
     endpoint = endpoint_class(reactor, port, interface=host)
 
     agent = _PoolService([engine_pool, peer_pool])
-    https = TLSMemoryBIOFactory(server_tls, False, site)
+    # Half-closeable TLS: a hijacked stream's end of input is a close_notify.
+    https = HalfCloseTLSFactory(server_tls, False, site)
     StreamServerEndpointService(endpoint, https).setServiceParent(agent)
     discovery.service(options["refresh-interval"]).setServiceParent(agent)
     return agent

@@ -111,11 +111,8 @@ class StreamTests(LabTestCase):
         child.sendeof()
         child.expect_exact("after-eof")
         child.expect(pexpect.EOF)
-
-    test_exec_stdin_half_close.todo = (  # type: ignore[attr-defined]
-        "Over TLS the CLI ends stdin with close_notify, and Twisted's TLS "
-        "layer closes the whole connection on it instead of half-closing"
-    )
+        child.close()
+        self.assertEqual(child.exitstatus, 0)
 
     @explain
     def test_attach_sees_output_and_sends_input(self) -> None:
