@@ -1,11 +1,12 @@
-"""Finding the other agents: DNS on a timer, then an identity probe per address."""
+"""Finding the other agents (DNS on a timer, then an identity probe per address)
+and the swarm nodes that should run one (a manager's node list)."""
 
 from __future__ import annotations
 
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredList
@@ -17,10 +18,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from swarmagent.clients import get, peer_url
-from swarmagent.engine import Engine
+from swarmagent.engine import NODES_PATH, Engine, expected_nodes
 from swarmagent.logs import logger
-from swarmagent.peers import NodeIdentity, PeerTable
-from swarmagent.wire import IDENTITY_PATH
+from swarmagent.peers import MANAGER, NodeIdentity, Peer, PeerTable
+from swarmagent.wire import HOP, IDENTITY_PATH, TARGET
 
 # Retry delays (seconds) for one DNS query: a tick must end well before the next.
 DNS_TIMEOUTS = (1, 2)
@@ -29,10 +30,13 @@ log = logger(__name__)
 
 Address = tuple[str, int]
 Probe = Callable[[str, int], Awaitable[NodeIdentity]]
+#: Asks a manager's agent (given this node's key as the hop marker) for the
+#: swarm's nodes that should run an agent: node ID → hostname.
+NodeList = Callable[[Peer, str], Awaitable[dict[str, str]]]
 
 
-class HTTPProbe:
-    """Ask the agent at an address who it is, over the agent-to-agent API."""
+class _AgentGet:
+    """GET from another agent with this agent's credentials and a deadline."""
 
     def __init__(
         self,
@@ -46,15 +50,49 @@ class HTTPProbe:
         self._timeout = timeout
         self._headers = dict(headers or {})
 
+    async def _get(self, url: bytes, extra: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+        names = {**self._headers, **(extra or {})}
+        headers = Headers({k: [v] for k, v in names.items()})
+        call = Deferred.fromCoroutine(get(self._agent, url, headers))
+        # A cancelled HTTP call fails with its own error, not CancelledError:
+        # name the deadline here.
+        result: tuple[int, bytes] = await call.addTimeout(
+            self._timeout, self._clock, onTimeoutCancel=_timed_out
+        )
+        return result
+
+
+class HTTPProbe(_AgentGet):
+    """Ask the agent at an address who it is, over the agent-to-agent API."""
+
     async def __call__(self, address: str, port: int) -> NodeIdentity:
         """Return the identity the agent at ``address:port`` reports."""
-        url = peer_url(address, port, IDENTITY_PATH)
-        headers = Headers({k: [v] for k, v in self._headers.items()})
-        call = Deferred.fromCoroutine(get(self._agent, url, headers))
-        code, body = await call.addTimeout(self._timeout, self._clock)
+        code, body = await self._get(peer_url(address, port, IDENTITY_PATH))
         if code != 200:
             raise ValueError(f"identity probe answered {code}")
         return NodeIdentity.from_json(json.loads(body))
+
+
+class ManagerNodeList(_AgentGet):
+    """Ask a manager's agent for the swarm's node list (a worker's engine
+    cannot tell it), with the identity probe's credentials and deadline."""
+
+    async def __call__(self, manager: Peer, hop: str) -> dict[str, str]:
+        """Node ID → hostname of the nodes that should run an agent.
+
+        The request is targeted at ``manager`` and hop-marked with ``hop``
+        (this node's key), so that agent serves it from its own engine or
+        refuses it; it never forwards it.
+        """
+        url = peer_url(manager.address, manager.port, NODES_PATH.encode("ascii"))
+        target = {TARGET: manager.identity.key, HOP: hop}
+        code, body = await self._get(url, target)
+        if code != 200:
+            raise ValueError(f"the agent of {manager.name} answered {code} to {NODES_PATH}")
+        try:
+            return expected_nodes(json.loads(body))
+        except ValueError as e:
+            raise ValueError(f"the agent of {manager.name} sent a bad node list: {e}") from e
 
 
 class Discovery:
@@ -71,6 +109,7 @@ class Discovery:
         name: str | None,
         port: int,
         hostname: str,
+        node_list: NodeList | None = None,
     ) -> None:
         self.table = table
         self._engine = engine
@@ -81,6 +120,10 @@ class Discovery:
         self._port = port
         self._hostname = hostname
         self._name_sought = name is not None
+        # Without it, a worker does not learn the swarm's nodes.
+        self._node_list = node_list
+        # Why the node list could not be read last time (None: it could).
+        self._nodes_problem: str | None = None
 
     def service(self, interval: float) -> TimerService:
         """A service running a discovery tick every ``interval`` seconds."""
@@ -89,32 +132,82 @@ class Discovery:
         return timer
 
     async def tick(self) -> None:
-        """One round: re-read this node, re-resolve, re-probe. Never raises."""
+        """One round: re-read this node, re-resolve, re-probe, then re-read
+        the swarm's node list. Never raises."""
         try:
             await self._refresh_me()
-            if self.name is None:
-                return
-            try:
-                targets: list[Address] | None = await self.resolve(self.name)
-            except Exception as e:
-                log.warn(
-                    "DNS lookup of {name} failed ({why}); keeping the last peer set",
-                    name=self.name,
-                    why=_why(e),
-                )
-                targets = None
-            if targets is not None:
-                for peer in self.table.retain(a for a, _ in targets):
-                    log.info(
-                        "Agent left: {node} at {address} (gone from DNS)",
-                        node=peer.name,
-                        address=peer.address,
-                    )
-            else:
-                targets = [(p.address, p.port) for p in self.table.nodes() if not p.is_self]
-            await self._probe_all(targets)
+            if self.name is not None:
+                await self._discover(self.name)
+            await self._refresh_expected()
         except Exception:
             log.failure("Discovery tick failed")
+
+    async def _discover(self, name: str) -> None:
+        try:
+            targets: list[Address] | None = await self.resolve(name)
+        except Exception as e:
+            log.warn(
+                "DNS lookup of {name} failed ({why}); keeping the last peer set",
+                name=name,
+                why=_why(e),
+            )
+            targets = None
+        if targets is not None:
+            for peer in self.table.retain(a for a, _ in targets):
+                log.info(
+                    "Agent left: {node} at {address} (gone from DNS)",
+                    node=peer.name,
+                    address=peer.address,
+                )
+        else:
+            targets = [(p.address, p.port) for p in self.table.nodes() if not p.is_self]
+        await self._probe_all(targets)
+
+    async def _refresh_expected(self) -> None:
+        # After the probes, so that the agents this tick found count as present.
+        me = self.table.me.identity
+        if not me.swarm:
+            self._nodes_problem = None
+            if self.table.expect({}):
+                log.info("Not in a swarm: no nodes expected")
+            return
+        try:
+            if me.role == MANAGER:
+                nodes = await self._engine.swarm_nodes()
+            else:
+                nodes = await self._from_managers(me.key)
+        except Exception as e:
+            why = _why(e)
+            if why != self._nodes_problem:
+                log.warn("Cannot read the swarm's node list ({why}); keeping the last one", why=why)
+                self._nodes_problem = why
+            return
+        if self._nodes_problem is not None:
+            log.info("The swarm's node list can be read again")
+            self._nodes_problem = None
+        old = self.table.expected
+        if self.table.expect(nodes):
+            log.info(
+                "Swarm nodes expected to run an agent: {count} (new: {new}; gone: {gone})",
+                count=len(nodes),
+                new=_names(nodes, old),
+                gone=_names(old, nodes),
+            )
+
+    async def _from_managers(self, hop: str) -> dict[str, str]:
+        # The leader first; the next manager only if one fails.
+        if self._node_list is None:
+            raise ValueError("no way to ask a manager")
+        managers = self.table.managers()
+        if not managers:
+            raise ValueError("no manager's agent known")
+        errors: list[str] = []
+        for manager in managers:
+            try:
+                return await self._node_list(manager, hop)
+            except Exception as e:
+                errors.append(_why(e))
+        raise ValueError("; ".join(errors))
 
     async def _refresh_me(self) -> None:
         try:
@@ -222,6 +315,14 @@ def _address(record: Any) -> str:
     if record.type == dns.A:
         return str(record.payload.dottedQuad())
     return socket.inet_ntop(socket.AF_INET6, record.payload.address)
+
+
+def _names(nodes: Mapping[str, str], without: Mapping[str, str]) -> str:
+    return ", ".join(sorted(h for i, h in nodes.items() if i not in without)) or "none"
+
+
+def _timed_out(result: object, timeout: float) -> NoReturn:
+    raise TimeoutError(f"no answer within {timeout:g} s")
 
 
 def _why(e: BaseException) -> str:

@@ -14,10 +14,33 @@ from swarmagent.clients import ENGINE_BASE
 from swarmagent.peers import MANAGER, WORKER, NodeIdentity
 
 SERVICE_LABEL = "com.docker.swarm.service.name"
+#: The swarm's node list, on a manager's engine (or through its agent).
+NODES_PATH = "/nodes"
+DRAIN = "drain"
 
 
 class EngineError(Exception):
     """The engine could not be reached or answered with an error."""
+
+
+def expected_nodes(doc: Any) -> dict[str, str]:
+    """Node ID → hostname of the nodes in a ``GET /nodes`` answer that should
+    run an agent: every node but the drained ones (whose tasks, the agent's
+    included, are moved off on purpose). Raise ValueError if it is not a list."""
+    if not isinstance(doc, list):
+        raise ValueError("node list is not a list")
+    found: dict[str, str] = {}
+    for node in doc:
+        if not isinstance(node, dict):
+            continue
+        node_id = node.get("ID")
+        if not isinstance(node_id, str) or not node_id:
+            continue
+        if (node.get("Spec") or {}).get("Availability") == DRAIN:
+            continue
+        hostname = (node.get("Description") or {}).get("Hostname")
+        found[node_id] = hostname if isinstance(hostname, str) and hostname else node_id
+    return found
 
 
 class Engine:
@@ -63,6 +86,15 @@ class Engine:
             leader=leader,
             engine_version=str(info.get("ServerVersion", "")),
         )
+
+    async def swarm_nodes(self) -> dict[str, str]:
+        """The swarm's nodes that should run an agent (see ``expected_nodes``);
+        only a manager's engine can answer."""
+        doc = await self.get_json(NODES_PATH)
+        try:
+            return expected_nodes(doc)
+        except ValueError as e:
+            raise EngineError(f"engine sent a bad node list: {e}") from e
 
     async def service_name(self, container: str) -> str | None:
         """The swarm service a container belongs to, from its label."""

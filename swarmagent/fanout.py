@@ -20,6 +20,9 @@ from swarmagent.wire import MISSING_NODES
 
 log = logger(__name__)
 
+#: Why a swarm node with no agent in the peer table is left out.
+NO_AGENT = "no agent reachable"
+
 
 class NodeFailed(Exception):
     """A node gave no usable list."""
@@ -37,7 +40,8 @@ class Merged:
     #: Each answering node's tagged items, JSON-encoded without the brackets.
     chunks: list[bytes] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    missing: list[tuple[Peer, NodeFailed]] = field(default_factory=list)
+    #: The nodes left out, by name, and why.
+    missing: list[tuple[str, NodeFailed]] = field(default_factory=list)
     answered: int = 0
 
 
@@ -92,8 +96,13 @@ class FanOut:
         return NOT_DONE_YET
 
     async def collect(self, request: Request, kind: str) -> Merged:
-        """Ask every known node for its list, each bounded by the deadline."""
+        """Ask every known node for its list, each bounded by the deadline.
+
+        A swarm node expected to run an agent but with none in the table is
+        named missing too (taken with the same snapshot as the nodes asked).
+        """
         nodes = self._table.nodes()
+        agentless = self._table.agentless()
         calls = [self._ask(request, kind, peer) for peer in nodes]
         results = await DeferredList(calls, consumeErrors=True)
         merged = Merged()
@@ -108,7 +117,8 @@ class FanOut:
                 failure = result.value  # type: ignore[attr-defined]
                 if not isinstance(failure, NodeFailed):
                     failure = NodeFailed(str(failure) or type(failure).__name__)
-                merged.missing.append((peer, failure))
+                merged.missing.append((peer.name, failure))
+        merged.missing.extend((name, NodeFailed(NO_AGENT)) for _, name in agentless)
         return merged
 
     def _ask(self, request: Request, kind: str, peer: Peer) -> Deferred[tuple[bytes, list[str]]]:
@@ -137,21 +147,19 @@ class FanOut:
         merged = await self.collect(request, kind)
         if finished[0]:
             return
-        for peer, failure in merged.missing:
-            log.warn(
-                "{kind} list: node {node} left out: {why}", kind=kind, node=peer.name, why=failure
-            )
+        for name, failure in merged.missing:
+            log.warn("{kind} list: node {node} left out: {why}", kind=kind, node=name, why=failure)
         if merged.missing and not merged.answered:
             self._write_all_failed(request, merged)
             return
         if merged.missing:
-            names = ", ".join(p.name for p, _ in merged.missing)
+            names = ", ".join(name for name, _ in merged.missing)
             request.responseHeaders.setRawHeaders(MISSING_NODES, [names.encode("utf-8")])
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         items = b"[" + b",".join(merged.chunks) + b"]"
         if kind == "volumes":
             warnings = merged.warnings + [
-                f"node {p.name} did not answer: {f}" for p, f in merged.missing
+                f"node {name} did not answer: {f}" for name, f in merged.missing
             ]
             encoded = json.dumps(warnings, separators=(",", ":")).encode("utf-8")
             request.write(b'{"Volumes":' + items + b',"Warnings":' + encoded + b"}")
@@ -171,7 +179,7 @@ class FanOut:
                 return
         request.setResponseCode(502)
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        names = ", ".join(f"{p.name}: {f}" for p, f in merged.missing)
+        names = ", ".join(f"{name}: {f}" for name, f in merged.missing)
         request.write(error_body("No node answered the cluster-wide list", names))
         request.finish()
 

@@ -95,6 +95,8 @@ class PeerTable:
     me: Peer
     max_failures: int = 3
     _peers: dict[str, Peer] = field(default_factory=dict)
+    #: The swarm's nodes that should have an agent: node ID → hostname.
+    _expected: dict[str, str] = field(default_factory=dict)
 
     def set_me(self, identity: NodeIdentity, address: str | None = None) -> None:
         """Record this node's identity, re-read from its engine."""
@@ -157,6 +159,29 @@ class PeerTable:
         if named:
             return Ambiguous(target, tuple(p.identity.node_id for p in named))
         return None
+
+    def expect(self, nodes: Mapping[str, str]) -> bool:
+        """Record the swarm's nodes that should each run an agent (node ID →
+        hostname; drained nodes left out); return True if the set changed."""
+        new = dict(nodes)
+        if new == self._expected:
+            return False
+        self._expected = new
+        return True
+
+    @property
+    def expected(self) -> Mapping[str, str]:
+        """The swarm's nodes that should each run an agent, as last recorded."""
+        return dict(self._expected)
+
+    def agentless(self) -> list[tuple[str, str]]:
+        """The expected nodes with no agent in the table, as (node ID,
+        hostname) sorted by hostname; none outside a swarm."""
+        if not self.me.identity.swarm:
+            return []
+        present = {p.identity.node_id for p in self.nodes()}
+        found = [(i, h) for i, h in self._expected.items() if i not in present]
+        return sorted(found, key=lambda n: (n[1], n[0]))
 
     def managers(self) -> list[Peer]:
         """Reachable managers, the leader first."""

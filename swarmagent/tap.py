@@ -21,7 +21,7 @@ from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
 from swarmagent.clients import EngineEndpoints, PeerEndpoints, make_pool
 from swarmagent.config import Options
-from swarmagent.discovery import Discovery, HTTPProbe
+from swarmagent.discovery import Discovery, HTTPProbe, ManagerNodeList
 from swarmagent.engine import Engine
 from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
@@ -112,6 +112,10 @@ def makeService(
         name=options["cluster-addr"] or None,
         port=port,
         hostname=name,
+        # A worker asks a manager's agent with the probe's credentials.
+        node_list=ManagerNodeList(
+            peer_raw, reactor, timeout=connect_timeout, headers=probe_headers
+        ),
     )
     fanout = FanOut(table, engine_raw, peer_raw, reactor, options["fanout-timeout"])
     root = AgentRoot(

@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import dns
 from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
@@ -138,6 +139,9 @@ class FakeEngineResource(Resource):
         super().__init__()
         self.identity = identity
         self.containers = dict(containers or {})  # container ID → service label
+        # The swarm's node list (``GET /nodes``); None: answered 503 as a
+        # worker's engine does.
+        self.nodes: list[dict[str, Any]] | None = None
         self.down = False
         self.paths: list[bytes] = []
 
@@ -151,6 +155,11 @@ class FakeEngineResource(Resource):
             swarm = {"NodeID": me.node_id, "LocalNodeState": "active" if me.swarm else "inactive"}
             swarm["ControlAvailable"] = me.swarm and me.role == MANAGER  # type: ignore[assignment]
             return _json({"Name": me.name, "ServerVersion": me.engine_version, "Swarm": swarm})
+        if request.path == b"/nodes":
+            if self.nodes is None:
+                request.setResponseCode(503)
+                return b'{"message":"This node is not a swarm manager."}'
+            return _json(self.nodes)
         if request.path == f"/nodes/{me.node_id}".encode():
             return _json({"ID": me.node_id, "ManagerStatus": {"Leader": me.leader}})
         for container, service in self.containers.items():
@@ -159,6 +168,16 @@ class FakeEngineResource(Resource):
                 return _json({"Id": container, "Config": {"Labels": labels}})
         request.setResponseCode(404)
         return b'{"message":"no such object"}'
+
+
+def node_doc(identity: NodeIdentity, availability: str = "active") -> dict[str, Any]:
+    """A node as the engine's ``GET /nodes`` lists it."""
+    return {
+        "ID": identity.node_id,
+        "Description": {"Hostname": identity.name},
+        "Spec": {"Role": identity.role, "Availability": availability},
+        "Status": {"State": "ready"},
+    }
 
 
 def _json(doc: Any) -> bytes:
@@ -444,3 +463,15 @@ def callable_probe(
         return answer
 
     return probe
+
+
+def capture_logs(case: Any) -> list[str]:
+    """The text of every log event emitted until ``case`` ends (a live list)."""
+    lines: list[str] = []
+
+    def observe(event: Any) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    case.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines

@@ -138,6 +138,13 @@ class OwnRoutesTests(AgentCase):
         self.table.retain([])
         self.assertEqual([a["NodeName"] for a in self.get("/agents").json()], ["a"])
 
+    def test_agents_leave_out_agentless_nodes(self) -> None:
+        """Expected nodes without an agent are not agents: the list is unchanged."""
+        before = self.get("/agents").json()
+        self.table.expect({"id-a": "a", "id-b": "b", "id-z": "z"})
+        self.assertEqual(self.table.agentless(), [("id-z", "z")])
+        self.assertEqual(self.get("/agents").json(), before)
+
     def test_identity(self) -> None:
         response = self.get("/swarmagent/identity")
         self.assertEqual(response.json(), manager("a").to_json())

@@ -10,8 +10,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.names.error import DNSNameError
 from twisted.trial.unittest import SynchronousTestCase
 
-from swarmagent.discovery import IDENTITY_PATH, Discovery, HTTPProbe
-from swarmagent.engine import Engine
+from swarmagent.discovery import IDENTITY_PATH, Discovery, HTTPProbe, ManagerNodeList, NodeList
+from swarmagent.engine import Engine, expected_nodes
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from tests.helpers import (
     AGENT_PORT,
@@ -21,7 +21,9 @@ from tests.helpers import (
     StubResolver,
     a_record,
     callable_probe,
+    capture_logs,
     manager,
+    node_doc,
     srv_record,
     worker,
 )
@@ -61,7 +63,11 @@ class DiscoveryCase(SynchronousTestCase):
             name=self.name,
             port=AGENT_PORT,
             hostname=HOSTNAME,
+            node_list=self.make_node_list(),
         )
+
+    def make_node_list(self) -> NodeList | None:
+        return None
 
     def make_table(self, me: Peer) -> PeerTable:
         return PeerTable(me, max_failures=self.max_failures)
@@ -330,6 +336,210 @@ class DefaultNameTests(DiscoveryCase):
         self.tick()
         self.assertEqual(self.discovery.name, NAME)
         self.assertIn(("b", "10.0.0.2"), self.nodes())
+
+
+D = worker("d")
+NOT_READ = "Cannot read the swarm's node list"
+
+
+class ManagerNodeListTests(DiscoveryCase):
+    """This node is a manager: the swarm's nodes come from its own engine."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.engine.nodes = [node_doc(ME), node_doc(B), node_doc(D)]
+        self.asked: list[tuple[Peer, str]] = []
+        self.logs = capture_logs(self)
+
+    def make_node_list(self) -> NodeList:
+        async def node_list(manager: Peer, hop: str) -> dict[str, str]:
+            self.asked.append((manager, hop))
+            return {}
+
+        return node_list
+
+    def test_read_from_own_engine(self) -> None:
+        self.start()
+        self.assertIn(b"/nodes", self.engine.paths)
+        self.assertEqual(self.asked, [])
+        self.assertEqual(self.table.expected, {"id-a": "a", "id-b": "b", "id-d": "d"})
+        self.assertEqual(self.table.agentless(), [("id-d", "d")])
+
+    def test_read_every_tick(self) -> None:
+        self.start()
+        self.tick()
+        self.tick()
+        self.assertEqual(self.engine.paths.count(b"/nodes"), 3)
+
+    def test_drained_node_not_expected(self) -> None:
+        self.engine.nodes = [node_doc(ME), node_doc(B), node_doc(D, "drain")]
+        self.start()
+        self.assertEqual(self.table.expected, {"id-a": "a", "id-b": "b"})
+        self.assertEqual(self.table.agentless(), [])
+
+    def test_paused_node_expected(self) -> None:
+        self.engine.nodes = [node_doc(ME), node_doc(B), node_doc(D, "pause")]
+        self.start()
+        self.assertEqual(self.table.agentless(), [("id-d", "d")])
+
+    def test_agent_found_later_is_not_missing(self) -> None:
+        self.start()
+        self.resolver.names[NAME].append("10.0.0.4")
+        self.answers["10.0.0.4"] = D
+        self.tick()
+        self.assertEqual(self.table.agentless(), [])
+
+    def test_node_added_to_the_swarm(self) -> None:
+        self.start()
+        self.engine.nodes.append(node_doc(C))  # type: ignore[union-attr]
+        self.tick()
+        self.assertEqual(self.table.agentless(), [("id-c", "c"), ("id-d", "d")])
+
+    def test_last_list_kept_and_failure_logged_once(self) -> None:
+        self.start()
+        self.engine.nodes = None  # the engine refuses (503)
+        for _ in range(3):
+            self.tick()
+        self.assertEqual(self.table.agentless(), [("id-d", "d")])
+        self.assertEqual(len([line for line in self.logs if NOT_READ in line]), 1)
+        # Readable again, then failing again: news each time.
+        self.engine.nodes = [node_doc(ME), node_doc(B)]
+        self.tick()
+        self.assertEqual(self.table.agentless(), [])
+        self.engine.nodes = None
+        self.tick()
+        self.tick()
+        self.assertEqual(len([line for line in self.logs if NOT_READ in line]), 2)
+
+    def test_engine_down_at_start(self) -> None:
+        self.engine.nodes = None
+        self.start()
+        self.assertEqual(self.table.expected, {})
+        self.assertEqual(self.table.agentless(), [])
+
+    def test_outside_a_swarm_nothing_fetched(self) -> None:
+        self.engine.identity = NodeIdentity("a")
+        self.start()
+        self.tick()
+        self.assertNotIn(b"/nodes", self.engine.paths)
+        self.assertEqual((self.asked, self.table.expected), ([], {}))
+        self.assertFalse([line for line in self.logs if NOT_READ in line])
+
+    def test_leaving_the_swarm_forgets_the_list(self) -> None:
+        self.start()
+        self.engine.identity = NodeIdentity("a")
+        self.tick()
+        self.assertEqual((self.table.expected, self.table.agentless()), ({}, []))
+
+    def test_without_a_discovery_name(self) -> None:
+        """Not a service task: no peers, so every other node has no agent."""
+        self.engine.containers = {}
+        self.discovery.name = None
+        self.discovery._name_sought = True
+        self.start()
+        self.assertEqual(self.table.agentless(), [("id-b", "b"), ("id-d", "d")])
+
+
+class WorkerNodeListTests(DiscoveryCase):
+    """This node is a worker: it asks a manager's agent, the leader's first."""
+
+    def setUp(self) -> None:
+        # Two views of the swarm, to tell which manager's agent was asked.
+        a, b, c = worker("a"), manager("b"), manager("c", leader=True)
+        self.b_agent = FakeNode([node_doc(a), node_doc(b), node_doc(D)])
+        self.c_agent = FakeNode([node_doc(a), node_doc(b), node_doc(c), node_doc(D, "drain")])
+        super().setUp()
+        self.engine.identity = worker("a")
+        self.answers.update(
+            {
+                "10.0.0.1": worker("a"),
+                "10.0.0.2": manager("b"),
+                "10.0.0.3": manager("c", leader=True),
+            }
+        )
+        self.resolver.names[NAME].append("10.0.0.3")
+        self.logs = capture_logs(self)
+
+    def make_node_list(self) -> NodeList:
+        hosts = {b"10.0.0.2:9001": self.b_agent, b"10.0.0.3:9001": self.c_agent}
+        return ManagerNodeList(
+            RequestTraversalAgent(ByHost(hosts)),
+            self.clock,
+            timeout=2,
+            headers={"X-PortainerAgent-Signature": "sig"},
+        )
+
+    def test_asks_the_leaders_agent(self) -> None:
+        self.start()
+        self.assertNotIn(b"/nodes", self.engine.paths)
+        self.assertEqual(self.b_agent.seen, [])
+        [seen] = self.c_agent.seen
+        self.assertEqual(seen.uri, b"/nodes")
+        h = seen.headers
+        self.assertEqual(h.getRawHeaders(b"x-portaineragent-target"), [b"id-c"])
+        self.assertEqual(h.getRawHeaders(b"x-swarmagent-hop"), [b"id-a"])
+        self.assertEqual(h.getRawHeaders(b"x-portaineragent-signature"), [b"sig"])
+        self.assertEqual(self.table.expected, {"id-a": "a", "id-b": "b", "id-c": "c"})
+        self.assertEqual(self.table.agentless(), [])
+
+    def test_another_manager_when_the_leader_fails(self) -> None:
+        self.c_agent.code = 403
+        self.start()
+        self.assertEqual(len(self.c_agent.seen), 1)
+        self.assertEqual(len(self.b_agent.seen), 1)
+        self.assertEqual(self.table.expected, {"id-a": "a", "id-b": "b", "id-d": "d"})
+        self.assertEqual(self.table.agentless(), [("id-d", "d")])
+
+    def test_deadline_keeps_the_last_list(self) -> None:
+        self.start()
+        views = self.c_agent.answer
+        self.b_agent.answer = self.c_agent.answer = None  # neither answers
+        self.tick()
+        self.assertEqual((len(self.c_agent.seen), len(self.b_agent.seen)), (2, 0))
+        self.clock.advance(2)  # the leader's deadline: the other manager is asked
+        self.assertEqual(len(self.b_agent.seen), 1)
+        self.clock.advance(2)
+        self.assertEqual(self.table.expected, {"id-a": "a", "id-b": "b", "id-c": "c"})
+        [line] = [line for line in self.logs if NOT_READ in line]
+        self.assertIn("no answer within 2 s", line)
+        # The leader answers again at the next tick, with news.
+        self.c_agent.answer = [*views, node_doc(worker("e"))]
+        self.tick()
+        self.assertEqual(self.table.agentless(), [("id-e", "e")])
+
+    def test_bad_answer_keeps_the_last_list(self) -> None:
+        self.start()
+        self.c_agent.answer = {"message": "not a list"}
+        self.b_agent.code = 421
+        self.tick()
+        self.assertEqual(self.table.expected, {"id-a": "a", "id-b": "b", "id-c": "c"})
+        [line] = [line for line in self.logs if NOT_READ in line]
+        self.assertIn("the agent of c sent a bad node list", line)
+        self.assertIn("the agent of b answered 421", line)
+
+    def test_no_manager_known(self) -> None:
+        self.resolver.names[NAME] = ["10.0.0.1"]
+        self.start()
+        self.tick()
+        self.assertEqual(self.table.expected, {})
+        self.assertEqual(len([line for line in self.logs if NOT_READ in line]), 1)
+
+
+class ExpectedNodesTests(SynchronousTestCase):
+    def test_drained_and_malformed_entries_left_out(self) -> None:
+        doc = [
+            node_doc(ME),
+            node_doc(B, "drain"),
+            {"ID": "id-x", "Spec": {"Availability": "active"}},  # no hostname: its ID
+            {"ID": ""},
+            {"Description": {"Hostname": "no-id"}},
+            "junk",
+        ]
+        self.assertEqual(expected_nodes(doc), {"id-a": "a", "id-x": "id-x"})
+
+    def test_not_a_list(self) -> None:
+        with self.assertRaises(ValueError):
+            expected_nodes({"message": "nope"})
 
 
 class HTTPProbeTests(SynchronousTestCase):

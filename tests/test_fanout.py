@@ -17,9 +17,11 @@ from tests.helpers import (
     Client,
     FakeNode,
     Response,
+    capture_logs,
     make_site,
     make_table,
     manager,
+    standalone,
     worker,
 )
 
@@ -227,6 +229,62 @@ class MissingNodeTests(FanOutCase):
         client.disconnect()
         self.clock.advance(TIMEOUT)
         self.assertEqual(client.raw, b"")
+
+
+class AgentlessNodeTests(FanOutCase):
+    """Swarm nodes expected to run an agent (from a manager's node list)."""
+
+    def test_node_without_an_agent_named(self) -> None:
+        logs = capture_logs(self)
+        self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-d": "d"})
+        response = self.get("containers", "/containers/json").response()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.items(response), [("a1", "a"), ("b1", "b"), ("b2", "b"), ("c1", "c")])
+        self.assertEqual(response.header(MISSING), "d")
+        self.assertIn("containers list: node d left out: no agent reachable", logs)
+
+    def test_every_node_with_an_agent(self) -> None:
+        self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c"})
+        response = self.get("containers", "/containers/json").response()
+        self.assertIsNone(response.header(MISSING))
+
+    def test_matched_by_node_id_not_name(self) -> None:
+        """A node named like one with an agent is still a node without one."""
+        self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-c2": "c"})
+        response = self.get("images", "/images/json").response()
+        self.assertEqual(response.header(MISSING), "c")
+
+    def test_named_after_the_nodes_that_failed(self) -> None:
+        self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-e": "e", "id-d": "d"})
+        self.b.code = 500
+        response = self.get("networks", "/networks").response()
+        self.assertEqual(response.header(MISSING), "b, d, e")
+
+    def test_volume_warning(self) -> None:
+        self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-d": "d"})
+        self.a.answer = {"Volumes": [], "Warnings": []}
+        self.b.answer = {"Volumes": [{"Name": "vb"}], "Warnings": ["w"]}
+        self.c.answer = {"Volumes": [], "Warnings": []}
+        response = self.get("volumes", "/volumes").response()
+        self.assertEqual(response.header(MISSING), "d")
+        self.assertEqual(
+            response.json()["Warnings"], ["b: w", "node d did not answer: no agent reachable"]
+        )
+
+    def test_all_agents_failing(self) -> None:
+        self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-d": "d"})
+        self.a.code = self.b.code = self.c.code = 500
+        response = self.get("containers", "/containers/json").response()
+        self.assertEqual(response.code, 502)
+        self.assertTrue(response.json()["details"].endswith(", d: no agent reachable"))
+
+    def test_outside_a_swarm(self) -> None:
+        table = make_table(standalone("a"))
+        table.expect({"id-d": "d"})
+        self.fanout = FanOut(table, RequestTraversalAgent(self.a), None, self.clock, 1)
+        response = self.get("containers", "/containers/json").response()
+        self.assertEqual(self.items(response), [("a1", "a")])
+        self.assertIsNone(response.header(MISSING))
 
 
 class IPv6PeerTests(FanOutCase):

@@ -251,3 +251,32 @@ class SetMeTests(SynchronousTestCase):
         self.assertEqual(table.me.address, "10.0.0.8")
         table.set_me(worker("a"))
         self.assertEqual(table.me.address, "10.0.0.8")
+
+
+class ExpectedNodeTests(SynchronousTestCase):
+    def test_expect_reports_a_change(self) -> None:
+        table = make_table(manager("a"))
+        self.assertFalse(table.expect({}))
+        self.assertTrue(table.expect({"id-a": "a", "id-b": "b"}))
+        self.assertFalse(table.expect({"id-b": "b", "id-a": "a"}))
+        self.assertEqual(table.expected, {"id-a": "a", "id-b": "b"})
+
+    def test_agentless_by_node_id(self) -> None:
+        table = make_table(manager("a"), {"10.0.0.2": worker("b"), "10.0.0.3": worker("c", "n3")})
+        table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-z": "z", "id-y": "y"})
+        # c's agent serves node n3, not id-c; this node always counts as present.
+        self.assertEqual(table.agentless(), [("id-c", "c"), ("id-y", "y"), ("id-z", "z")])
+
+    def test_a_failing_agent_is_still_present(self) -> None:
+        table = make_table(manager("a"), {"10.0.0.2": worker("b")})
+        table.expect({"id-a": "a", "id-b": "b"})
+        table.failed("10.0.0.2")
+        self.assertEqual(table.agentless(), [])
+        for _ in range(table.max_failures):
+            table.failed("10.0.0.2")
+        self.assertEqual(table.agentless(), [("id-b", "b")])
+
+    def test_none_outside_a_swarm(self) -> None:
+        table = make_table(standalone("a"))
+        table.expect({"id-b": "b"})
+        self.assertEqual(table.agentless(), [])
