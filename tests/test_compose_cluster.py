@@ -117,6 +117,9 @@ class ComposeTests(LabTestCase):
             [COMPOSE, *args],
             cwd=self.project,
             env=env if env is not None else self.env(),
+            # `exec -T` runs `docker exec --interactive`: stdin ends at once,
+            # and the output must still come back (TLS close_notify).
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,
