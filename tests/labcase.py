@@ -100,6 +100,7 @@ class LabTestCase(unittest.TestCase):
 
     NODES: ClassVar[int] = 3
     MANAGERS: ClassVar[int] = 1
+    LAB: ClassVar[type[Lab]] = Lab
 
     # Trial has no setUpClass/tearDownClass: the lab is started by the first
     # test's setUp and stopped by the cleanup of the last test of the class
@@ -125,7 +126,7 @@ class LabTestCase(unittest.TestCase):
             LabTestCase._active._stop_lab()
         if cls.__dict__.get("_lab_error") is not None:
             raise RuntimeError(f"the lab of {cls.__name__} failed to start earlier")
-        lab = Lab(nodes=cls.NODES, managers=cls.MANAGERS)
+        lab = cls.LAB(nodes=cls.NODES, managers=cls.MANAGERS)
         cls.lab, cls.agents, LabTestCase._active = lab, {}, cls
         try:
             lab.start()
