@@ -308,9 +308,9 @@ class StackLab(Lab):
             raise RuntimeError(f"docker {' '.join(args)} failed: {p.stderr.strip()}")
         return p.stdout
 
-    def deploy(self) -> None:
-        """``docker stack deploy`` the stack files, unchanged."""
-        files = [a for f in STACK_FILES for a in ("-c", f)]
+    def deploy(self, *overlays: str) -> None:
+        """``docker stack deploy`` the stack files, unchanged, plus ``overlays``."""
+        files = [a for f in (*STACK_FILES, *overlays) for a in ("-c", f)]
         self.manager_cli("stack", "deploy", *files, "--resolve-image", "never", STACK)
 
     @property

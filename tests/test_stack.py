@@ -392,6 +392,59 @@ class LifeTests(StackTestCase):
         listed = {c["Portainer"]["Agent"]["NodeName"] for c in r.json()}
         self.assertNotIn("node2", listed)
 
+    @explain
+    def test_shared_secret_from_a_docker_secret(self) -> None:
+        """agent-stack.secret.yml: Portainer's AGENT_SECRET, handed over as a Docker secret."""
+        secret = f"e2e-{time.monotonic_ns()}"
+        manager = self.stack.manager.docker()
+        self.addCleanup(manager.close)
+        created = manager.secrets.create(name="swarmagent_secret", data=secret.encode())
+        self.addCleanup(self.without_secret, created)
+        self.stack.deploy("compose/agent-stack.secret.yml")
+        portainer = Signer.generate(secret)
+        everyone = {n.name for n in self.stack.nodes}
+
+        def signed(signer: Signer) -> Response:
+            return self.agent_on("node2").request(
+                "GET", "/agents", headers=signer.headers(), context=unverified()
+            )
+
+        # Until the updated task runs, node2's agent refuses this signature.
+        wait_until(
+            lambda: (
+                signed(portainer).status == 200
+                and {a["NodeName"] for a in signed(portainer).json()} == everyone
+            ),
+            120,
+            0.5,
+            "node2's agent to take the secret",
+        )
+        self.assertEqual(signed(Signer.generate()).status, 403)
+        self.assertEqual(signed(Signer.generate(secret + "x")).status, 403)
+        # Any key that signs the secret is accepted: there is no pairing.
+        self.assertEqual(signed(Signer.generate(secret)).status, 200)
+
+    def without_secret(self, secret: Any) -> None:
+        self.stack.deploy()
+        wait_until(lambda: not self.secret_in_use(), 120, 0.5, "the agents to drop the secret")
+        secret.remove()
+
+    def secret_in_use(self) -> bool:
+        manager = self.stack.manager.docker()
+        try:
+            spec = manager.services.get(SERVICE).attrs["Spec"]
+            tasks = manager.services.get(SERVICE).tasks(filters={"desired-state": "running"})
+        finally:
+            manager.close()
+        in_spec = spec["TaskTemplate"]["ContainerSpec"].get("Secrets") or []
+        return any(s["SecretName"] == "swarmagent_secret" for s in in_spec) or any(
+            any(
+                x["SecretName"] == "swarmagent_secret"
+                for x in t["Spec"]["ContainerSpec"].get("Secrets") or []
+            )
+            for t in tasks
+        )
+
     def restore_everywhere(self) -> None:
         self.stack.manager_cli(
             "service", "update", "--detach=false", "--constraint-rm", "node.hostname!=node2",
