@@ -7,19 +7,23 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
 
+from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.auth import OPEN_PATHS, Authorizer
-from swarmagent.errors import ErrorResource
+from swarmagent.errors import ErrorResource, error_body
 from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
-from swarmagent.peers import PeerTable
+from swarmagent.locate import Found, Here, Locator, Nowhere, Several, There
+from swarmagent.logs import logger
+from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import EngineProxy, PeerProxy, Relay
 from swarmagent.routing import (
     AmbiguousNode,
     Forward,
     Local,
+    Locate,
     MergedEvents,
     Misdirected,
     NoManager,
@@ -30,7 +34,9 @@ from swarmagent.routing import (
     FanOut as FanOutRoute,
 )
 from swarmagent.websocket import CONSOLE_PATHS
-from swarmagent.wire import AGENT_HEADERS, IDENTITY_PATH
+from swarmagent.wire import AGENT_HEADERS, IDENTITY_PATH, MISSING_NODES
+
+log = logger(__name__)
 
 
 def safe_path(path: bytes) -> bool:
@@ -74,11 +80,13 @@ class AgentRoot(Resource):
         fanout: FanOut,
         reactor: Any,
         authorizer: Authorizer,
+        locator: Locator,
         identity_open: bool = False,
         events: ClusterEvents | None = None,
         consoles: IResource | None = None,
     ) -> None:
         super().__init__()
+        self._locator = locator
         # Without them (unit tests of other routes), /events is one node's
         # and there are no consoles.
         self._events = events
@@ -130,7 +138,11 @@ class AgentRoot(Resource):
             case Local():
                 return local or self._engine
             case Forward(peer):
-                return PeerProxy(self._peer_relay, peer, self._table.me.identity.key, self._reactor)
+                return self._forward(peer)
+            case Locate(kind, ident):
+                return _LocateResource(
+                    self._locator, lambda found: self._located(found, kind, ident, local)
+                )
             case FanOutRoute(kind):
                 return _FanOutResource(self._fanout, kind)
             case MergedEvents():
@@ -156,6 +168,30 @@ class AgentRoot(Resource):
             case Misdirected(why):
                 return ErrorResource(421, "A forwarded request reached the wrong agent", why)
         raise AssertionError(decision)
+
+    def _forward(self, peer: Peer) -> IResource:
+        return PeerProxy(self._peer_relay, peer, self._table.me.identity.key, self._reactor)
+
+    def _located(self, found: Found, kind: str, ident: str, local: IResource | None) -> IResource:
+        """The resource that serves a request once its object is found."""
+        match found:
+            case Here():
+                return local or self._engine
+            case There(peer):
+                # Exactly as if the client had targeted that node.
+                return self._forward(peer)
+            case Nowhere(body, missing):
+                return _NotFoundResource(body, missing)
+            case Several(peers):
+                what = "container" if kind == "containers" else "exec instance"
+                return ErrorResource(
+                    409,
+                    f"Several nodes have a {what} matching {ident!r}: "
+                    + ", ".join(p.name for p in peers),
+                    "Set the X-PortainerAgent-Target header to one of their node IDs: "
+                    + ", ".join(p.identity.key for p in peers),
+                )
+        raise AssertionError(found)
 
     def _ping(self, request: Request) -> bytes:
         request.setResponseCode(204)
@@ -202,3 +238,58 @@ class _EventsResource(Resource):
 
     def render_GET(self, request: Request) -> Any:
         return self._events.render(request)
+
+
+class _LocateResource(Resource):
+    """Finds the object's node, then serves the request with ``serve(found)``.
+
+    twisted.web has already read the whole request body (``request.content``)
+    and buffers whatever the client sends next, so the request can be relayed
+    or hijacked once the lookup ends.
+    """
+
+    isLeaf = True
+
+    def __init__(self, locator: Locator, serve: Callable[[Found], IResource]) -> None:
+        super().__init__()
+        self._locator = locator
+        self._serve = serve
+
+    def render(self, request: Request) -> Any:
+        Deferred.fromCoroutine(self._render(request))
+        return NOT_DONE_YET
+
+    async def _render(self, request: Request) -> None:
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)
+        try:
+            found: Found = await self._locator.locate(request)
+        except Exception:
+            # A bug here must not leave the client hanging: serve it here.
+            log.failure("lookup of {path} failed", path=request.path)
+            found = Here()
+        if gone:
+            return
+        body = self._serve(found).render(request)
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+
+class _NotFoundResource(Resource):
+    """The local engine's own 404, naming the nodes that could not be asked."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes, missing: tuple[str, ...]) -> None:
+        super().__init__()
+        self._body = body
+        self._missing = missing
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        if self._missing:
+            names = ", ".join(self._missing).encode("utf-8")
+            request.responseHeaders.setRawHeaders(MISSING_NODES, [names])
+        return self._body or error_body("No such object")

@@ -85,7 +85,7 @@ SETTINGS: tuple[Setting, ...] = (
         "fanout-timeout",
         "AGENT_FANOUT_TIMEOUT",
         "10",
-        "Seconds a cluster-wide list waits for any one node.",
+        "Seconds a cluster-wide list, or a container lookup, waits for any one node.",
     ),
     Setting(
         "connect-timeout",

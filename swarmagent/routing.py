@@ -28,6 +28,24 @@ def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + "/")
 
 
+# ``/containers/{id}`` and below, ``/exec/{id}`` and below: one object, on one
+# node. Bare ``/containers/json|create|prune`` are collection operations; a
+# container named "create" is still reached as ``/containers/create/json``.
+_OBJECT = re.compile(r"^/(containers|exec)/([^/]+)(/.*)?$")
+_COLLECTION_OPS = {"json", "create", "prune"}
+
+
+def single_object(bare: str) -> tuple[str, str] | None:
+    """``("containers"|"exec", id or name)`` if ``bare`` is about one object."""
+    m = _OBJECT.match(bare)
+    if m is None:
+        return None
+    kind, ident, rest = m.groups()
+    if rest is None and kind == "containers" and ident in _COLLECTION_OPS:
+        return None
+    return kind, ident
+
+
 @dataclass(frozen=True)
 class Local:
     """Serve from this node's engine."""
@@ -50,6 +68,14 @@ class FanOut:
 @dataclass(frozen=True)
 class MergedEvents:
     """Merge every node's event stream into one."""
+
+
+@dataclass(frozen=True)
+class Locate:
+    """Find the node holding this container or exec instance, then serve it there."""
+
+    kind: str
+    ident: str
 
 
 @dataclass(frozen=True)
@@ -81,7 +107,15 @@ class Misdirected:
 
 
 Route = (
-    Local | Forward | FanOut | MergedEvents | NoManager | UnknownNode | AmbiguousNode | Misdirected
+    Local
+    | Forward
+    | FanOut
+    | MergedEvents
+    | Locate
+    | NoManager
+    | UnknownNode
+    | AmbiguousNode
+    | Misdirected
 )
 
 
@@ -118,6 +152,14 @@ def route(method: str, path: str, headers: Mapping[str, str], table: PeerTable) 
     # untargeted request is merged.
     if bare == "/events" and method == "GET" and not target and not forwarded:
         return MergedEvents()
+
+    # A client that names no node (the docker CLI, the SDK) means the node
+    # holding the object, as classic Swarm routed it. Only a client's own
+    # request: a forwarded one always names its node.
+    if not target and not forwarded and len(table.nodes()) > 1:
+        obj = single_object(bare)
+        if obj is not None:
+            return Locate(*obj)
 
     if targets_me:
         return Local()

@@ -26,6 +26,7 @@ from swarmagent.engine import Engine
 from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
 from swarmagent.halfclose import HalfCloseTLSFactory
+from swarmagent.locate import Locator
 from swarmagent.logs import set_level
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
@@ -125,6 +126,7 @@ def makeService(
         fanout,
         reactor,
         Authorizer(verifier, server_tls),
+        Locator(table, engine_raw, peer_raw, reactor, options["fanout-timeout"]),
         identity_open=not agents_authenticate,
         events=ClusterEvents(table, engine_raw, peer_raw, reactor),
         consoles=ConsoleResource(ConsoleFactory(engine_endpoints, reactor)),

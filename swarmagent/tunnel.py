@@ -195,6 +195,12 @@ def take_over(request: Request, tunnel_for: Any) -> Any:
     else:
         transport.protocol = client_side
     client_side.makeConnection(transport)
+    # Served after a wait (the container's node looked up first), the
+    # channel may hold bytes the client sent after its request: the stream's.
+    early = getattr(channel, "_dataBuffer", None)
+    if early:
+        channel._dataBuffer = []
+        tunnel.from_client(b"".join(early))
     return tunnel
 
 

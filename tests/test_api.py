@@ -3,29 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Cooperator
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import URI
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from swarmagent import __version__
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
-from swarmagent.clients import EngineEndpoints, PeerEndpoints
+from swarmagent.clients import EngineEndpoints
 from swarmagent.config import EngineAddress
 from swarmagent.fanout import FanOut
+from swarmagent.locate import Locator
 from swarmagent.peers import PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import Signer, Verifier
-from swarmagent.tls import ClientTLS
+from swarmagent.tunnel import _ClientSide
 from tests.helpers import (
     ByHost,
     Client,
     FakeAgent,
     FakeNode,
     Response,
+    UpstreamCall,
+    body_of,
     make_site,
     make_table,
     manager,
@@ -33,6 +41,34 @@ from tests.helpers import (
 )
 
 SECRET = "s"
+
+
+class _Wire(StringTransport):
+    protocol: Any = None
+
+
+@implementer(IAgentEndpointFactory)
+class FakeEndpoints:
+    """Connects each URI's protocol at once to an in-memory transport."""
+
+    def __init__(self) -> None:
+        self.connected: list[tuple[URI, _Wire]] = []
+
+    def endpointForURI(self, uri: URI) -> Any:
+        endpoints = self
+
+        class Endpoint:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                protocol = factory.buildProtocol(None)
+                wire = _Wire()
+                wire.protocol = protocol
+                protocol.makeConnection(wire)
+                endpoints.connected.append((uri, wire))
+                return succeed(protocol)
+
+        return Endpoint()
+
+
 SIGNER = Signer.generate(SECRET)
 
 AGENT_HEADERS = {
@@ -62,6 +98,7 @@ class AgentCase(SynchronousTestCase):
         self.table = self.make_table()
         self.engine = FakeAgent()
         self.peers = FakeAgent()
+        self.peer_endpoints = FakeEndpoints()
         cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work))
         self.addCleanup(cooperator.stop)
         self.own_list = FakeNode([{"Id": "a1"}])
@@ -77,17 +114,20 @@ class AgentCase(SynchronousTestCase):
         root = AgentRoot(
             self.table,
             Relay(self.engine, endpoints, cooperator),
-            Relay(self.peers, PeerEndpoints(self.clock, 5, ClientTLS()), cooperator),
+            Relay(self.peers, self.peer_endpoints, cooperator),
             fanout,
             self.clock,
             Authorizer(Verifier(secret=SECRET), None),
+            Locator(self.table, self.engine, self.peers, self.clock, 2),
         )
         self.site = make_site(root, self.clock)
 
-    def request(self, method: str, uri: str, headers: Sequence[tuple[str, str]] = ()) -> Client:
+    def request(
+        self, method: str, uri: str, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+    ) -> Client:
         """Send a request signed as Portainer signs it (with the agent's secret)."""
         signed = [*SIGNER.headers().items(), *headers]
-        return Client(self.site).send(method, uri, signed)
+        return Client(self.site).send(method, uri, signed, body)
 
     def get(self, uri: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
         return self.request("GET", uri, headers).response()
@@ -158,7 +198,9 @@ class OwnRoutesTests(AgentCase):
 
 class DockerRoutesTests(AgentCase):
     def test_local(self) -> None:
-        client = self.request("GET", "/v1.41/containers/abc/json?size=1")
+        client = self.request(
+            "GET", "/v1.41/containers/abc/json?size=1", [("X-PortainerAgent-Target", "a")]
+        )
         [call] = self.engine.calls
         self.assertEqual(call.url, b"http://docker/v1.41/containers/abc/json?size=1")
         call.respond(200, {b"Content-Type": [b"application/json"]}).end()
@@ -233,3 +275,216 @@ class NoManagerTests(AgentCase):
             "The agent was unable to contact any other agent located on a manager node",
             "Unable to find an agent on any manager node",
         )
+
+
+NOT_FOUND = b'{"message":"No such container: abc"}'
+
+
+def answer(call: UpstreamCall, code: int, body: bytes = b"{}") -> None:
+    """Answer an inspect call whole."""
+    response = call.respond(code, {b"Content-Type": [b"application/json"]})
+    response.deliver(body)
+    response.end()
+
+
+class LocateTests(AgentCase):
+    """A request naming one container or exec instance, with no target header,
+    is served where that object is. Peers are asked in table order: b, c, n4, n5."""
+
+    PEERS = [b"10.0.0.2", b"10.0.0.3", b"10.0.0.4", b"10.0.0.5"]
+
+    def peer_answers(self, *codes: int | None) -> None:
+        """Answer the four peer inspects in order (None: never answer)."""
+        calls = list(self.peers.calls)  # answering the last may forward at once
+        self.assertEqual(len(calls), 4)
+        for call, code in zip(calls, codes, strict=True):
+            if code is not None:
+                answer(call, code, b'{"Id":"abc"}' if code == 200 else NOT_FOUND)
+
+    def test_found_here_is_served_here(self) -> None:
+        client = self.request("GET", "/v1.41/containers/abc/json?size=1")
+        [inspect] = self.engine.calls
+        self.assertEqual(inspect.url, b"http://docker/v1.41/containers/abc/json")
+        self.assertEqual(inspect.method, b"GET")
+        answer(inspect, 200)
+        self.assertEqual(self.peers.calls, [])
+        [_, call] = self.engine.calls
+        self.assertEqual(call.url, b"http://docker/v1.41/containers/abc/json?size=1")
+        call.respond(200, {b"Content-Type": [b"application/json"]}).end()
+        self.assertEqual(client.response().code, 200)
+
+    def test_found_on_another_node_is_forwarded_there(self) -> None:
+        client = self.request("GET", "/v1.41/containers/abc/logs?follow=1")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        for address, call in zip(self.PEERS, self.peers.calls, strict=True):
+            self.assertEqual(call.url, b"https://" + address + b":9001/v1.41/containers/abc/json")
+            self.assertEqual(call.header(b"x-swarmagent-hop"), [b"id-a"])
+            # The credentials a forward carries.
+            self.assertIsNotNone(call.header(b"x-portaineragent-signature"))
+        self.assertEqual(
+            [c.header(b"x-portaineragent-target") for c in self.peers.calls],
+            [[b"id-b"], [b"id-c"], [b"n4"], [b"n5"]],
+        )
+        self.peer_answers(404, 200, 404, 404)
+        [forward] = self.peers.calls[4:]
+        self.assertEqual(forward.url, b"https://10.0.0.3:9001/v1.41/containers/abc/logs?follow=1")
+        self.assertEqual(forward.header(b"x-portaineragent-target"), [b"id-c"])
+        self.assertEqual(forward.header(b"x-swarmagent-hop"), [b"id-a"])
+        self.assertEqual(len(self.engine.calls), 1)
+        stream = forward.respond(200, {b"Content-Type": [b"application/vnd.docker.raw-stream"]})
+        stream.deliver(b"line-1\n")
+        self.assertEqual(client.response().body, b"line-1\n")
+        stream.end()
+        response = client.response()
+        self.assertTrue(response.complete)
+        self.assertAgentHeaders(response)
+
+    def test_body_is_forwarded(self) -> None:
+        body = b'{"Cmd":["echo","hi"]}'
+        self.request(
+            "POST", "/containers/abc/exec", [("Content-Type", "application/json")], body=body
+        )
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        self.peer_answers(200, 404, 404, 404)
+        forward = self.peers.calls[4]
+        self.assertEqual(forward.method, b"POST")
+        self.assertEqual(forward.url, b"https://10.0.0.2:9001/containers/abc/exec")
+        self.assertEqual(body_of(forward.body, self.clock), body)
+
+    def test_nowhere_is_the_engines_404(self) -> None:
+        client = self.request("POST", "/containers/abc/stop")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        self.peer_answers(404, 404, 404, 404)
+        response = client.response()
+        self.assertEqual(response.code, 404)
+        self.assertEqual(response.body, NOT_FOUND)
+        self.assertEqual(response.header("content-type"), "application/json")
+        self.assertIsNone(response.header("x-swarmagent-missing-nodes"))
+        self.assertAgentHeaders(response)
+        self.assertEqual(len(self.engine.calls) + len(self.peers.calls), 5)
+
+    def test_several_is_409(self) -> None:
+        client = self.request("GET", "/containers/web/json")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        self.peer_answers(200, 404, 200, 404)
+        self.assertError(
+            client.response(),
+            409,
+            "Several nodes have a container matching 'web': b, dup",
+            "Set the X-PortainerAgent-Target header to one of their node IDs: id-b, n4",
+        )
+        self.assertEqual(len(self.peers.calls), 4)
+
+    def test_silent_peer_is_bounded(self) -> None:
+        """A peer that never answers costs the fan-out deadline, then is named missing."""
+        client = self.request("GET", "/containers/abc/json")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        self.peer_answers(404, None, 404, 404)
+        self.assertEqual(client.raw, b"")
+        self.clock.advance(2)
+        self.assertTrue(self.peers.calls[1].cancelled)
+        response = client.response()
+        self.assertEqual(response.code, 404)
+        self.assertEqual(response.body, NOT_FOUND)
+        self.assertEqual(response.header("x-swarmagent-missing-nodes"), "c")
+
+    def test_found_despite_a_silent_peer(self) -> None:
+        client = self.request("POST", "/containers/abc/start")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        self.peer_answers(None, 404, 200, 404)
+        self.clock.advance(2)
+        [forward] = self.peers.calls[4:]
+        self.assertEqual(forward.url, b"https://10.0.0.4:9001/containers/abc/start")
+        forward.respond(204, phrase=b"No Content").end()
+        self.assertEqual(client.response().code, 204)
+
+    def test_failing_peer_is_named_missing(self) -> None:
+        client = self.request("GET", "/containers/abc/json")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        self.peers.calls[0].result.errback(ConnectionRefusedError())
+        answer(self.peers.calls[1], 502, b"{}")
+        for call in self.peers.calls[2:]:
+            answer(call, 404, NOT_FOUND)
+        response = client.response()
+        self.assertEqual(response.code, 404)
+        self.assertEqual(response.header("x-swarmagent-missing-nodes"), "b, c")
+
+    def test_agentless_nodes_are_named_missing(self) -> None:
+        self.table.expect({"id-a": "a", "id-z": "z"})
+        client = self.request("GET", "/containers/abc/json")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        self.peer_answers(404, 404, 404, 404)
+        self.assertEqual(client.response().header("x-swarmagent-missing-nodes"), "z")
+
+    def test_other_engine_answers_are_served_here(self) -> None:
+        """Not a 404 (a bad name, a broken engine): the engine's answer is the answer."""
+        for code in (400, 500):
+            with self.subTest(code=code):
+                self.engine.calls.clear()
+                self.request("GET", "/containers/abc/json")
+                answer(self.engine.calls[0], code)
+                self.assertEqual(self.peers.calls, [])
+                self.assertEqual(self.engine.calls[1].url, b"http://docker/containers/abc/json")
+
+    def test_engine_unreachable_is_served_here(self) -> None:
+        client = self.request("GET", "/containers/abc/json")
+        self.engine.calls[0].result.errback(ConnectionRefusedError())
+        self.engine.calls[1].result.errback(ConnectionRefusedError())
+        self.assertEqual(client.response().code, 502)
+        self.assertEqual(self.peers.calls, [])
+
+    def test_target_header_means_no_lookup(self) -> None:
+        self.request("GET", "/containers/abc/json", [("X-PortainerAgent-Target", "c")])
+        self.assertEqual(self.engine.calls, [])
+        [call] = self.peers.calls
+        self.assertEqual(call.url, b"https://10.0.0.3:9001/containers/abc/json")
+
+    def test_hop_means_no_lookup(self) -> None:
+        self.request("GET", "/containers/abc/json", [("X-SwarmAgent-Hop", "id-b")])
+        [call] = self.engine.calls
+        self.assertEqual(call.url, b"http://docker/containers/abc/json")
+
+    def test_exec_instance(self) -> None:
+        self.request("POST", "/v1.41/exec/e1/resize?h=24&w=80")
+        self.assertEqual(self.engine.calls[0].url, b"http://docker/v1.41/exec/e1/json")
+        answer(self.engine.calls[0], 404, b'{"message":"No such exec instance: e1"}')
+        self.assertEqual(self.peers.calls[0].url, b"https://10.0.0.2:9001/v1.41/exec/e1/json")
+        self.peer_answers(404, 404, 404, 200)
+        self.assertEqual(
+            self.peers.calls[4].url, b"https://10.0.0.5:9001/v1.41/exec/e1/resize?h=24&w=80"
+        )
+
+    def test_client_gone_during_the_lookup(self) -> None:
+        client = self.request("GET", "/containers/abc/json")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        client.disconnect()
+        self.peer_answers(404, 200, 404, 404)
+        self.assertEqual(len(self.peers.calls), 4)
+
+    def test_hijack_is_located(self) -> None:
+        """An ``Upgrade: tcp`` exec start is spliced to the node holding the exec."""
+        client = self.request(
+            "POST",
+            "/v1.41/exec/e1/start",
+            [("Connection", "Upgrade"), ("Upgrade", "tcp"), ("Content-Type", "application/json")],
+            body=b'{"Tty":false}',
+        )
+        answer(self.engine.calls[0], 404, b'{"message":"No such exec instance: e1"}')
+        self.assertEqual(client.raw, b"")
+        client.channel.dataReceived(b"early-stdin")  # sent before the upgrade answer
+        self.peer_answers(404, 200, 404, 404)
+        self.assertEqual(len(self.peers.calls), 4)  # a raw connection, not a pooled call
+        [(uri, wire)] = self.peer_endpoints.connected
+        self.assertEqual((uri.host, uri.port), (b"10.0.0.3", 9001))
+        # Taken over from twisted.web.
+        self.assertIsInstance(client.transport.protocol, _ClientSide)  # type: ignore[attr-defined]
+        head, _, rest = wire.value().partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"POST /v1.41/exec/e1/start HTTP/1.1")
+        self.assertIn(b"x-portaineragent-target: id-c", [line.lower() for line in lines])
+        self.assertIn(b"x-swarmagent-hop: id-a", [line.lower() for line in lines])
+        self.assertIn(b"Upgrade: tcp", lines)
+        self.assertEqual(rest, b'{"Tty":false}early-stdin')
+        wire.protocol.dataReceived(b"HTTP/1.1 101 UPGRADED\r\nUpgrade: tcp\r\n\r\nout")
+        self.assertTrue(client.raw.startswith(b"HTTP/1.1 101 UPGRADED\r\n"))
+        self.assertTrue(client.raw.endswith(b"\r\n\r\nout"))

@@ -156,9 +156,9 @@ class ClusterTests(LabTestCase):
         self.assertEqual(r.json()["Id"], cid)
         self.assertEqual(r.json()["Name"], "/lab-node3-run")
 
-        # Without the header the request stays on node1, whose engine has no
+        # Targeted at node1, the request stays there, whose engine has no
         # such container: proof that the header did the routing.
-        r = agent.request("GET", f"/containers/{cid}/json")
+        r = agent.request("GET", f"/containers/{cid}/json", headers={TARGET: "node1"})
         self.assertEqual(r.status, 404, r.body[:300])
 
         # The swarm node ID works as a target too.

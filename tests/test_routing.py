@@ -17,12 +17,14 @@ from swarmagent.routing import (
     FanOut,
     Forward,
     Local,
+    Locate,
     MergedEvents,
     Misdirected,
     NoManager,
     Route,
     UnknownNode,
     route,
+    single_object,
     strip_version,
 )
 from tests.helpers import make_table, manager, standalone, worker
@@ -238,7 +240,8 @@ class TargetTests(SynchronousTestCase):
         )
 
     def test_no_target(self) -> None:
-        self.assertEqual(go(self.table, "/containers/abc/logs"), Local())
+        self.assertEqual(go(self.table, "/containers/abc/logs"), Locate("containers", "abc"))
+        self.assertEqual(go(self.table, "/version"), Local())
 
     def test_own_name_and_id(self) -> None:
         for target in ("a", "id-a"):
@@ -338,3 +341,63 @@ class EventsTests(SynchronousTestCase):
         self.assertEqual(go(cluster(), "/events", "POST"), Local())
         self.assertEqual(go(cluster(), "/events/x"), Local())
         self.assertEqual(go(make_table(standalone("s")), "/events"), Local())
+
+
+class LocateTests(SynchronousTestCase):
+    """An untargeted request about one container or exec instance is looked up."""
+
+    OBJECT_PATHS = [
+        ("GET", "/containers/abc/json", "containers", "abc"),
+        ("GET", "/containers/web/logs", "containers", "web"),
+        ("POST", "/containers/abc/start", "containers", "abc"),
+        ("POST", "/containers/abc/stop", "containers", "abc"),
+        ("POST", "/containers/abc/attach", "containers", "abc"),
+        ("POST", "/containers/abc/exec", "containers", "abc"),
+        ("PUT", "/containers/abc/archive", "containers", "abc"),
+        ("GET", "/containers/abc/stats", "containers", "abc"),
+        ("DELETE", "/containers/abc", "containers", "abc"),
+        ("GET", "/containers/create/json", "containers", "create"),
+        ("GET", "/containers/abc/attach/ws", "containers", "abc"),
+        ("POST", "/exec/e1/start", "exec", "e1"),
+        ("POST", "/exec/e1/resize", "exec", "e1"),
+        ("GET", "/exec/e1/json", "exec", "e1"),
+    ]
+    OTHER_PATHS = [
+        "/containers/json",
+        "/containers/create",
+        "/containers/prune",
+        "/containers",
+        "/containers/",
+        "/exec",
+        "/images/abc/json",
+        "/volumes/abc",
+        "/version",
+    ]
+
+    def test_object_paths(self) -> None:
+        for (method, path, kind, ident), version in product(self.OBJECT_PATHS, ("", "/v1.41")):
+            with self.subTest(path=version + path, method=method):
+                self.assertEqual(go(cluster(), version + path, method), Locate(kind, ident))
+                self.assertEqual(go(cluster("worker"), version + path, method), Locate(kind, ident))
+
+    def test_other_paths(self) -> None:
+        for path, method in product(self.OTHER_PATHS, ("GET", "POST")):
+            with self.subTest(path=path, method=method):
+                self.assertNotIsInstance(go(cluster(), path, method), Locate)
+                self.assertIsNone(single_object(path))
+
+    def test_target_decides(self) -> None:
+        table = cluster()
+        self.assertEqual(go(table, "/containers/abc/json", target="a"), Local())
+        self.assertEqual(go(table, "/containers/abc/json", target="c"), Forward(peer(table, "c")))
+
+    def test_forwarded_is_never_looked_up(self) -> None:
+        self.assertEqual(go(cluster(), "/containers/abc/json", hop="id-b"), Local())
+        self.assertEqual(go(cluster(), "/exec/e1/start", "POST", hop="id-b"), Local())
+
+    def test_alone_in_the_table(self) -> None:
+        """With no other agent known, there is no one to ask."""
+        self.assertEqual(go(make_table(manager("a")), "/containers/abc/json"), Local())
+
+    def test_manager_operation_wins(self) -> None:
+        self.assertEqual(go(cluster(), "/containers/abc/json", manager="1"), Local())

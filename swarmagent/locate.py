@@ -1,0 +1,153 @@
+"""Finding the node that holds a container or exec instance a request names.
+
+The local engine is asked first (one small inspect on its socket): most
+requests are about this node's objects, and then nothing else is asked. On
+its 404 every other node's agent is asked the same inspect in parallel,
+targeted and hop-marked like a forward, each bounded by the fan-out deadline.
+
+Asking before serving (rather than serving and retrying after a 404) keeps
+one path for every request: writes, hijacked streams and requests with a
+body are never sent twice, and a 404 that is not "no such container" (a
+missing path in ``/archive``) is the engine's answer, not a cue to look
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+from twisted.web.server import Request
+
+from swarmagent.clients import ENGINE_BASE, get, peer_url
+from swarmagent.logs import logger
+from swarmagent.peers import Peer, PeerTable
+from swarmagent.proxy import forward_headers
+
+log = logger(__name__)
+
+# On the raw (still percent-encoded) path, so the inspect reaches each
+# engine spelled as the client spelled the object.
+_RAW_OBJECT = re.compile(rb"^(/v\d+\.\d+)?/(containers|exec)/([^/]+)")
+
+
+def inspect_path(raw_path: bytes) -> bytes | None:
+    """``/v1.41/containers/abc/logs`` → ``/v1.41/containers/abc/json``."""
+    m = _RAW_OBJECT.match(raw_path)
+    if m is None:
+        return None
+    version, kind, ident = m.groups()
+    return (version or b"") + b"/" + kind + b"/" + ident + b"/json"
+
+
+@dataclass(frozen=True)
+class Here:
+    """Serve from this node's engine: found here, or its answer is the answer."""
+
+
+@dataclass(frozen=True)
+class There:
+    """Exactly one other node holds it."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True)
+class Nowhere:
+    """No node holds it: the local engine's 404, and the nodes that did not say."""
+
+    body: bytes
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Several:
+    """More than one other node matches (an ID prefix, a name used twice)."""
+
+    peers: tuple[Peer, ...]
+
+
+Found = Here | There | Nowhere | Several
+
+
+class LookupFailed(Exception):
+    """A node gave no yes-or-no answer."""
+
+
+class Locator:
+    """Asks the nodes which one holds an object."""
+
+    def __init__(
+        self,
+        table: PeerTable,
+        engine: IAgent,
+        peers: IAgent,
+        clock: IReactorTime,
+        timeout: float,
+    ) -> None:
+        self._table = table
+        self._engine = engine
+        self._peers = peers
+        self._clock = clock
+        self._timeout = timeout
+
+    async def locate(self, request: Request) -> Found:
+        """Where ``request``'s container or exec instance is."""
+        path = inspect_path(request.path)
+        if path is None:
+            return Here()
+        try:
+            code, body = await self._ask(self._engine, ENGINE_BASE + path, Headers())
+        except Exception:
+            # The relay meets the same failure and reports it as usual.
+            return Here()
+        if code != 404:
+            return Here()
+
+        me = self._table.me
+        others = [p for p in self._table.nodes() if p is not me and not p.is_self]
+        calls = [
+            self._ask(
+                self._peers,
+                peer_url(p.address, p.port, path),
+                # The credentials and marks of a forward: the peer serves it
+                # from its own engine, never sends it on.
+                forward_headers(request, p, me.identity.key),
+            )
+            for p in others
+        ]
+        results = await DeferredList(calls, consumeErrors=True)
+        holders: list[Peer] = []
+        missing: list[str] = []
+        for peer, (ok, result) in zip(others, results, strict=True):
+            if ok and result[0] == 200:
+                holders.append(peer)
+            elif not (ok and result[0] == 404):
+                why = f"answered {result[0]}" if ok else _reason(result)
+                log.warn("lookup of {path}: node {node}: {why}", path=path, node=peer.name, why=why)
+                missing.append(peer.name)
+        missing.extend(name for _, name in self._table.agentless())
+        if len(holders) == 1:
+            return There(holders[0])
+        if holders:
+            return Several(tuple(holders))
+        return Nowhere(body, tuple(missing))
+
+    def _ask(self, agent: IAgent, url: bytes, headers: Headers) -> Deferred[tuple[int, bytes]]:
+        return Deferred.fromCoroutine(get(agent, url, headers)).addTimeout(
+            self._timeout, self._clock, onTimeoutCancel=_timed_out
+        )
+
+
+def _reason(failure: Any) -> str:
+    value = getattr(failure, "value", failure)
+    return str(value) or type(value).__name__
+
+
+def _timed_out(result: object, timeout: float) -> NoReturn:
+    raise LookupFailed(f"no answer within {timeout:g} s")

@@ -1,0 +1,174 @@
+"""Integration: container and exec requests without a target header, in a real swarm.
+
+Through node1's agent, a container on node3 is inspected, stopped, started,
+logged and exec'd into with no ``X-PortainerAgent-Target``: the agent finds
+its node. Run as root: ``python -m twisted.trial tests.test_locate_cluster``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import ClassVar
+
+import docker
+import docker.tls
+
+from tests.lab import IMAGE, Lab
+from tests.labcase import LabTestCase, engine_containers, explain
+
+DOCKER_CLI = shutil.which("docker", path="/usr/bin") or "docker"
+
+
+class LocateTests(LabTestCase):
+    """node1 (manager), node2 and node3 (workers); a container on each, and
+    one name ("twin") used on both node2 and node3."""
+
+    containers: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def setUpLab(cls, lab: Lab) -> None:
+        super().setUpLab(lab)
+        cls.containers = {}
+        for node in lab.nodes:
+            client = node.docker()
+            try:
+                c = client.containers.run(
+                    IMAGE,
+                    ["sh", "-c", f"echo hello-from-{node.name}; exec sleep 3600"],
+                    name=f"loc-{node.name}",
+                    detach=True,
+                )
+                cls.containers[node.name] = c.id
+                client.containers.create(IMAGE, ["sleep", "3600"], name=f"loc-{node.name}-idle")
+                if node.name in ("node2", "node3"):
+                    client.containers.create(IMAGE, ["true"], name="twin")
+            finally:
+                client.close()
+
+    def state(self, node: str, cid: str) -> str:
+        client = self.node(node).docker()
+        try:
+            return str(client.containers.get(cid).status)
+        finally:
+            client.close()
+
+    def sdk(self, via: str = "node1") -> docker.DockerClient:
+        """The docker SDK through ``via``'s agent, with no target header."""
+        tls = self.the_lab.tls
+        client = docker.DockerClient(
+            base_url=self.agent(via).url.replace("https://", "tcp://"),
+            version="1.41",
+            timeout=20,
+            tls=docker.tls.TLSConfig(
+                client_cert=(str(tls / "cert.pem"), str(tls / "key.pem")),
+                ca_cert=str(tls / "ca.pem"),
+                verify=True,
+            ),
+        )
+        # Else requests prefers REQUESTS_CA_BUNDLE to the client's CA file.
+        client.api.trust_env = False
+        self.addCleanup(client.close)
+        return client
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The docker CLI against node1's agent, with an empty config (no HttpHeaders)."""
+        config = tempfile.mkdtemp(prefix="dockercfg-")
+        self.addCleanup(shutil.rmtree, config, True)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "DOCKER_HOST": self.agent("node1").url.replace("https://", "tcp://"),
+            "DOCKER_TLS_VERIFY": "1",
+            "DOCKER_CERT_PATH": str(self.the_lab.tls),
+        }
+        return subprocess.run(
+            [DOCKER_CLI, "--config", config, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @explain
+    def test_raw_requests_reach_the_node_holding_the_container(self) -> None:
+        """Inspect, stop, start and logs of a node3 container, through node1, untargeted."""
+        cid = self.containers["node3"]
+        agent = self.agent("node1")
+        self.addCleanup(self.ensure_running, cid)
+
+        for ref in (cid, cid[:12], "loc-node3"):
+            r = agent.request("GET", f"/v1.41/containers/{ref}/json")
+            self.assertEqual(r.status, 200, f"{ref}: {r.body[:300]!r}")
+            self.assertEqual(r.json()["Id"], cid)
+
+        r = agent.request("POST", f"/containers/{cid}/stop?t=0")
+        self.assertEqual(r.status, 204, r.body[:300])
+        self.assertEqual(self.state("node3", cid), "exited")
+        r = agent.request("POST", f"/containers/{cid}/start")
+        self.assertEqual(r.status, 204, r.body[:300])
+        self.assertEqual(self.state("node3", cid), "running")
+        r = agent.request("GET", f"/containers/{cid}/logs?stdout=1")
+        self.assertEqual(r.status, 200, r.body[:300])
+        self.assertGreaterEqual(r.body.count(b"hello-from-node3"), 2, r.body[:300])
+
+        # This node's own containers are still served here.
+        r = agent.request("GET", "/containers/loc-node1/json")
+        self.assertEqual(r.status, 200, r.body[:300])
+        self.assertEqual(r.json()["Id"], self.containers["node1"])
+
+    def ensure_running(self, cid: str) -> None:
+        client = self.node("node3").docker()
+        try:
+            if client.containers.get(cid).status != "running":
+                client.containers.get(cid).start()
+        finally:
+            client.close()
+
+    @explain
+    def test_nowhere_is_no_such_container(self) -> None:
+        r = self.agent("node2").request("GET", "/containers/no-such-thing/json")
+        self.assertEqual(r.status, 404, r.body[:300])
+        self.assertIn("No such container", r.json()["message"])
+        self.assertIsNone(r.headers.get("X-SwarmAgent-Missing-Nodes"))
+
+    @explain
+    def test_a_name_on_several_nodes_needs_a_target(self) -> None:
+        r = self.agent("node1").request("GET", "/containers/twin/json")
+        self.assertEqual(r.status, 409, r.body[:300])
+        self.assertIn("node2, node3", r.json()["message"])
+        # On a node that has one, that one is served, as before.
+        r = self.agent("node2").request("GET", "/containers/twin/json")
+        self.assertEqual(r.status, 200, r.body[:300])
+        ids = engine_containers([self.node("node2")])
+        self.assertEqual(ids.get(r.json()["Id"]), "node2")
+
+    @explain
+    def test_sdk_lists_and_inspects_every_node(self) -> None:
+        """``containers.list(all=True)`` inspects each listed ID, untargeted."""
+        client = self.sdk()
+        listed = {c.id: c.name for c in client.containers.list(all=True)}
+        self.assertEqual(set(listed), set(engine_containers(self.the_lab.nodes)))
+        self.assertEqual(listed[self.containers["node3"]], "loc-node3")
+        c = client.containers.get("loc-node2")
+        self.assertIn(b"hello-from-node2", c.logs())
+        result = c.exec_run(["hostname"])
+        self.assertEqual(result.exit_code, 0, result.output)
+
+    @explain
+    def test_cli_logs_and_exec_without_headers(self) -> None:
+        cid = self.containers["node3"]
+        logs = self.cli("logs", cid)
+        self.assertEqual(logs.returncode, 0, logs.stderr)
+        self.assertIn("hello-from-node3", logs.stdout)
+        run = self.cli("exec", cid, "echo", "hi")
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertEqual(run.stdout, "hi\n")
+        inspect = self.cli("inspect", "--format", "{{.Name}}", "loc-node3")
+        self.assertEqual(inspect.returncode, 0, inspect.stderr)
+        self.assertEqual(inspect.stdout.strip(), "/loc-node3")
+        missing = self.cli("logs", "no-such-thing")
+        self.assertNotEqual(missing.returncode, 0)
+        self.assertIn("No such container", missing.stderr)
