@@ -183,7 +183,7 @@ class AgentRoot(Resource):
             case Nowhere(body, missing):
                 return _NotFoundResource(body, missing)
             case Several(peers):
-                what = "container" if kind == "containers" else "exec instance"
+                what = {"containers": "container", "images": "image"}.get(kind, "exec instance")
                 return ErrorResource(
                     409,
                     f"Several nodes have a {what} matching {ident!r}: "

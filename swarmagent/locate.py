@@ -1,4 +1,4 @@
-"""Finding the node that holds a container or exec instance a request names.
+"""Finding the node that holds the container, exec instance or image a request names.
 
 The local engine is asked first (one small inspect on its socket): most
 requests are about this node's objects, and then nothing else is asked. On
@@ -14,6 +14,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -34,15 +35,21 @@ log = logger(__name__)
 # On the raw (still percent-encoded) path, so the inspect reaches each
 # engine spelled as the client spelled the object.
 _RAW_OBJECT = re.compile(rb"^(/v\d+\.\d+)?/(containers|exec)/([^/]+)")
+_RAW_IMAGE = re.compile(rb"^(/v\d+\.\d+)?/images/(.+?)(?:/(?:json|history|push|tag|get))?$")
 
 
-def inspect_path(raw_path: bytes) -> bytes | None:
-    """``/v1.41/containers/abc/logs`` → ``/v1.41/containers/abc/json``."""
-    m = _RAW_OBJECT.match(raw_path)
-    if m is None:
+def inspect_path(raw_path: bytes) -> tuple[bytes, bytes] | None:
+    """The object's kind and inspect path.
+
+    ``/v1.41/containers/abc/logs`` → ``(b"containers", b"/v1.41/containers/abc/json")``.
+    """
+    if m := _RAW_OBJECT.match(raw_path):
+        version, kind, ident = m.groups()
+    elif m := _RAW_IMAGE.match(raw_path):
+        version, kind, ident = m[1], b"images", m[2]
+    else:
         return None
-    version, kind, ident = m.groups()
-    return (version or b"") + b"/" + kind + b"/" + ident + b"/json"
+    return kind, (version or b"") + b"/" + kind + b"/" + ident + b"/json"
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,10 @@ class Locator:
 
     async def locate(self, request: Request) -> Found:
         """Where ``request``'s container or exec instance is."""
-        path = inspect_path(request.path)
-        if path is None:
+        target = inspect_path(request.path)
+        if target is None:
             return Here()
+        kind, path = target
         try:
             code, body = await self._ask(self._engine, ENGINE_BASE + path, Headers())
         except Exception:
@@ -123,16 +131,22 @@ class Locator:
         ]
         results = await DeferredList(calls, consumeErrors=True)
         holders: list[Peer] = []
+        answers: list[bytes] = []
         missing: list[str] = []
         for peer, (ok, result) in zip(others, results, strict=True):
             if ok and result[0] == 200:
                 holders.append(peer)
+                answers.append(result[1])
             elif not (ok and result[0] == 404):
                 why = f"answered {result[0]}" if ok else _reason(result)
                 log.warn("lookup of {path}: node {node}: {why}", path=path, node=peer.name, why=why)
                 missing.append(peer.name)
         missing.extend(name for _, name in self._table.agentless())
-        if len(holders) == 1:
+        if len(holders) == 1 or (
+            kind == b"images" and request.method == b"GET" and _one_image(answers)
+        ):
+            # Several nodes holding the same image give the same answer to a
+            # read: any of them will do. A write must say which one.
             return There(holders[0])
         if holders:
             return Several(tuple(holders))
@@ -142,6 +156,15 @@ class Locator:
         return Deferred.fromCoroutine(get(agent, url, headers)).addTimeout(
             self._timeout, self._clock, onTimeoutCancel=_timed_out
         )
+
+
+def _one_image(answers: list[bytes]) -> bool:
+    """Whether these inspect answers all describe one image (by its ID)."""
+    try:
+        ids = {json.loads(a)["Id"] for a in answers}
+    except (ValueError, TypeError, KeyError):
+        return False
+    return len(ids) == 1
 
 
 def _reason(failure: Any) -> str:

@@ -33,17 +33,28 @@ def _under(path: str, prefix: str) -> bool:
 # container named "create" is still reached as ``/containers/create/json``.
 _OBJECT = re.compile(r"^/(containers|exec)/([^/]+)(/.*)?$")
 _COLLECTION_OPS = {"json", "create", "prune"}
+# One image: ``/images/{name}/json|history|push|tag|get``, or DELETE
+# ``/images/{name}``. A name may hold slashes (``registry:5000/team/app:1``),
+# as Docker's own router allows.
+_IMAGE = re.compile(r"^/images/(.+?)(?:/(json|history|push|tag|get))?$")
+_IMAGE_COLLECTION_OPS = {"json", "create", "load", "search", "prune", "get"}
 
 
-def single_object(bare: str) -> tuple[str, str] | None:
-    """``("containers"|"exec", id or name)`` if ``bare`` is about one object."""
+def single_object(bare: str, method: str = "GET") -> tuple[str, str] | None:
+    """``(kind, id or name)`` if ``bare`` is about one container, exec instance or image."""
     m = _OBJECT.match(bare)
-    if m is None:
-        return None
-    kind, ident, rest = m.groups()
-    if rest is None and kind == "containers" and ident in _COLLECTION_OPS:
-        return None
-    return kind, ident
+    if m is not None:
+        kind, ident, rest = m.groups()
+        if rest is None and kind == "containers" and ident in _COLLECTION_OPS:
+            return None
+        return kind, ident
+    m = _IMAGE.match(bare)
+    if m is not None:
+        name, op = m.groups()
+        if op is None and (method != "DELETE" or name in _IMAGE_COLLECTION_OPS):
+            return None
+        return "images", name
+    return None
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,7 @@ class MergedEvents:
 
 @dataclass(frozen=True)
 class Locate:
-    """Find the node holding this container or exec instance, then serve it there."""
+    """Find the node holding this container, exec instance or image, then serve it there."""
 
     kind: str
     ident: str
@@ -157,7 +168,7 @@ def route(method: str, path: str, headers: Mapping[str, str], table: PeerTable) 
     # holding the object, as classic Swarm routed it. Only a client's own
     # request: a forwarded one always names its node.
     if not target and not forwarded and len(table.nodes()) > 1:
-        obj = single_object(bare)
+        obj = single_object(bare, method)
         if obj is not None:
             return Locate(*obj)
 

@@ -375,6 +375,37 @@ class LocateTests(AgentCase):
         )
         self.assertEqual(len(self.peers.calls), 4)
 
+    def test_one_image_on_several_nodes_is_read_from_the_first(self) -> None:
+        """The same image on several nodes: a read is served by any (the first)."""
+        client = self.request("GET", "/v1.41/images/busybox/json")
+        [inspect] = self.engine.calls
+        self.assertEqual(inspect.url, b"http://docker/v1.41/images/busybox/json")
+        answer(inspect, 404, NOT_FOUND)
+        self.peer_answers(404, 200, 200, 404)
+        [forward] = self.peers.calls[4:]
+        self.assertEqual(forward.url, b"https://10.0.0.3:9001/v1.41/images/busybox/json")
+        forward.respond(200, {b"Content-Type": [b"application/json"]}).end()
+        self.assertEqual(client.response().code, 200)
+
+    def test_different_images_by_one_name_is_409(self) -> None:
+        client = self.request("GET", "/images/app/json")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        calls = list(self.peers.calls)
+        answer(calls[0], 200, b'{"Id":"sha256:one"}')
+        answer(calls[1], 404, NOT_FOUND)
+        answer(calls[2], 200, b'{"Id":"sha256:two"}')
+        answer(calls[3], 404, NOT_FOUND)
+        self.assertEqual(client.response().code, 409)
+        self.assertEqual(len(self.peers.calls), 4)
+
+    def test_image_write_on_several_nodes_is_409(self) -> None:
+        """Which node's copy to delete is the client's choice, not the agent's."""
+        client = self.request("DELETE", "/images/busybox")
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        self.peer_answers(200, 200, 404, 404)
+        self.assertEqual(client.response().code, 409)
+        self.assertIn(b"image matching 'busybox'", client.response().body)
+
     def test_silent_peer_is_bounded(self) -> None:
         """A peer that never answers costs the fan-out deadline, then is named missing."""
         client = self.request("GET", "/containers/abc/json")

@@ -361,6 +361,13 @@ class LocateTests(SynchronousTestCase):
         ("POST", "/exec/e1/start", "exec", "e1"),
         ("POST", "/exec/e1/resize", "exec", "e1"),
         ("GET", "/exec/e1/json", "exec", "e1"),
+        ("GET", "/images/abc/json", "images", "abc"),
+        ("GET", "/images/busybox:latest/history", "images", "busybox:latest"),
+        ("GET", "/images/reg:5000/team/app:1/json", "images", "reg:5000/team/app:1"),
+        ("GET", "/images/sha256:abc/get", "images", "sha256:abc"),
+        ("POST", "/images/app/tag", "images", "app"),
+        ("POST", "/images/team/app/push", "images", "team/app"),
+        ("DELETE", "/images/team/app:1", "images", "team/app:1"),
     ]
     OTHER_PATHS = [
         "/containers/json",
@@ -369,7 +376,13 @@ class LocateTests(SynchronousTestCase):
         "/containers",
         "/containers/",
         "/exec",
-        "/images/abc/json",
+        "/images/json",
+        "/images/create",
+        "/images/load",
+        "/images/search",
+        "/images/prune",
+        "/images/get",
+        "/images/abc",
         "/volumes/abc",
         "/version",
     ]
@@ -384,7 +397,7 @@ class LocateTests(SynchronousTestCase):
         for path, method in product(self.OTHER_PATHS, ("GET", "POST")):
             with self.subTest(path=path, method=method):
                 self.assertNotIsInstance(go(cluster(), path, method), Locate)
-                self.assertIsNone(single_object(path))
+                self.assertIsNone(single_object(path, method))
 
     def test_target_decides(self) -> None:
         table = cluster()
