@@ -200,7 +200,12 @@ def take_over(request: Request, tunnel_for: Any) -> Any:
     early = getattr(channel, "_dataBuffer", None)
     if early:
         channel._dataBuffer = []
-        tunnel.from_client(b"".join(early))
+        data = b"".join(early)
+        tunnel.from_client(data)
+        # Past this size the channel paused the transport until it could read
+        # again, which it never will now: the tunnel reads instead.
+        if len(data) > getattr(channel, "_optimisticEagerReadSize", len(data)):
+            transport.resumeProducing()
     return tunnel
 
 

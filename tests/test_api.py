@@ -25,6 +25,7 @@ from swarmagent.locate import Locator
 from swarmagent.peers import PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import Signer, Verifier
+from swarmagent.tap import IDLE_TIMEOUT
 from swarmagent.tunnel import _ClientSide
 from tests.helpers import (
     ByHost,
@@ -519,3 +520,43 @@ class LocateTests(AgentCase):
         wire.protocol.dataReceived(b"HTTP/1.1 101 UPGRADED\r\nUpgrade: tcp\r\n\r\nout")
         self.assertTrue(client.raw.startswith(b"HTTP/1.1 101 UPGRADED\r\n"))
         self.assertTrue(client.raw.endswith(b"\r\n\r\nout"))
+
+    def test_early_flood_is_read_on(self) -> None:
+        """More stdin than twisted.web buffers before the upgrade: reading resumes."""
+        client = self.request(
+            "POST", "/exec/e1/start", [("Connection", "Upgrade"), ("Upgrade", "tcp")]
+        )
+        answer(self.engine.calls[0], 404, b'{"message":"No such exec instance: e1"}')
+        flood = b"x" * 0x5000
+        client.channel.dataReceived(flood)
+        self.assertEqual(client.transport.producerState, "paused")
+        self.peer_answers(404, 200, 404, 404)
+        [(_, wire)] = self.peer_endpoints.connected
+        self.assertTrue(wire.value().endswith(flood))
+        self.assertEqual(client.transport.producerState, "producing")
+
+
+class IdleTimeoutTests(AgentCase):
+    """The Site's idle timeout closes silent connections, never a quiet stream."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.site.timeOut = IDLE_TIMEOUT
+
+    def test_silent_connection_is_closed(self) -> None:
+        client = Client(self.site)
+        self.clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(client.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_quiet_stream_lives_on(self) -> None:
+        client = self.request(
+            "GET", "/containers/abc/logs?follow=1", [("X-PortainerAgent-Target", "a")]
+        )
+        [call] = self.engine.calls
+        stream = call.respond(200, {b"Content-Type": [b"application/vnd.docker.raw-stream"]})
+        self.clock.advance(IDLE_TIMEOUT * 30)  # an hour without a byte
+        self.assertFalse(client.transport.disconnecting)
+        stream.deliver(b"at last\n")
+        self.assertEqual(client.response().body, b"at last\n")
