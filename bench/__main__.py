@@ -33,6 +33,7 @@ from bench.cluster import (
 from bench.discovery import run_discovery
 from bench.fanout import PATH as LIST_PATH
 from bench.fanout import FanoutPlan, run_fanout
+from bench.leaks import LeakPlan, run_leaks
 from bench.nginx import Nginx
 from bench.passthrough import PassthroughPlan, run_passthrough
 from bench.streams import StreamPlan, run_streams
@@ -52,6 +53,7 @@ class Plan:
     fanout: FanoutPlan
     discovery_reps: int
     profile: bool
+    leaks: LeakPlan
 
 
 FULL = Plan(
@@ -61,6 +63,7 @@ FULL = Plan(
     FanoutPlan(),
     discovery_reps=5,
     profile=True,
+    leaks=LeakPlan(),
 )
 SMOKE = Plan(
     "smoke",
@@ -69,6 +72,7 @@ SMOKE = Plan(
     FanoutPlan(node_counts=(1, 2), containers=(5,), repetitions=(3,)),
     discovery_reps=1,
     profile=False,
+    leaks=LeakPlan(rounds=2, streams=20),
 )
 
 
@@ -114,7 +118,7 @@ def single_node(plan: Plan, results: dict[str, Any]) -> None:
 
 
 def cluster(plan: Plan, results: dict[str, Any]) -> None:
-    """Parts 2 and 5 on a lab of as many nodes as the biggest fan-out."""
+    """Parts 2, 5 and 6 on a lab of as many nodes as the biggest fan-out."""
     n = max(plan.fanout.node_counts)
     t0 = time.monotonic()
     with Lab(nodes=n) as lab:
@@ -143,6 +147,14 @@ def cluster(plan: Plan, results: dict[str, Any]) -> None:
             profile.record(agent_pid(agents[0]), 8, raw, lists)
             results.setdefault("profile", {})[f"fan-out {n} x {big}"] = profile.summarize(raw)
             tmp.cleanup()
+        if n > 1:
+            log(f"part 6: {plan.leaks.rounds} rounds of {plan.leaks.streams} abandoned streams")
+            lab.set_dns(lab.nodes)
+            first = agents[0]
+            results["leaks"] = run_leaks(
+                agent_target(lab, first), agent_pid(first), first.node, lab.nodes[-1],
+                plan.leaks, log,
+            )  # fmt: skip
         log("part 5: discovery")
         lab.set_dns(lab.nodes)
         other = agents[-1]

@@ -223,6 +223,23 @@ def markdown(results: dict[str, Any]) -> str:
             f"Join {_spread(disc['join_s'], ' s')}; leave {_spread(disc['leave_s'], ' s')} "
             f"(n={disc['join_s']['n']}). {disc['note']}. Settings: {settings}.",
         ]
+    leaks = results.get("leaks")
+    if leaks:
+        lines += [
+            "",
+            f"## 6. Abandoned streams ({leaks['streams_per_round']} per round, through one agent)",
+            "",
+            "| after round | 0 | "
+            + " | ".join(str(i + 1) for i in range(len(leaks["rounds"])))
+            + " |",
+            "|---|---|" + "---|" * len(leaks["rounds"]),
+            f"| RSS (MB) | {leaks['before']['rss_mb']} | "
+            + " | ".join(str(r["rss_mb"]) for r in leaks["rounds"])
+            + " |",
+            f"| sockets (open during the round) | {leaks['before']['sockets']} | "
+            + " | ".join(f"{r['sockets']} ({r['during']})" for r in leaks["rounds"])
+            + " |",
+        ]
     prof = results.get("profile")
     if prof:
         lines += ["", "## Profile (py-spy, share of the agent's samples)", ""]
