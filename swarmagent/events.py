@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -89,8 +90,11 @@ class LineSplitter:
         return lines
 
 
-def tag_event(line: bytes, node_name: str) -> bytes | None:
-    """One event line marked with its node, or None if it is not a JSON object."""
+def tag_event(line: bytes, node_name: str) -> tuple[bytes, int] | None:
+    """One event line marked with its node, and its time in ns (0 if none).
+
+    None if the line is not a JSON object.
+    """
     try:
         event = json.loads(line)
     except ValueError:
@@ -98,7 +102,19 @@ def tag_event(line: bytes, node_name: str) -> bytes | None:
     if not isinstance(event, dict):
         return None
     event["Portainer"] = {"Agent": {"NodeName": node_name}}
-    return json.dumps(event, separators=(",", ":")).encode("utf-8") + b"\n"
+    time_nano = event.get("timeNano")
+    if not isinstance(time_nano, int):
+        time_nano = 0
+    return json.dumps(event, separators=(",", ":")).encode("utf-8") + b"\n", time_nano
+
+
+def resume_from(url: bytes, time_nano: int) -> bytes:
+    """``url`` with ``since`` just after ``time_nano``: what a node sent is not sent again."""
+    base, _, query = url.partition(b"?")
+    params = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != b"since"]
+    after = time_nano + 1
+    params.append((b"since", b"%d.%09d" % divmod(after, 1_000_000_000)))
+    return base + b"?" + urlencode(params).encode("ascii")
 
 
 class ClusterEvents:
@@ -155,6 +171,8 @@ class MergedStream:
         self._events = events
         self._request = request
         self._nodes: dict[str, _Node] = {}
+        #: Time (ns) of the last event sent from each node, by node key.
+        self._last_sent: dict[str, int] = {}
         self._failures: list[_Failure] = []
         self._paused = False
         self._head_sent = False
@@ -196,6 +214,10 @@ class MergedStream:
         request = self._request
         agent = self._events.engine_agent if peer.is_self else self._events.peer_agent
         url, headers = node_copy(request, peer, self._events.table.me)
+        if key in self._last_sent:
+            # Back after it left: from where it stopped, so nothing is sent
+            # twice and what it saw meanwhile is not lost.
+            url = resume_from(url, self._last_sent[key])
         node.pending = agent.request(b"GET", url, headers, None)
         node.pending.addCallbacks(
             self._answered, self._unreachable, callbackArgs=(node,), errbackArgs=(node,)
@@ -233,11 +255,14 @@ class MergedStream:
         if self._done or self._nodes.get(node.peer.identity.key) is not node:
             return
         for line in lines:
-            event = tag_event(line, node.peer.name)
-            if event is None:
+            tagged = tag_event(line, node.peer.name)
+            if tagged is None:
                 log.debug("events: node {node} sent a non-event line", node=node.peer.name)
                 continue
+            event, time_nano = tagged
             self._request.write(event)
+            if time_nano:
+                self._last_sent[node.peer.identity.key] = time_nano
 
     def node_ended(self, node: _Node) -> None:
         node.ended = True

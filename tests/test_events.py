@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import parse_qsl
 
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import LoopingCall
@@ -286,6 +287,27 @@ class MembershipTests(EventsCase):
         self.clock.advance(1)
         self.assertEqual(len([c for c in self.peers.calls if b"10.0.0.2" in c.url]), 2)
 
+    def test_node_coming_back_resumes_after_its_last_event(self) -> None:
+        """Nothing it sent before it left is sent again; nothing it saw meanwhile is lost."""
+        query = "filters=%7B%22type%22%3A%5B%22container%22%5D%7D&since=100"
+        client = self.get(f"/v1.41/events?{query}")
+        streams = self.stream_all()
+        streams["b"].deliver(line({**B_EVENT, "timeNano": 1_700_000_000_123_456_789}))
+        self.table.retain(["10.0.0.3"])
+        self.clock.advance(1)
+        self.table.seen("10.0.0.2", AGENT_PORT, manager("b"))
+        self.clock.advance(1)
+        again = self.call("b").url
+        self.assertTrue(again.startswith(b"https://10.0.0.2:9001/v1.41/events?"), again)
+        params = dict(parse_qsl(again.partition(b"?")[2]))
+        self.assertEqual(params[b"since"], b"1700000000.123456790")
+        self.assertEqual(params[b"filters"], b'{"type":["container"]}')
+        # A node seen for the first time starts from the client's own query.
+        self.table.seen("10.0.0.4", AGENT_PORT, worker("d"))
+        self.clock.advance(1)
+        self.assertTrue(self.call("d").url.endswith(b"?" + query.encode()))
+        self.assertEqual(self.nodes_of(client), [("b1", "b")])
+
     def test_a_node_that_ended_is_not_reopened(self) -> None:
         self.get("/events?until=5")
         streams = self.stream_all()
@@ -338,7 +360,7 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(LineSplitter().feed(b"a\r\n\r\n\nb\n"), [b"a", b"b"])
 
     def test_tag_replaces_an_existing_mark(self) -> None:
-        tagged = tag_event(b'{"id":"x","Portainer":{"Agent":{"NodeName":"zz"}}}', "b")
+        tagged, _ = tag_event(b'{"id":"x","Portainer":{"Agent":{"NodeName":"zz"}}}', "b")
         assert tagged is not None
         self.assertTrue(tagged.endswith(b"\n"))
         self.assertEqual(json.loads(tagged)["Portainer"], {"Agent": {"NodeName": "b"}})
