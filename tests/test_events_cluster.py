@@ -23,7 +23,7 @@ import docker.tls
 import websocket
 
 from tests.lab import AGENT_PORT, IMAGE, Agent, Node, run, wait_until
-from tests.labcase import TARGET, LabTestCase, explain
+from tests.labcase import TARGET, LabTestCase, explain, knows_exactly
 
 
 def label() -> str:
@@ -121,6 +121,42 @@ class ClusterStreamTests(LabTestCase):
                 continue
             got[event["id"]] = event["Portainer"]["Agent"]["NodeName"]
         self.assertEqual(got, started)
+
+    @explain
+    def test_node_back_resumes_where_it_stopped(self) -> None:
+        """A node that leaves the stream and comes back: what it saw meanwhile
+        arrives, what it sent before does not arrive twice."""
+        tag = label()
+        key, value = tag.split("=")
+        stream = self.sdk().events(decode=True, filters={"event": "start", "label": tag})
+        seen: queue.Queue[dict[str, Any]] = queue.Queue()
+
+        def read() -> None:
+            try:
+                for event in stream:
+                    seen.put(event)
+            except Exception:  # closed by the test
+                pass
+
+        threading.Thread(target=read, daemon=True).start()
+        self.addCleanup(stream.close)
+        time.sleep(1)
+        node3 = self.node("node3").docker()
+        self.addCleanup(node3.close)
+        before = node3.containers.run(IMAGE, ["true"], labels={key: value}, detach=True).id
+        self.assertEqual(seen.get(timeout=10)["id"], before)
+
+        lab, agent1 = self.the_lab, self.agent("node1")
+        others = {"node1", "node2"}
+        lab.set_dns([n for n in lab.nodes if n.name in others])
+        wait_until(lambda: knows_exactly(agent1, others), 10, 0.1, "node3 to leave")
+        time.sleep(2)  # the stream follows the table each second
+        meanwhile = node3.containers.run(IMAGE, ["true"], labels={key: value}, detach=True).id
+        lab.set_dns(lab.nodes)
+        wait_until(lambda: knows_exactly(agent1, others | {"node3"}), 10, 0.1, "node3 back")
+        self.assertEqual(seen.get(timeout=10)["id"], meanwhile)
+        time.sleep(2)  # a replay of the first event would come now
+        self.assertTrue(seen.empty(), [e["id"] for e in list(seen.queue)])
 
     @explain
     def test_until_ends_the_merged_stream(self) -> None:
