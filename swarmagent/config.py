@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -52,6 +54,13 @@ SETTINGS: tuple[Setting, ...] = (
         "AGENT_SECRET_FILE",
         "",
         "File holding --secret, such as a Docker secret; its final newline is ignored.",
+    ),
+    Setting(
+        "secret-timeout",
+        "AGENT_SECRET_TIMEOUT",
+        "72h",
+        "How long an agent with no secret and no pairing lets a first Portainer key "
+        "pair (like 72h, 30m, 1h30m or seconds); then none can until a restart. 0: always.",
     ),
     Setting(
         "tls-cert",
@@ -127,6 +136,25 @@ def parse_docker_host(value: str) -> EngineAddress:
     raise ValueError(f"expected unix:///path or tcp://host:port, got {value!r}")
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(value: str) -> float:
+    """Seconds in ``72h``, ``1h30m``, ``90s`` or a plain number of seconds."""
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        m = _DURATION.fullmatch(text)
+        if not text or m is None:
+            raise ValueError(f"not a duration (like 72h, 30m, 1h30m, 90): {value!r}") from None
+        hours, minutes, secs = (float(g) if g else 0.0 for g in m.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration (like 72h, 30m, 1h30m, 90): {value!r}")
+    return seconds
+
+
 def _positive(value: str, what: str) -> float:
     try:
         number = float(value)
@@ -194,6 +222,10 @@ class Options(usage.Options):
             self["docker-host"] = parse_docker_host(self["docker-host"])
         except ValueError as e:
             raise bad("docker-host", str(e)) from None
+        try:
+            self["secret-timeout"] = parse_duration(self["secret-timeout"])
+        except ValueError as e:
+            raise bad("secret-timeout", str(e)) from None
         for flag in ("refresh-interval", "fanout-timeout", "connect-timeout"):
             try:
                 self[flag] = _positive(self[flag], "value")

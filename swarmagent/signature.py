@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
 )
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.iweb import IRequest
 
 from swarmagent.errors import error_body
@@ -242,6 +244,7 @@ class Verifier:
         self._cache_size = cache_size
         self._paired_der: bytes | None = None
         self._paired_key: ec.EllipticCurvePublicKey | None = None
+        self._pairing_open = True
         if store is not None and not secret:
             der = store.load()
             if der is not None:
@@ -282,6 +285,8 @@ class Verifier:
                 if not hmac.compare_digest(der, self._paired_der):
                     return UNAUTHORIZED
                 key = self._paired_key
+            elif not self._secret and not self._pairing_open:
+                return UNAUTHORIZED
             else:
                 key = load_public_key(der)
             r, s = parse_signature(cache_key[1])
@@ -299,6 +304,16 @@ class Verifier:
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return ACCEPTED
+
+    def close_pairing(self) -> None:
+        """No key pairs from now on (a no-op once paired or with a secret)."""
+        if self.associated or not self._pairing_open:
+            return
+        self._pairing_open = False
+        _log.warn(
+            "No Portainer instance paired in time: pairing is closed until a restart; "
+            "signed requests are refused (client certificates still work)"
+        )
 
     def _pair(self, der: bytes, key: ec.EllipticCurvePublicKey) -> None:
         self._paired_der, self._paired_key = der, key
@@ -347,3 +362,28 @@ class Signer:
     def headers(self) -> dict[str, str]:
         """Both headers, with a new signature."""
         return {PUBLIC_KEY_HEADER: self.public_key_hex, SIGNATURE_HEADER: self.sign()}
+
+
+class PairingWindow(Service):
+    """Closes the verifier's pairing ``seconds`` after start if nobody paired.
+
+    The reference agent stops its HTTP server then (``AGENT_SECRET_TIMEOUT``);
+    here only pairing stops, so client certificates and ``/ping`` go on.
+    """
+
+    def __init__(self, verifier: Verifier, clock: IReactorTime, seconds: float) -> None:
+        self._verifier = verifier
+        self._clock = clock
+        self._seconds = seconds
+        self._call: IDelayedCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self._seconds > 0 and not self._verifier.associated:
+            self._call = self._clock.callLater(self._seconds, self._verifier.close_pairing)
+
+    def stopService(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return super().stopService()

@@ -30,7 +30,7 @@ from swarmagent.locate import Locator
 from swarmagent.logs import set_level
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
-from swarmagent.signature import PairingStore, Signer, Verifier
+from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
 from swarmagent.tls import from_settings
 from swarmagent.websocket import ConsoleFactory, ConsoleResource
 
@@ -143,4 +143,5 @@ def makeService(
     https = HalfCloseTLSFactory(server_tls, False, site)
     StreamServerEndpointService(endpoint, https).setServiceParent(agent)
     discovery.service(options["refresh-interval"]).setServiceParent(agent)
+    PairingWindow(verifier, reactor, options["secret-timeout"]).setServiceParent(agent)
     return agent

@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "advertise-addr": "",
     "secret": "",
     "secret-file": "",
+    "secret-timeout": 259200.0,
     "tls-cert": "",
     "tls-key": "",
     "tls-ca": "",
@@ -47,6 +48,7 @@ OTHER: dict[str, tuple[str, Any]] = {
     "cluster-addr": ("_agent._tcp.example", "_agent._tcp.example"),
     "advertise-addr": ("10.1.2.3", "10.1.2.3"),
     "secret": ("s3cret", "s3cret"),
+    "secret-timeout": ("1h30m", 5400.0),
     "log-level": ("DEBUG", LogLevel.debug),
     "data-path": ("/srv/agent", "/srv/agent"),
     "docker-host": ("tcp://10.0.0.7:2376", EngineAddress("tcp", host="10.0.0.7", port=2376)),
@@ -63,6 +65,7 @@ BAD: dict[str, list[str]] = {
     "cluster-addr": ["tasks. agent", "a" * 254],
     "advertise-addr": ["node-1", "300.0.0.1"],
     "log-level": ["verbose", "trace", ""],
+    "secret-timeout": ["", "soon", "-1", "72 h", "1d", "inf", "h"],
     "docker-host": [
         "/var/run/docker.sock",
         "http://docker:2375",

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -32,6 +33,7 @@ from swarmagent.signature import (
     MISSING,
     UNAUTHORIZED,
     PairingStore,
+    PairingWindow,
     SignatureError,
     Signer,
     Verifier,
@@ -423,6 +425,61 @@ class VerifierTests(unittest.SynchronousTestCase):
             return
         changed = sig[:index] + char + sig[index + 1 :]
         self.assertEqual(Verifier().verify(VECTOR_KEY, changed), UNAUTHORIZED)
+
+
+class PairingWindowTests(unittest.SynchronousTestCase):
+    """AGENT_SECRET_TIMEOUT: an agent nobody paired stops accepting a first key."""
+
+    HOURS_72 = 72 * 3600
+
+    def window(self, verifier: Verifier, seconds: float = HOURS_72) -> Clock:
+        clock = Clock()
+        service = PairingWindow(verifier, clock, seconds)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return clock
+
+    def test_closes_when_nobody_paired(self) -> None:
+        verifier = Verifier()
+        clock = self.window(verifier)
+        clock.advance(self.HOURS_72 - 1)
+        key = portainer_key()
+        clock.advance(1)
+        self.assertEqual(verifier.verify(*headers(key)), UNAUTHORIZED)
+        self.assertIsNone(verifier.paired_key)
+
+    def test_open_until_then(self) -> None:
+        verifier = Verifier()
+        clock = self.window(verifier)
+        clock.advance(self.HOURS_72 - 1)
+        self.assertEqual(verifier.verify(*headers(portainer_key())), ACCEPTED)
+
+    def test_a_paired_agent_keeps_its_key(self) -> None:
+        verifier = Verifier()
+        key = portainer_key()
+        self.assertEqual(verifier.verify(*headers(key)), ACCEPTED)
+        clock = self.window(verifier)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        verifier.close_pairing()
+        self.assertEqual(verifier.verify(*headers(key)), ACCEPTED)
+
+    def test_the_secret_mode_has_no_window(self) -> None:
+        verifier = Verifier(secret="s3cret")
+        clock = self.window(verifier)
+        clock.advance(self.HOURS_72 * 2)
+        self.assertEqual(verifier.verify(*headers(portainer_key(), "s3cret")), ACCEPTED)
+
+    def test_zero_means_always_open(self) -> None:
+        verifier = Verifier()
+        clock = self.window(verifier, 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stopping_cancels(self) -> None:
+        clock = Clock()
+        service = PairingWindow(Verifier(), clock, self.HOURS_72)
+        service.startService()
+        service.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class SignerTests(unittest.SynchronousTestCase):

@@ -46,7 +46,7 @@ class MakeServiceTests(SynchronousTestCase):
         children = list(service)
         self.assertEqual(
             sorted(type(c).__name__ for c in children),
-            ["StreamServerEndpointService", "TimerService"],
+            ["PairingWindow", "StreamServerEndpointService", "TimerService"],
         )
         [timer] = [c for c in children if isinstance(c, TimerService)]
         self.assertEqual(timer.step, 7)
