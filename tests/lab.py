@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
+import docker.tls
 
 from swarmagent import certs
 
@@ -197,6 +198,35 @@ def http_request(
         return Response(r.status, r.headers, r.read())
     finally:
         conn.close()
+
+
+def sdk_client(
+    url: str,
+    tls: Path,
+    *,
+    target: str = "",
+    timeout: int = 20,
+    ca: Path | None = None,
+) -> docker.DockerClient:
+    """The docker SDK for Python against an agent at ``url`` (https or tcp),
+    with the client certificate in ``tls`` (Docker's layout), checking the
+    agent against ``ca`` (default: ``tls``'s CA), sending ``target`` if given."""
+    client = docker.DockerClient(
+        base_url=url.replace("https://", "tcp://"),
+        version="1.41",
+        timeout=timeout,
+        tls=docker.tls.TLSConfig(
+            client_cert=(str(tls / certs.CLIENT_CERT), str(tls / certs.CLIENT_KEY)),
+            ca_cert=str((ca or tls) / certs.CA_CERT),
+            verify=True,
+        ),
+    )
+    # Else requests prefers REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, when set,
+    # to the client's own CA file (psf/requests#3829).
+    client.api.trust_env = False
+    if target:
+        client.api.headers["X-PortainerAgent-Target"] = target
+    return client
 
 
 def _engine_ping(sock: Path) -> bool:

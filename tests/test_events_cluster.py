@@ -22,7 +22,7 @@ import docker
 import docker.tls
 import websocket
 
-from tests.lab import AGENT_PORT, IMAGE, Agent, Node, run, wait_until
+from tests.lab import AGENT_PORT, IMAGE, Agent, Node, run, sdk_client, wait_until
 from tests.labcase import TARGET, LabTestCase, explain, knows_exactly
 
 
@@ -60,23 +60,12 @@ class ClusterStreamTests(LabTestCase):
 
     NODES = 3
 
-    def sdk(self, target: str | None = None, timeout: int = 15) -> docker.APIClient:
-        tls = self.the_lab.tls
-        client = docker.APIClient(
-            base_url=self.agent("node1").url.replace("https://", "tcp://"),
-            version="1.41",
-            timeout=timeout,
-            tls=docker.tls.TLSConfig(
-                client_cert=(str(tls / "cert.pem"), str(tls / "key.pem")),
-                ca_cert=str(tls / "ca.pem"),
-                verify=True,
-            ),
+    def sdk(self, target: str = "", timeout: int = 15) -> docker.APIClient:
+        client = sdk_client(
+            self.agent("node1").url, self.the_lab.tls, target=target, timeout=timeout
         )
-        client.trust_env = False  # psf/requests#3829, as in test_streams
-        if target:
-            client.headers[TARGET] = target
         self.addCleanup(client.close)
-        return client
+        return client.api
 
     def run_on_each_node(self, tag: str, cmd: list[str]) -> dict[str, str]:
         """Start a container on every node; container ID → node name."""

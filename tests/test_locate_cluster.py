@@ -16,7 +16,7 @@ from typing import ClassVar
 import docker
 import docker.tls
 
-from tests.lab import IMAGE, Lab
+from tests.lab import IMAGE, Lab, sdk_client
 from tests.labcase import LabTestCase, engine_containers, explain
 
 DOCKER_CLI = shutil.which("docker", path="/usr/bin") or "docker"
@@ -57,19 +57,7 @@ class LocateTests(LabTestCase):
 
     def sdk(self, via: str = "node1") -> docker.DockerClient:
         """The docker SDK through ``via``'s agent, with no target header."""
-        tls = self.the_lab.tls
-        client = docker.DockerClient(
-            base_url=self.agent(via).url.replace("https://", "tcp://"),
-            version="1.41",
-            timeout=20,
-            tls=docker.tls.TLSConfig(
-                client_cert=(str(tls / "cert.pem"), str(tls / "key.pem")),
-                ca_cert=str(tls / "ca.pem"),
-                verify=True,
-            ),
-        )
-        # Else requests prefers REQUESTS_CA_BUNDLE to the client's CA file.
-        client.api.trust_env = False
+        client = sdk_client(self.agent(via).url, self.the_lab.tls)
         self.addCleanup(client.close)
         return client
 

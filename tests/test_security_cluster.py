@@ -17,7 +17,7 @@ import docker.tls
 
 from swarmagent import certs
 from swarmagent.signature import Signer
-from tests.lab import IMAGE, Agent, Lab, Response, wait_until
+from tests.lab import IMAGE, Agent, Lab, Response, sdk_client, wait_until
 from tests.labcase import LabTestCase, explain
 
 MISSING = {"message": "Missing request signature headers", "details": "Unauthorized"}
@@ -54,19 +54,9 @@ class ClientCertificateTests(LabTestCase):
         super().setUpLab(lab)
 
     def sdk(self, agent: Agent, tls_dir: Path) -> docker.APIClient:
-        client = docker.APIClient(
-            base_url=agent.url.replace("https://", "tcp://"),
-            version="1.41",
-            timeout=10,
-            tls=docker.tls.TLSConfig(
-                client_cert=(str(tls_dir / certs.CLIENT_CERT), str(tls_dir / certs.CLIENT_KEY)),
-                ca_cert=str(self.the_lab.tls / certs.CA_CERT),
-                verify=True,
-            ),
-        )
-        client.trust_env = False  # else REQUESTS_CA_BUNDLE beats ca_cert
+        client = sdk_client(agent.url, tls_dir, timeout=10, ca=self.the_lab.tls)
         self.addCleanup(client.close)
-        return client
+        return client.api
 
     @explain
     def test_sdk_with_certificate_lists_cluster(self) -> None:

@@ -24,7 +24,7 @@ import docker.tls
 import pexpect
 
 from swarmagent.signature import Signer
-from tests.lab import IMAGE, Lab, Response, wait_until
+from tests.lab import IMAGE, Lab, Response, sdk_client, wait_until
 from tests.labcase import LabTestCase, engine_containers, explain, missing_nodes
 from tests.stack_lab import AGENT_IMAGE, DOCKER_CLI, SERVICE, StackAgent, StackLab
 from tests.test_security_cluster import unverified
@@ -106,21 +106,9 @@ class StackTestCase(LabTestCase):
 
     def sdk(self, via: str = "node2", target: str = "") -> docker.DockerClient:
         """The docker SDK for Python through ``via``'s agent, with the client certificate."""
-        tls = self.stack.tls
-        client = docker.DockerClient(
-            base_url=f"tcp://{self.node(via).ip}:9001",
-            version="1.41",
-            timeout=20,
-            tls=docker.tls.TLSConfig(
-                client_cert=(str(tls / "cert.pem"), str(tls / "key.pem")),
-                ca_cert=str(tls / "ca.pem"),
-                verify=True,
-            ),
+        client = sdk_client(
+            StackAgent(self.stack, self.node(via)).url, self.stack.tls, target=target
         )
-        # requests would prefer REQUESTS_CA_BUNDLE, when set, to the CA file.
-        client.api.trust_env = False
-        if target:
-            client.api.headers[TARGET] = target
         self.addCleanup(client.close)
         return client
 

@@ -19,7 +19,7 @@ import docker
 import docker.tls
 import pexpect
 
-from tests.lab import IMAGE, Lab, wait_until
+from tests.lab import IMAGE, Lab, sdk_client, wait_until
 from tests.labcase import LabTestCase, explain
 
 DOCKER_CLI = shutil.which("docker", path="/usr/bin") or "docker"
@@ -72,23 +72,9 @@ class StreamTests(LabTestCase):
         return child
 
     def sdk(self, target: str = "node3") -> docker.APIClient:
-        tls = self.the_lab.tls
-        client = docker.APIClient(
-            base_url=self.agent("node1").url.replace("https://", "tcp://"),
-            version="1.41",
-            timeout=15,
-            tls=docker.tls.TLSConfig(
-                client_cert=(str(tls / "cert.pem"), str(tls / "key.pem")),
-                ca_cert=str(tls / "ca.pem"),
-                verify=True,
-            ),
-        )
-        # Else requests prefers REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, when
-        # set, over the client's own CA file (psf/requests#3829).
-        client.trust_env = False
-        client.headers["X-PortainerAgent-Target"] = target
+        client = sdk_client(self.agent("node1").url, self.the_lab.tls, target=target, timeout=15)
         self.addCleanup(client.close)
-        return client
+        return client.api
 
     @explain
     def test_exec_it_on_another_node(self) -> None:
