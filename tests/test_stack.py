@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -338,15 +339,27 @@ class LifeTests(StackTestCase):
     def test_rolling_restart(self) -> None:
         """After `service update --force`, every agent knows every node within 30 s."""
         before = self.agent_tasks()
+        began = time.monotonic()
         self.force_update()
+        updated = time.monotonic()
         self.assertTrue(before.isdisjoint(self.agent_tasks()), "every task was replaced")
         self.stack.wait_whole(timeout=30)
+        sys.stderr.write(
+            f"\nrolling restart: update {updated - began:.1f} s, "
+            f"whole again {time.monotonic() - updated:.1f} s later\n"
+        )
 
     @explain
     def test_added_node(self) -> None:
+        began = time.monotonic()
         node = self.stack.add_node()
+        joined = time.monotonic()
         run_workload(node.docker(), f"work-{node.name}")
         self.stack.wait_whole(timeout=60)
+        sys.stderr.write(
+            f"\nadded node: engine joined in {joined - began:.1f} s, its agent known to all "
+            f"{time.monotonic() - joined:.1f} s later\n"
+        )
         r = self.agent_on("node1").request("GET", "/containers/json")
         names = {c["Names"][0]: c["Portainer"]["Agent"]["NodeName"] for c in r.json()}
         self.assertEqual(names.get(f"/work-{node.name}"), node.name)
