@@ -33,8 +33,7 @@ from swarmagent.routing import (
 from swarmagent.routing import (
     FanOut as FanOutRoute,
 )
-from swarmagent.websocket import CONSOLE_PATHS
-from swarmagent.wire import AGENT_HEADERS, IDENTITY_PATH, MISSING_NODES
+from swarmagent.wire import AGENT_HEADERS, CONSOLE_PATHS, IDENTITY_PATH, MISSING_NODES
 
 log = logger(__name__)
 

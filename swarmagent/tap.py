@@ -15,7 +15,8 @@ from twisted.names import client as dns_client
 from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
 from twisted.web.client import Agent
-from twisted.web.server import Site
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
 
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
@@ -32,7 +33,6 @@ from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
 from swarmagent.tls import from_settings
-from swarmagent.websocket import ConsoleFactory, ConsoleResource
 
 __all__ = ["Options", "makeService"]
 
@@ -50,6 +50,29 @@ class _PoolService(MultiService):
     def stopService(self) -> Any:
         super().stopService()
         return gatherResults([p.closeCachedConnections() for p in self._pools])
+
+
+class LazyConsoles(Resource):
+    """Portainer's consoles, built on the first console request.
+
+    autobahn costs about 6 MB resident, and most agents never serve a console.
+    """
+
+    isLeaf = True
+
+    def __init__(self, endpoints: EngineEndpoints, reactor: Any) -> None:
+        super().__init__()
+        self._endpoints = endpoints
+        self._reactor = reactor
+        self._resource: IResource | None = None
+
+    def render(self, request: Request) -> Any:
+        if self._resource is None:
+            from swarmagent.websocket import ConsoleFactory, ConsoleResource
+
+            self._resource = ConsoleResource(ConsoleFactory(self._endpoints, self._reactor))
+        resource: IResource = self._resource
+        return resource.render(request)
 
 
 def makeService(
@@ -129,7 +152,7 @@ def makeService(
         Locator(table, engine_raw, peer_raw, reactor, options["fanout-timeout"]),
         identity_open=not agents_authenticate,
         events=ClusterEvents(table, engine_raw, peer_raw, reactor),
-        consoles=ConsoleResource(ConsoleFactory(engine_endpoints, reactor)),
+        consoles=LazyConsoles(engine_endpoints, reactor),
     )
     # The idle timeout also closes connections that never send a request.
     site = Site(root, reactor=reactor, timeout=IDLE_TIMEOUT)

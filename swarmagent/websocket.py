@@ -38,17 +38,10 @@ from zope.interface import implementer
 from swarmagent.errors import error_body, write_error
 from swarmagent.logs import logger
 from swarmagent.tunnel import MAX_HEAD, error_response
-from swarmagent.wire import AGENT_HEADERS, HOP
+from swarmagent.wire import AGENT_HEADERS, CONSOLE_PATHS, HOP
 
 log = logger(__name__)
 
-#: Console paths and what each opens on the engine.
-CONSOLE_PATHS = {
-    b"/websocket/exec": "exec",
-    b"/v2/websocket/exec": "exec",
-    b"/websocket/attach": "attach",
-    b"/v2/websocket/attach": "attach",
-}
 #: Largest client message (a pasted file, say); the reference's 2048 B is too small.
 MAX_MESSAGE = 1024 * 1024
 #: Seconds between pings, as the reference agent; a client that misses the
@@ -290,7 +283,11 @@ class ConsoleProtocol(WebSocketServerProtocol):
         if self._connecting is not None:
             self._connecting.cancel()
         if self._engine is not None and not self._engine.ready.called:
-            self._engine.ready.cancel()
+            ready = self._engine.ready
+            # Left while still connecting: nothing awaits ``ready`` yet, and
+            # its cancellation must not be logged as an unhandled error.
+            ready.addErrback(lambda _: None)
+            ready.cancel()
         if self._engine is not None and self._engine.transport is not None:
             self._engine.transport.loseConnection()
 

@@ -22,3 +22,11 @@ MISSING_NODES = b"X-SwarmAgent-Missing-Nodes"
 
 # The agent-to-agent identity document.
 IDENTITY_PATH = b"/swarmagent/identity"
+
+# Portainer's console routes, and what each attaches to.
+CONSOLE_PATHS = {
+    b"/websocket/exec": "exec",
+    b"/v2/websocket/exec": "exec",
+    b"/websocket/attach": "attach",
+    b"/v2/websocket/attach": "attach",
+}

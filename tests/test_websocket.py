@@ -209,7 +209,10 @@ class HandshakeTests(ConsoleCase):
 
     def test_engine_unreachable_is_502(self) -> None:
         self.engine.refuse = True
-        self.open()
+        protocol = self.open()
+        # The wait for the engine's answer that never came is cancelled and
+        # handled, not left to be logged as an unhandled error when collected.
+        self.assertIsNone(self.successResultOf(protocol._engine.ready))
         response = parse_response(self.client.value())
         self.assertEqual(response.code, 502)
         self.assertEqual(response.json()["message"], "Unable to reach the Docker engine")
