@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.web.client import URI, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
@@ -118,3 +118,18 @@ async def get(agent: IAgent, url: bytes, headers: Headers) -> tuple[int, bytes]:
     response: IResponse = await agent.request(b"GET", url, headers)
     body: bytes = await readBody(response)
     return response.code, body
+
+
+def get_within(
+    agent: IAgent, url: bytes, headers: Headers, clock: IReactorTime, timeout: float
+) -> Deferred[tuple[int, bytes]]:
+    """:func:`get`, failing with ``TimeoutError`` if it takes over ``timeout`` s."""
+    # A cancelled HTTP call fails with its own error (ResponseNeverReceived
+    # wrapping CancelledError), not CancelledError: name the deadline here.
+    return Deferred.fromCoroutine(get(agent, url, headers)).addTimeout(
+        timeout, clock, onTimeoutCancel=_timed_out
+    )
+
+
+def _timed_out(result: object, timeout: float) -> NoReturn:
+    raise TimeoutError(f"no answer within {timeout:g} s")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredList
@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
-from swarmagent.clients import get, peer_url
+from swarmagent.clients import get_within, peer_url
 from swarmagent.engine import NODES_PATH, Engine, expected_nodes
 from swarmagent.logs import logger
 from swarmagent.peers import MANAGER, NodeIdentity, Peer, PeerTable
@@ -53,13 +53,7 @@ class _AgentGet:
     async def _get(self, url: bytes, extra: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         names = {**self._headers, **(extra or {})}
         headers = Headers({k: [v] for k, v in names.items()})
-        call = Deferred.fromCoroutine(get(self._agent, url, headers))
-        # A cancelled HTTP call fails with its own error, not CancelledError:
-        # name the deadline here.
-        result: tuple[int, bytes] = await call.addTimeout(
-            self._timeout, self._clock, onTimeoutCancel=_timed_out
-        )
-        return result
+        return await get_within(self._agent, url, headers, self._clock, self._timeout)
 
 
 class HTTPProbe(_AgentGet):
@@ -319,10 +313,6 @@ def _address(record: Any) -> str:
 
 def _names(nodes: Mapping[str, str], without: Mapping[str, str]) -> str:
     return ", ".join(sorted(h for i, h in nodes.items() if i not in without)) or "none"
-
-
-def _timed_out(result: object, timeout: float) -> NoReturn:
-    raise TimeoutError(f"no answer within {timeout:g} s")
 
 
 def _why(e: BaseException) -> str:

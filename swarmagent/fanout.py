@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IAgent
 from twisted.web.server import NOT_DONE_YET, Request
 
-from swarmagent.clients import get
+from swarmagent.clients import get_within
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
 from swarmagent.peers import Peer, PeerTable
@@ -127,7 +127,7 @@ class FanOut:
         url, headers = node_copy(request, peer, me)
 
         async def call() -> tuple[bytes, list[str]]:
-            code, body = await get(agent, url, headers)
+            code, body = await get_within(agent, url, headers, self._clock, self._timeout)
             if code != 200:
                 raise NodeFailed(f"answered {code}", code, body)
             items, warnings = parse_list(kind, body)
@@ -135,11 +135,7 @@ class FanOut:
             # many small encodes are also cheaper than one of everything.
             return _encode_items(tag(items, peer.name)), warnings
 
-        # A cancelled HTTP call fails with its own error (ResponseNeverReceived
-        # wrapping CancelledError), not CancelledError: name the deadline here.
-        return Deferred.fromCoroutine(call()).addTimeout(
-            self._timeout, self._clock, onTimeoutCancel=_timed_out
-        )
+        return Deferred.fromCoroutine(call())
 
     async def _serve(self, request: Request, kind: str) -> None:
         finished = [False]
@@ -187,7 +183,3 @@ class FanOut:
 def _encode_items(items: list[Any]) -> bytes:
     """``items`` as JSON without the enclosing brackets (b"" for none)."""
     return json.dumps(items, separators=(",", ":"))[1:-1].encode("utf-8")
-
-
-def _timed_out(result: object, timeout: float) -> NoReturn:
-    raise NodeFailed(f"no answer within {timeout:g} s")

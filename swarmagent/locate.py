@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -25,7 +25,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.server import Request
 
-from swarmagent.clients import ENGINE_BASE, get, peer_url
+from swarmagent.clients import ENGINE_BASE, get_within, peer_url
 from swarmagent.logs import logger
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import forward_headers
@@ -80,10 +80,6 @@ class Several:
 
 
 Found = Here | There | Nowhere | Several
-
-
-class LookupFailed(Exception):
-    """A node gave no yes-or-no answer."""
 
 
 class Locator:
@@ -153,9 +149,7 @@ class Locator:
         return Nowhere(body, tuple(missing))
 
     def _ask(self, agent: IAgent, url: bytes, headers: Headers) -> Deferred[tuple[int, bytes]]:
-        return Deferred.fromCoroutine(get(agent, url, headers)).addTimeout(
-            self._timeout, self._clock, onTimeoutCancel=_timed_out
-        )
+        return get_within(agent, url, headers, self._clock, self._timeout)
 
 
 def _one_image(answers: list[bytes]) -> bool:
@@ -170,7 +164,3 @@ def _one_image(answers: list[bytes]) -> bool:
 def _reason(failure: Any) -> str:
     value = getattr(failure, "value", failure)
     return str(value) or type(value).__name__
-
-
-def _timed_out(result: object, timeout: float) -> NoReturn:
-    raise LookupFailed(f"no answer within {timeout:g} s")
