@@ -88,7 +88,7 @@ SETTINGS: tuple[Setting, ...] = (
         "refresh-interval",
         "AGENT_REFRESH_INTERVAL",
         "5",
-        "Seconds between DNS re-resolutions of the cluster address.",
+        "Seconds between DNS re-resolutions of the cluster address and peer probes.",
     ),
     Setting(
         "fanout-timeout",

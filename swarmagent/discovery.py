@@ -19,6 +19,7 @@ from twisted.web.iweb import IAgent
 
 from swarmagent.clients import get_within, peer_url
 from swarmagent.engine import NODES_PATH, Engine, expected_nodes
+from swarmagent.errors import describe
 from swarmagent.logs import logger
 from swarmagent.peers import MANAGER, NodeIdentity, Peer, PeerTable
 from swarmagent.wire import HOP, IDENTITY_PATH, TARGET
@@ -318,4 +319,4 @@ def _names(nodes: Mapping[str, str], without: Mapping[str, str]) -> str:
 def _why(e: BaseException) -> str:
     if isinstance(e, DomainError):
         return "no such name"
-    return str(e) or type(e).__name__
+    return describe(e)

@@ -16,6 +16,11 @@ def error_body(message: str, details: str = "") -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
 
+def describe(e: BaseException) -> str:
+    """An exception as a short reason: its message, else its type's name."""
+    return str(e) or type(e).__name__
+
+
 def write_error(request: Request, code: int, message: str, details: str = "") -> bytes:
     """Set the status and content type of an error answer; return its body."""
     request.setResponseCode(code)

@@ -180,11 +180,6 @@ class MergedStream:
         self._poll = LoopingCall(self.sync)
         self._poll.clock = events.clock
 
-    @property
-    def open_nodes(self) -> list[str]:
-        """Names of the nodes whose stream is open or opening."""
-        return [n.peer.name for n in self._nodes.values() if not n.ended]
-
     def start(self) -> None:
         self._request.notifyFinish().addErrback(self._client_gone)
         self.sync()

@@ -12,7 +12,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.clients import get_within
-from swarmagent.errors import error_body
+from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import node_copy
@@ -116,7 +116,7 @@ class FanOut:
             else:
                 failure = result.value  # type: ignore[attr-defined]
                 if not isinstance(failure, NodeFailed):
-                    failure = NodeFailed(str(failure) or type(failure).__name__)
+                    failure = NodeFailed(describe(failure))
                 merged.missing.append((peer.name, failure))
         merged.missing.extend((name, NodeFailed(NO_AGENT)) for _, name in agentless)
         return merged
@@ -173,10 +173,8 @@ class FanOut:
                 request.write(failure.body)
                 request.finish()
                 return
-        request.setResponseCode(502)
-        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         names = ", ".join(f"{name}: {f}" for name, f in merged.missing)
-        request.write(error_body("No node answered the cluster-wide list", names))
+        request.write(write_error(request, 502, "No node answered the cluster-wide list", names))
         request.finish()
 
 

@@ -26,6 +26,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.server import Request
 
 from swarmagent.clients import ENGINE_BASE, get_within, peer_url
+from swarmagent.errors import describe
 from swarmagent.logs import logger
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import forward_headers
@@ -100,7 +101,7 @@ class Locator:
         self._timeout = timeout
 
     async def locate(self, request: Request) -> Found:
-        """Where ``request``'s container or exec instance is."""
+        """Where ``request``'s container, exec instance or image is."""
         target = inspect_path(request.path)
         if target is None:
             return Here()
@@ -162,5 +163,4 @@ def _one_image(answers: list[bytes]) -> bool:
 
 
 def _reason(failure: Any) -> str:
-    value = getattr(failure, "value", failure)
-    return str(value) or type(value).__name__
+    return describe(getattr(failure, "value", failure))

@@ -16,7 +16,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.clients import ENGINE_BASE, peer_url
-from swarmagent.errors import error_body
+from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
 from swarmagent.peers import Peer
 from swarmagent.tunnel import hijack, wants_upgrade
@@ -150,10 +150,9 @@ class Relay:
             response = await pending
         except Exception as e:
             if not gone and not isinstance(e, CancelledError):
-                log.warn("{upstream}: {why}", upstream=unreachable, why=str(e) or type(e).__name__)
-                request.setResponseCode(502)
-                request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-                request.write(error_body(unreachable, str(e) or type(e).__name__))
+                why = describe(e)
+                log.warn("{upstream}: {why}", upstream=unreachable, why=why)
+                request.write(write_error(request, 502, unreachable, why))
                 request.finish()
             return
         request.setResponseCode(response.code, response.phrase)

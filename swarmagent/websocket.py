@@ -35,7 +35,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from swarmagent.errors import error_body, write_error
+from swarmagent.errors import describe, error_body, write_error
 from swarmagent.logs import logger
 from swarmagent.tunnel import MAX_HEAD, error_response
 from swarmagent.wire import AGENT_HEADERS, CONSOLE_PATHS, HOP
@@ -213,7 +213,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
             self._refusal = e.body
             raise ConnectionDeny(e.code, f"The engine refused the {kind}") from None
         except Exception as e:
-            why = str(e) or type(e).__name__
+            why = describe(e)
             self._refusal = error_body("Unable to reach the Docker engine", why)
             raise ConnectionDeny(502, "Unable to reach the Docker engine") from None
         finally:
@@ -366,9 +366,6 @@ class ConsoleFactory(WebSocketServerFactory):
 
 class ConsoleResource(WebSocketResource):
     """Checks a console request, then takes its connection over for the WebSocket."""
-
-    def __init__(self, factory: ConsoleFactory) -> None:
-        super().__init__(factory)
 
     def render(self, request: Request) -> Any:
         args: dict[bytes, list[bytes]] = request.args or {}
