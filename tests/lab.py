@@ -92,6 +92,8 @@ AGENT_SRC = Path(os.environ.get("SALAB_AGENT_SRC", REPO_ROOT))
 DEFAULT_ROOT = Path(os.environ.get("SALAB_ROOT", f"/var/tmp/swarmagent-lab{LAB_ID or ''}"))
 BUSYBOX = Path("/bin/busybox")
 DOCKERD = os.environ.get("SALAB_DOCKERD", "/usr/sbin/dockerd")
+#: Debian's docker CLI (20.10, API 1.41); a newer one may come first in PATH.
+DOCKER_CLI = "/usr/bin/docker"
 
 
 #: iptables FORWARD rule letting traffic between lab nodes through.

@@ -30,6 +30,7 @@ from typing import Any
 
 from tests.lab import (
     AGENT_PORT,
+    DOCKER_CLI,
     PREFIX,
     REPO_ROOT,
     Lab,
@@ -49,7 +50,6 @@ AGENT_IMAGE = "swarmagent:lab"
 STACK = "swarmagent"
 SERVICE = f"{STACK}_agent"
 STACK_FILES = ("compose/agent-stack.yml", "compose/agent-stack.tls.yml")
-DOCKER_CLI = "/usr/bin/docker"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 

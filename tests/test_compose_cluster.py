@@ -208,14 +208,6 @@ class ComposeTests(LabTestCase):
         self.set_target("node3")
         self.lifecycle("node3")
 
-    @explain
-    def test_config_and_version(self) -> None:
-        """``version`` reaches the engine (its API version) and ``config`` parses the file."""
-        p = self.compose("version")
-        self.assertIn("docker-compose version", p.stdout)
-        p = self.compose("config", "--services")
-        self.assertEqual(p.stdout.split(), ["app"])
-
     def assert_refused(self, p: subprocess.CompletedProcess[str]) -> None:
         self.assertNotEqual(p.returncode, 0, p.stdout)
         for node in self.the_lab.nodes:

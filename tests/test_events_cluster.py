@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 import docker
-import docker.tls
 import websocket
 
 from tests.lab import AGENT_PORT, IMAGE, Agent, Node, run, sdk_client, wait_until

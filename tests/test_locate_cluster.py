@@ -14,12 +14,9 @@ import tempfile
 from typing import ClassVar
 
 import docker
-import docker.tls
 
-from tests.lab import IMAGE, Lab, sdk_client
+from tests.lab import DOCKER_CLI, IMAGE, Lab, sdk_client
 from tests.labcase import LabTestCase, engine_containers, explain
-
-DOCKER_CLI = shutil.which("docker", path="/usr/bin") or "docker"
 
 
 class LocateTests(LabTestCase):

@@ -13,17 +13,15 @@ from pathlib import Path
 
 import docker
 import docker.errors
-import docker.tls
 
 from swarmagent import certs
 from swarmagent.signature import Signer
 from tests.lab import IMAGE, Agent, Lab, Response, sdk_client, wait_until
-from tests.labcase import LabTestCase, explain
+from tests.labcase import TARGET, LabTestCase, explain
 
 MISSING = {"message": "Missing request signature headers", "details": "Unauthorized"}
 UNAUTHORIZED = {"message": "Invalid request signature", "details": "Unauthorized"}
 HOP = "X-SwarmAgent-Hop"
-TARGET = "X-PortainerAgent-Target"
 # Agents with no CA: a self-signed certificate each, Portainer's pairing.
 PORTAINER_MODE = {"AGENT_TLS_CERT": "", "AGENT_TLS_KEY": "", "AGENT_TLS_CA": ""}
 

@@ -17,9 +17,9 @@ import yaml
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.lab import REPO_ROOT
+from tests.labcase import IN_CI
 
 COMPOSE = REPO_ROOT / "compose"
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 #: Every way the README deploys the stack files.
 DEPLOYMENTS = [

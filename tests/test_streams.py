@@ -16,13 +16,10 @@ import time
 from typing import ClassVar
 
 import docker
-import docker.tls
 import pexpect
 
-from tests.lab import IMAGE, Lab, sdk_client, wait_until
+from tests.lab import DOCKER_CLI, IMAGE, Lab, sdk_client, wait_until
 from tests.labcase import LabTestCase, explain
-
-DOCKER_CLI = shutil.which("docker", path="/usr/bin") or "docker"
 
 
 class StreamTests(LabTestCase):
