@@ -103,6 +103,25 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds to open a connection to an engine or a peer.",
     ),
     Setting(
+        "host-root",
+        "AGENT_HOST_ROOT",
+        "",
+        "Where the host's root is mounted (like /host): enables Portainer's host browser "
+        "and reads host info there. Default: no host browser, host info from /sys.",
+    ),
+    Setting(
+        "dockerhub-auth-url",
+        "AGENT_DOCKERHUB_AUTH_URL",
+        "https://auth.docker.io/token",
+        "Docker Hub's token service, for the pull rate-limit check.",
+    ),
+    Setting(
+        "dockerhub-registry-url",
+        "AGENT_DOCKERHUB_REGISTRY_URL",
+        "https://registry-1.docker.io",
+        "Docker Hub's registry, for the pull rate-limit check.",
+    ),
+    Setting(
         "probe-failures",
         "AGENT_PROBE_FAILURES",
         "3",
@@ -247,6 +266,12 @@ class Options(usage.Options):
                 raise bad(flag, f"no such file: {self[flag]!r}")
         if self["secret-file"]:
             self["secret"] = self._read_secret()
+        root = self["host-root"]
+        if root and not os.path.isabs(root):
+            raise bad("host-root", f"not an absolute path: {root!r}")
+        for flag in ("dockerhub-auth-url", "dockerhub-registry-url"):
+            if urlsplit(self[flag]).scheme not in ("http", "https"):
+                raise bad(flag, f"not an http(s) URL: {self[flag]!r}")
         name = self["cluster-addr"]
         if name and (len(name) > 253 or any(c.isspace() for c in name)):
             raise bad("cluster-addr", f"not a DNS name: {name!r}")

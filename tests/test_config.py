@@ -30,6 +30,9 @@ DEFAULTS: dict[str, Any] = {
     "fanout-timeout": 10.0,
     "connect-timeout": 5.0,
     "probe-failures": 3,
+    "host-root": "",
+    "dockerhub-auth-url": "https://auth.docker.io/token",
+    "dockerhub-registry-url": "https://registry-1.docker.io",
 }
 
 # The TLS options name files that must exist (ConfigCase makes them), and go together:
@@ -56,6 +59,9 @@ OTHER: dict[str, tuple[str, Any]] = {
     "fanout-timeout": ("2.5", 2.5),
     "connect-timeout": ("1", 1.0),
     "probe-failures": ("7", 7),
+    "host-root": ("/host", "/host"),
+    "dockerhub-auth-url": ("https://127.0.0.1:8443/token", "https://127.0.0.1:8443/token"),
+    "dockerhub-registry-url": ("http://[::1]:5000", "http://[::1]:5000"),
 }
 
 # Values each option must refuse (secret and data-path take any string).
@@ -79,6 +85,9 @@ BAD: dict[str, list[str]] = {
     "fanout-timeout": ["x", "0", "-5"],
     "connect-timeout": ["", "0"],
     "probe-failures": ["many", "0", "-2", "1.5"],
+    "host-root": ["host", "./host"],
+    "dockerhub-auth-url": ["auth.docker.io/token", "ftp://hub/token"],
+    "dockerhub-registry-url": ["", "registry-1.docker.io"],
 }
 
 ENV = {s.flag: s.env for s in SETTINGS}
