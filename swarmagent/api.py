@@ -8,10 +8,13 @@ from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.util import DeferredResource
 
 from swarmagent.auth import OPEN_PATHS, Authorizer
+from swarmagent.browse import parse_browse_path, volume_of
 from swarmagent.errors import ErrorResource, error_body
 from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
@@ -28,14 +31,34 @@ from swarmagent.routing import (
     Misdirected,
     NoManager,
     UnknownNode,
+    creates_swarm_network,
     route,
+    strip_version,
 )
 from swarmagent.routing import (
     FanOut as FanOutRoute,
 )
-from swarmagent.wire import AGENT_HEADERS, CONSOLE_PATHS, IDENTITY_PATH, MISSING_NODES
+from swarmagent.wire import (
+    AGENT_HEADERS,
+    CONSOLE_PATHS,
+    DOCKERHUB_PATH,
+    HOST_INFO_PATHS,
+    IDENTITY_PATH,
+    MISSING_NODES,
+)
 
 log = logger(__name__)
+
+
+def _body(request: Request) -> bytes:
+    """The start of the request body, enough to read a network's driver."""
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    head = content.read(64 * 1024)
+    content.seek(0)
+    return bytes(head)
 
 
 def safe_path(path: bytes) -> bool:
@@ -83,13 +106,18 @@ class AgentRoot(Resource):
         identity_open: bool = False,
         events: ClusterEvents | None = None,
         consoles: IResource | None = None,
+        browse: IResource | None = None,
+        host_info: IResource | None = None,
+        dockerhub: IResource | None = None,
     ) -> None:
         super().__init__()
         self._locator = locator
         # Without them (unit tests of other routes), /events is one node's
-        # and there are no consoles.
+        # and the other agent-only routes reach the engine.
         self._events = events
         self._consoles = dict.fromkeys(CONSOLE_PATHS, consoles) if consoles is not None else {}
+        self._browse = browse
+        self._host_info = dict.fromkeys(HOST_INFO_PATHS, host_info) if host_info else {}
         self._authorizer = authorizer
         self._open = OPEN_PATHS | ({IDENTITY_PATH} if identity_open else set())
         self._table = table
@@ -99,7 +127,7 @@ class AgentRoot(Resource):
         self._reactor = reactor
         ping = _Leaf(self._ping)
         agents = _Leaf(self._agents)
-        self._own = {
+        self._own: dict[bytes, IResource] = {
             b"/ping": ping,
             b"/v2/ping": ping,
             b"/agents": agents,
@@ -107,31 +135,56 @@ class AgentRoot(Resource):
             b"/v2/agents": agents,
             IDENTITY_PATH: _Leaf(self._identity),
         }
+        if dockerhub is not None:
+            self._own[DOCKERHUB_PATH] = dockerhub
 
     def own_paths(self) -> frozenset[bytes]:
         """The paths the agent answers itself (everything else goes to an engine)."""
-        return frozenset(self._own) | frozenset(self._consoles)
+        return frozenset(self._own) | frozenset(self._consoles) | frozenset(self._host_info)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         for name, value in AGENT_HEADERS:
             request.responseHeaders.setRawHeaders(name, [value])
-        if request.path not in self._open:
+        # The agent's own routes are matched without a Docker version prefix
+        # (Portainer's UI sends /v1.41/ping and /v1.41/v2/dockerhub); Docker
+        # requests keep theirs when forwarded.
+        bare = strip_version(request.path.decode("latin-1")).encode("latin-1")
+        if bare not in self._open:
             verdict = self._authorizer.check(request)
             if not verdict.accepted:
                 return ErrorResource(verdict.code, verdict.message, verdict.details)
         if not safe_path(request.path):
             return ErrorResource(400, "Invalid request path", "Dot segments are not allowed")
-        own = self._own.get(request.path)
+        own = self._own.get(bare)
         if own is not None:
             return own
-        # A console is served where the target says, like a Docker request.
-        return self._docker(request, local=self._consoles.get(request.path))
+        # Consoles, host info and browsing are served where the target says,
+        # like a Docker request; a browsed volume is found like a container.
+        local = self._consoles.get(bare) or self._host_info.get(bare)
+        if local is None and self._browse is not None:
+            browsing = parse_browse_path(bare.decode("latin-1"))
+            if browsing is not None:
+                volume = volume_of(request)
+                about = ("volumes", volume) if volume else None
+                return self._docker(request, local=self._browse, about=about)
+        return self._docker(request, local=local)
 
-    def _docker(self, request: Request, local: IResource | None = None) -> IResource:
+    def _docker(
+        self,
+        request: Request,
+        local: IResource | None = None,
+        about: tuple[str, str] | None = None,
+    ) -> IResource:
         # Classified as the engine will read it (decoded); forwarded as sent.
         path = unquote(request.path.decode("latin-1"))
+        method = request.method.decode("latin-1")
         decision = route(
-            request.method.decode("latin-1"), path, lower_headers(request), self._table
+            method,
+            path,
+            lower_headers(request),
+            self._table,
+            about=about,
+            for_manager=creates_swarm_network(method, strip_version(path), _body(request)),
         )
         match decision:
             case Local():
@@ -139,9 +192,7 @@ class AgentRoot(Resource):
             case Forward(peer):
                 return self._forward(peer)
             case Locate(kind, ident):
-                return _LocateResource(
-                    self._locator, lambda found: self._located(found, kind, ident, local)
-                )
+                return DeferredResource(self._locate(request, kind, ident, local))
             case FanOutRoute(kind):
                 return _FanOutResource(self._fanout, kind)
             case MergedEvents():
@@ -171,6 +222,31 @@ class AgentRoot(Resource):
     def _forward(self, peer: Peer) -> IResource:
         return PeerProxy(self._peer_relay, peer, self._table.me.identity.key, self._reactor)
 
+    def _locate(
+        self, request: Request, kind: str, ident: str, local: IResource | None
+    ) -> Deferred[IResource]:
+        """The resource that serves ``request`` once its object is found.
+
+        twisted.web has already read the whole request body (``request.content``)
+        and buffers whatever the client sends next, so the request can be relayed
+        or hijacked once the lookup ends.
+        """
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def failed(reason: Failure) -> Found:
+            # A bug here must not leave the client hanging: serve it here.
+            log.failure("lookup of {path} failed", reason, path=request.path)
+            return Here()
+
+        def serve(found: Found) -> IResource:
+            if gone:
+                return _Gone()
+            return self._located(found, kind, ident, local)
+
+        located = Deferred.fromCoroutine(self._locator.locate(request, kind, ident))
+        return located.addErrback(failed).addCallback(serve)
+
     def _located(self, found: Found, kind: str, ident: str, local: IResource | None) -> IResource:
         """The resource that serves a request once its object is found."""
         match found:
@@ -182,7 +258,9 @@ class AgentRoot(Resource):
             case Nowhere(body, missing):
                 return _NotFoundResource(body, missing)
             case Several(peers):
-                what = {"containers": "container", "images": "image"}.get(kind, "exec instance")
+                what = {"containers": "container", "images": "image", "volumes": "volume"}.get(
+                    kind, "exec instance"
+                )
                 return ErrorResource(
                     409,
                     f"Several nodes have a {what} matching {ident!r}: "
@@ -201,7 +279,8 @@ class AgentRoot(Resource):
         doc = [
             {
                 "IPAddress": peer.address,
-                "Port": peer.port,
+                # A string, as the reference agent sends it.
+                "Port": str(peer.port),
                 "NodeName": peer.name,
                 "NodeID": peer.identity.node_id,
                 "NodeRole": peer.identity.role,
@@ -239,40 +318,13 @@ class _EventsResource(Resource):
         return self._events.render(request)
 
 
-class _LocateResource(Resource):
-    """Finds the object's node, then serves the request with ``serve(found)``.
-
-    twisted.web has already read the whole request body (``request.content``)
-    and buffers whatever the client sends next, so the request can be relayed
-    or hijacked once the lookup ends.
-    """
+class _Gone(Resource):
+    """Nothing to serve: the client left during the lookup."""
 
     isLeaf = True
 
-    def __init__(self, locator: Locator, serve: Callable[[Found], IResource]) -> None:
-        super().__init__()
-        self._locator = locator
-        self._serve = serve
-
     def render(self, request: Request) -> Any:
-        Deferred.fromCoroutine(self._render(request))
         return NOT_DONE_YET
-
-    async def _render(self, request: Request) -> None:
-        gone: list[object] = []
-        request.notifyFinish().addErrback(gone.append)
-        try:
-            found: Found = await self._locator.locate(request)
-        except Exception:
-            # A bug here must not leave the client hanging: serve it here.
-            log.failure("lookup of {path} failed", path=request.path)
-            found = Here()
-        if gone:
-            return
-        body = self._serve(found).render(request)
-        if body is not NOT_DONE_YET:
-            request.write(body)
-            request.finish()
 
 
 class _NotFoundResource(Resource):

@@ -1,4 +1,4 @@
-"""Finding the node that holds the container, exec instance or image a request names.
+"""Finding the node that holds the container, exec instance, image or volume a request names.
 
 The local engine is asked first (one small inspect on its socket): most
 requests are about this node's objects, and then nothing else is asked. On
@@ -18,6 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -100,12 +101,18 @@ class Locator:
         self._clock = clock
         self._timeout = timeout
 
-    async def locate(self, request: Request) -> Found:
-        """Where ``request``'s container, exec instance or image is."""
-        target = inspect_path(request.path)
-        if target is None:
-            return Here()
-        kind, path = target
+    async def locate(self, request: Request, kind: str, ident: str) -> Found:
+        """Where ``request``'s container, exec instance, image, volume or network is."""
+        if kind == "networks":
+            return await self._swarm_network(request, ident)
+        if kind == "volumes":
+            # A browse request names its volume in the query, not the path.
+            path = b"/volumes/" + quote(ident, safe="").encode("ascii")
+        else:
+            target = inspect_path(request.path)
+            if target is None:
+                return Here()
+            path = target[1]
         try:
             code, body = await self._ask(self._engine, ENGINE_BASE + path, Headers())
         except Exception:
@@ -140,7 +147,7 @@ class Locator:
                 missing.append(peer.name)
         missing.extend(name for _, name in self._table.agentless())
         if len(holders) == 1 or (
-            kind == b"images" and request.method == b"GET" and _one_image(answers)
+            kind == "images" and request.method == b"GET" and _one_image(answers)
         ):
             # Several nodes holding the same image give the same answer to a
             # read: any of them will do. A write must say which one.
@@ -149,8 +156,46 @@ class Locator:
             return Several(tuple(holders))
         return Nowhere(body, tuple(missing))
 
+    async def _swarm_network(self, request: Request, ident: str) -> Found:
+        """A manager's, if the network is swarm-scoped; else this node's.
+
+        Workers list a swarm network only while one of their tasks uses it,
+        and cannot remove it; managers know every one.
+        """
+        path = b"/networks/" + quote(ident, safe="").encode("ascii")
+        try:
+            code, body = await self._ask(self._engine, ENGINE_BASE + path, Headers())
+        except Exception:
+            return Here()
+        if (code == 200 and not _swarm_scoped(body)) or code not in (200, 404):
+            return Here()
+        managers = self._table.managers()
+        if not managers:
+            return Here()
+        leader = managers[0]
+        url = peer_url(leader.address, leader.port, path)
+        headers = forward_headers(request, leader, self._table.me.identity.key)
+        try:
+            code, body = await self._ask(self._peers, url, headers)
+        except Exception as e:
+            log.warn(
+                "lookup of network {ident} on {node}: {why}",
+                ident=ident,
+                node=leader.name,
+                why=describe(e),
+            )
+            return Here()
+        return There(leader) if code == 200 and _swarm_scoped(body) else Here()
+
     def _ask(self, agent: IAgent, url: bytes, headers: Headers) -> Deferred[tuple[int, bytes]]:
         return get_within(agent, url, headers, self._clock, self._timeout)
+
+
+def _swarm_scoped(inspect: bytes) -> bool:
+    try:
+        return bool(json.loads(inspect).get("Scope") == "swarm")
+    except (ValueError, AttributeError):
+        return False
 
 
 def _one_image(answers: list[bytes]) -> bool:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from swarmagent.peers import Ambiguous, Peer, PeerTable
+from swarmagent.peers import MANAGER, Ambiguous, Peer, PeerTable
 from swarmagent.wire import HOP, MANAGER_OPERATION, TARGET
 
 _VERSION = re.compile(r"^/v\d+\.\d+(?=/|$)")
@@ -38,6 +39,31 @@ _COLLECTION_OPS = {"json", "create", "prune"}
 # as Docker's own router allows.
 _IMAGE = re.compile(r"^/images/(.+?)(?:/(json|history|push|tag|get))?$")
 _IMAGE_COLLECTION_OPS = {"json", "create", "load", "search", "prune", "get"}
+
+
+# One network, by ID or name: ``GET|DELETE /networks/{id}`` (not ``create``,
+# ``prune`` or ``connect``).
+_NETWORK = re.compile(r"^/networks/([^/]+)$")
+_NETWORK_COLLECTION_OPS = {"create", "prune"}
+
+
+def swarm_network(bare: str, method: str) -> str | None:
+    """The network an inspect or removal names, which may be swarm-scoped."""
+    m = _NETWORK.match(bare)
+    if m is None or method not in ("GET", "HEAD", "DELETE") or m[1] in _NETWORK_COLLECTION_OPS:
+        return None
+    return m[1]
+
+
+def creates_swarm_network(method: str, bare: str, body: bytes) -> bool:
+    """Whether a request creates a swarm-scoped (overlay) network: only a manager can."""
+    if method != "POST" or bare != "/networks/create":
+        return False
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False  # the engine says what is wrong with it
+    return isinstance(doc, dict) and (doc.get("Driver") == "overlay" or doc.get("Scope") == "swarm")
 
 
 def single_object(bare: str, method: str = "GET") -> tuple[str, str] | None:
@@ -83,7 +109,8 @@ class MergedEvents:
 
 @dataclass(frozen=True)
 class Locate:
-    """Find the node holding this container, exec instance or image, then serve it there."""
+    """Find the node holding this container, exec instance, image, volume or
+    swarm network, then serve it there."""
 
     kind: str
     ident: str
@@ -130,11 +157,21 @@ Route = (
 )
 
 
-def route(method: str, path: str, headers: Mapping[str, str], table: PeerTable) -> Route:
+def route(
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    table: PeerTable,
+    *,
+    about: tuple[str, str] | None = None,
+    for_manager: bool = False,
+) -> Route:
     """Decide where a Docker API request is served.
 
     ``path`` is the request path with its ``/vX.Y`` prefix; ``headers`` maps
-    lower-case names to values.
+    lower-case names to values. ``about`` names the object a request is about
+    when its path does not (a browse request's volume); ``for_manager`` says
+    its body asks for what only a manager can do (an overlay network).
     """
     me = table.me
     bare = strip_version(path)
@@ -145,7 +182,11 @@ def route(method: str, path: str, headers: Mapping[str, str], table: PeerTable) 
     if not me.identity.swarm:
         return Local()
 
-    if headers.get(MANAGER_OPERATION) or any(_under(bare, p) for p in MANAGER_PREFIXES):
+    if (
+        for_manager
+        or headers.get(MANAGER_OPERATION)
+        or any(_under(bare, p) for p in MANAGER_PREFIXES)
+    ):
         if me.identity.role == "manager":
             return Local()
         if forwarded:
@@ -168,9 +209,15 @@ def route(method: str, path: str, headers: Mapping[str, str], table: PeerTable) 
     # holding the object, as classic Swarm routed it. Only a client's own
     # request: a forwarded one always names its node.
     if not target and not forwarded and len(table.nodes()) > 1:
-        obj = single_object(bare, method)
+        obj = about or single_object(bare, method)
         if obj is not None:
             return Locate(*obj)
+        # A swarm-scoped network is a manager's to inspect or remove (the
+        # docker CLI's `stack rm` sends no header); a manager's engine knows
+        # them all already.
+        network = swarm_network(bare, method)
+        if network is not None and me.identity.role != MANAGER:
+            return Locate("networks", network)
 
     if targets_me:
         return Local()

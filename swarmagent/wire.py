@@ -30,3 +30,8 @@ CONSOLE_PATHS = {
     b"/websocket/attach": "attach",
     b"/v2/websocket/attach": "attach",
 }
+
+# Portainer's host view and node details (targeted like a Docker request).
+HOST_INFO_PATHS = (b"/host/info", b"/v1/host/info", b"/v2/host/info")
+# The pull rate-limit hint (answered by the agent Portainer talks to).
+DOCKERHUB_PATH = b"/v2/dockerhub"

@@ -13,6 +13,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI
 from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from swarmagent import __version__
@@ -120,8 +122,13 @@ class AgentCase(SynchronousTestCase):
             self.clock,
             Authorizer(Verifier(secret=SECRET), None),
             Locator(self.table, self.engine, self.peers, self.clock, 2),
+            **self.agent_routes(),
         )
         self.site = make_site(root, self.clock)
+
+    def agent_routes(self) -> dict[str, Any]:
+        """The agent-only resources (browse, host info, Docker Hub) the test gives."""
+        return {}
 
     def request(
         self, method: str, uri: str, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
@@ -156,15 +163,15 @@ class OwnRoutesTests(AgentCase):
 
     def test_agents(self) -> None:
         expected = [
-            {"IPAddress": "10.0.0.1", "Port": 9001, "NodeName": "a", "NodeID": "id-a",
+            {"IPAddress": "10.0.0.1", "Port": "9001", "NodeName": "a", "NodeID": "id-a",
              "NodeRole": "manager", "EdgeKeySet": False},
-            {"IPAddress": "10.0.0.2", "Port": 9001, "NodeName": "b", "NodeID": "id-b",
+            {"IPAddress": "10.0.0.2", "Port": "9001", "NodeName": "b", "NodeID": "id-b",
              "NodeRole": "manager", "EdgeKeySet": False},
-            {"IPAddress": "10.0.0.3", "Port": 9001, "NodeName": "c", "NodeID": "id-c",
+            {"IPAddress": "10.0.0.3", "Port": "9001", "NodeName": "c", "NodeID": "id-c",
              "NodeRole": "worker", "EdgeKeySet": False},
-            {"IPAddress": "10.0.0.4", "Port": 9001, "NodeName": "dup", "NodeID": "n4",
+            {"IPAddress": "10.0.0.4", "Port": "9001", "NodeName": "dup", "NodeID": "n4",
              "NodeRole": "worker", "EdgeKeySet": False},
-            {"IPAddress": "10.0.0.5", "Port": 9001, "NodeName": "dup", "NodeID": "n5",
+            {"IPAddress": "10.0.0.5", "Port": "9001", "NodeName": "dup", "NodeID": "n5",
              "NodeRole": "worker", "EdgeKeySet": False},
         ]  # fmt: skip
         for uri in ("/agents", "/v1/agents", "/v2/agents"):
@@ -560,3 +567,171 @@ class IdleTimeoutTests(AgentCase):
         self.assertFalse(client.transport.disconnecting)
         stream.deliver(b"at last\n")
         self.assertEqual(client.response().body, b"at last\n")
+
+
+class _Named(Resource):
+    """Answers with its name and the path it was asked, to show who served."""
+
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def render(self, request: Request) -> bytes:
+        return f"{self.name} {request.method.decode()} {request.uri.decode()}".encode()
+
+
+class AgentOnlyRoutesTests(AgentCase):
+    """Browse, host info and Docker Hub: the agent's own, with or without a
+    Docker version prefix; browse and host info go where the target says."""
+
+    def agent_routes(self) -> dict[str, Any]:
+        return {
+            "browse": _Named("browse"),
+            "host_info": _Named("host"),
+            "dockerhub": _Named("hub"),
+        }
+
+    def test_version_prefixed_ping_is_open(self) -> None:
+        for uri in ("/v1.41/ping", "/v1.41/v2/ping", "/v1.24/ping"):
+            with self.subTest(uri=uri):
+                response = Client(self.site).send("GET", uri, []).response()
+                self.assertEqual(response.code, 204)
+                self.assertAgentHeaders(response)
+        self.assertEqual(self.engine.calls, [])
+
+    def test_version_prefixed_own_routes(self) -> None:
+        self.assertEqual(self.get("/v1.41/v2/agents").code, 200)
+        self.assertEqual(self.get("/v1.41/v2/agents").json()[0]["Port"], "9001")
+        hub = self.request("POST", "/v1.41/v2/dockerhub", body=b"{}").response()
+        self.assertEqual(hub.body, b"hub POST /v1.41/v2/dockerhub")
+        self.assertEqual(self.get("/v1.41/v2/host/info").body, b"host GET /v1.41/v2/host/info")
+        self.assertEqual(self.engine.calls, [])
+
+    def test_own_routes_still_need_credentials(self) -> None:
+        for uri in ("/v1.41/v2/agents", "/v2/browse/ls?path=/", "/v2/host/info"):
+            with self.subTest(uri=uri):
+                response = Client(self.site).send("GET", uri, []).response()
+                self.assertEqual(response.code, 403)
+
+    def test_docker_routes_keep_their_prefix(self) -> None:
+        self.request("GET", "/v1.41/_ping")
+        self.assertEqual([c.url for c in self.engine.calls], [b"http://docker/v1.41/_ping"])
+
+    def test_host_info_goes_to_the_target(self) -> None:
+        self.assertEqual(self.get("/host/info").body, b"host GET /host/info")
+        self.request("GET", "/v2/host/info", [("X-PortainerAgent-Target", "c")])
+        [call] = self.peers.calls
+        self.assertEqual(call.url, b"https://10.0.0.3:9001/v2/host/info")
+        self.assertEqual(call.header(b"x-swarmagent-hop"), [b"id-a"])
+
+    def test_host_browser_is_served_here_or_at_the_target(self) -> None:
+        self.assertEqual(
+            self.get("/v2/browse/ls?path=/host").body, b"browse GET /v2/browse/ls?path=/host"
+        )
+        self.request("DELETE", "/browse/delete?path=/host/x", [("X-PortainerAgent-Target", "b")])
+        [call] = self.peers.calls
+        self.assertEqual(call.method, b"DELETE")
+        self.assertEqual(call.url, b"https://10.0.0.2:9001/browse/delete?path=/host/x")
+
+    def test_untargeted_volume_here(self) -> None:
+        client = self.request("GET", "/v2/browse/ls?volumeID=data&path=/")
+        [inspect] = self.engine.calls
+        self.assertEqual(inspect.url, b"http://docker/volumes/data")
+        answer(inspect, 200, b'{"Name":"data"}')
+        self.assertEqual(self.peers.calls, [])
+        self.assertEqual(client.response().body, b"browse GET /v2/browse/ls?volumeID=data&path=/")
+
+    def test_untargeted_volume_elsewhere_is_forwarded(self) -> None:
+        """In each route form, the volume's node serves it."""
+        for uri, ident in [
+            ("/v2/browse/get?volumeID=my%20data&path=/a.txt", b"my%20data"),
+            ("/v1.41/browse/ls?volumeID=data", b"data"),
+            ("/v1/browse/data/ls?path=/sub", b"data"),
+        ]:
+            with self.subTest(uri=uri):
+                self.engine.calls.clear()
+                self.peers.calls.clear()
+                self.request("GET", uri)
+                [inspect] = self.engine.calls
+                self.assertEqual(inspect.url, b"http://docker/volumes/" + ident)
+                answer(inspect, 404, b'{"message":"get data: no such volume"}')
+                self.assertEqual(
+                    [c.url for c in self.peers.calls],
+                    [b"https://10.0.0.%d:9001/volumes/%s" % (i, ident) for i in range(2, 6)],
+                )
+                for call, code in zip(list(self.peers.calls), (404, 404, 200, 404), strict=True):
+                    answer(call, code)
+                [forward] = self.peers.calls[4:]
+                self.assertEqual(forward.url, b"https://10.0.0.4:9001" + uri.encode())
+                self.assertEqual(forward.header(b"x-portaineragent-target"), [b"n4"])
+
+    def test_volume_on_several_nodes_is_409(self) -> None:
+        client = self.request("PUT", "/v2/browse/rename?volumeID=data", body=b"{}")
+        answer(self.engine.calls[0], 404, b'{"message":"get data: no such volume"}')
+        for call, code in zip(list(self.peers.calls), (200, 404, 200, 404), strict=True):
+            answer(call, code)
+        self.assertError(
+            client.response(),
+            409,
+            "Several nodes have a volume matching 'data': b, dup",
+            "Set the X-PortainerAgent-Target header to one of their node IDs: id-b, n4",
+        )
+
+
+class WorkerNetworkTests(AgentCase):
+    """On a worker, swarm networks are created, inspected and removed on a
+    manager with no header (the docker CLI's stack deploy and stack rm)."""
+
+    def make_table(self) -> PeerTable:
+        return make_table(
+            worker("a"), {"10.0.0.2": manager("b", leader=True), "10.0.0.3": worker("c")}
+        )
+
+    def test_overlay_create_goes_to_the_leader(self) -> None:
+        body = b'{"Name":"web","Driver":"overlay","Attachable":true}'
+        self.request("POST", "/v1.41/networks/create", [("Content-Type", "application/json")], body)
+        self.assertEqual(self.engine.calls, [])
+        [call] = self.peers.calls
+        self.assertEqual(call.url, b"https://10.0.0.2:9001/v1.41/networks/create")
+        self.assertEqual(body_of(call.body, self.clock), body)
+
+    def test_bridge_create_stays_here(self) -> None:
+        body = b'{"Name":"web","Driver":"bridge"}'
+        self.request("POST", "/networks/create", [("Content-Type", "application/json")], body)
+        self.assertEqual([c.url for c in self.engine.calls], [b"http://docker/networks/create"])
+        self.assertEqual(self.peers.calls, [])
+
+    def test_swarm_network_removed_on_the_leader(self) -> None:
+        client = self.request("DELETE", "/v1.41/networks/stack_web")
+        [inspect] = self.engine.calls
+        self.assertEqual(inspect.url, b"http://docker/networks/stack_web")
+        answer(inspect, 200, b'{"Id":"n1","Scope":"swarm"}')
+        [ask] = self.peers.calls
+        self.assertEqual(ask.method, b"GET")
+        self.assertEqual(ask.url, b"https://10.0.0.2:9001/networks/stack_web")
+        answer(ask, 200, b'{"Id":"n1","Scope":"swarm"}')
+        [_, remove] = self.peers.calls
+        self.assertEqual(remove.method, b"DELETE")
+        self.assertEqual(remove.url, b"https://10.0.0.2:9001/v1.41/networks/stack_web")
+        remove.respond(204, {}).end()
+        self.assertEqual(client.response().code, 204)
+
+    def test_local_network_stays_here(self) -> None:
+        self.request("GET", "/networks/bridge")
+        answer(self.engine.calls[0], 200, b'{"Id":"n2","Scope":"local"}')
+        self.assertEqual(self.peers.calls, [])
+        self.assertEqual(
+            [c.url for c in self.engine.calls],
+            [b"http://docker/networks/bridge", b"http://docker/networks/bridge"],
+        )
+
+    def test_unknown_everywhere_is_the_local_404(self) -> None:
+        client = self.request("DELETE", "/networks/nope")
+        answer(self.engine.calls[0], 404, b'{"message":"network nope not found"}')
+        answer(self.peers.calls[0], 404, b'{"message":"network nope not found"}')
+        [_, delete] = self.engine.calls
+        self.assertEqual(delete.method, b"DELETE")
+        answer(delete, 404, b'{"message":"network nope not found"}')
+        self.assertEqual(client.response().code, 404)

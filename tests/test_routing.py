@@ -23,9 +23,11 @@ from swarmagent.routing import (
     NoManager,
     Route,
     UnknownNode,
+    creates_swarm_network,
     route,
     single_object,
     strip_version,
+    swarm_network,
 )
 from tests.helpers import make_table, manager, standalone, worker
 
@@ -414,3 +416,60 @@ class LocateTests(SynchronousTestCase):
 
     def test_manager_operation_wins(self) -> None:
         self.assertEqual(go(cluster(), "/containers/abc/json", manager="1"), Local())
+
+
+class SwarmNetworkTests(SynchronousTestCase):
+    """Overlay networks are a manager's: created there, and found there when no
+    header says where (the docker CLI's `stack deploy` and `stack rm`)."""
+
+    def test_overlay_create_goes_to_a_manager(self) -> None:
+        table = cluster("worker")
+        for body in (b'{"Name":"n","Driver":"overlay"}', b'{"Name":"n","Scope":"swarm"}'):
+            with self.subTest(body=body):
+                self.assertTrue(creates_swarm_network("POST", "/networks/create", body))
+                decision = route("POST", "/v1.41/networks/create", {}, table, for_manager=True)
+                self.assertEqual(decision, Forward(peer(table, "b")))
+
+    def test_other_creates_stay(self) -> None:
+        for method, bare, body in [
+            ("POST", "/networks/create", b'{"Name":"n","Driver":"bridge"}'),
+            ("POST", "/networks/create", b'{"Name":"n"}'),
+            ("POST", "/networks/create", b"not json"),
+            ("POST", "/networks/create", b'["overlay"]'),
+            ("POST", "/volumes/create", b'{"Driver":"overlay"}'),
+            ("GET", "/networks/create", b'{"Driver":"overlay"}'),
+        ]:
+            with self.subTest(body=body, bare=bare):
+                self.assertFalse(creates_swarm_network(method, bare, body))
+
+    def test_untargeted_network_on_a_worker_is_looked_up(self) -> None:
+        for method in ("GET", "DELETE"):
+            with self.subTest(method=method):
+                self.assertEqual(
+                    go(cluster("worker"), "/v1.41/networks/web_net", method),
+                    Locate("networks", "web_net"),
+                )
+
+    def test_network_stays_put_otherwise(self) -> None:
+        """A manager knows every swarm network; a target or a hop decides; other
+        network paths are not one network's."""
+        self.assertEqual(go(cluster(), "/networks/web_net", "DELETE"), Local())
+        self.assertEqual(go(cluster("worker"), "/networks/n", target="a"), Local())
+        self.assertEqual(go(cluster("worker"), "/networks/n", hop="id-b"), Local())
+        for path, method in [
+            ("/networks/create", "POST"),
+            ("/networks/prune", "POST"),
+            ("/networks/n/connect", "POST"),
+            ("/networks/n", "POST"),
+        ]:
+            with self.subTest(path=path):
+                self.assertNotIsInstance(go(cluster("worker"), path, method), Locate)
+        self.assertIsNone(swarm_network("/networks/prune", "DELETE"))
+
+    def test_about_names_the_object(self) -> None:
+        """A browse request names its volume in the query."""
+        table = cluster("worker")
+        decision = route("GET", "/v2/browse/ls", {}, table, about=("volumes", "data"))
+        self.assertEqual(decision, Locate("volumes", "data"))
+        targeted = route("GET", "/v2/browse/ls", {TARGET: "c"}, table, about=("volumes", "data"))
+        self.assertEqual(targeted, Forward(peer(table, "c")))
