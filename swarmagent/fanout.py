@@ -14,8 +14,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from swarmagent.clients import get_within
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
-from swarmagent.peers import Peer, PeerTable
+from swarmagent.peers import MANAGER, Peer, PeerTable
 from swarmagent.proxy import node_copy
+from swarmagent.signature import SIGNATURE_HEADER
 from swarmagent.wire import MISSING_NODES
 
 log = logger(__name__)
@@ -43,6 +44,29 @@ class Merged:
     #: The nodes left out, by name, and why.
     missing: list[tuple[str, NodeFailed]] = field(default_factory=list)
     answered: int = 0
+    #: Swarm-scoped networks listed once (see :func:`once_per_swarm`), encoded, by ID.
+    swarm: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class _Answer:
+    """One node's list: its tagged items, its warnings, its swarm-scoped items."""
+
+    chunk: bytes
+    warnings: list[str]
+    swarm: dict[str, bytes]
+
+
+def once_per_swarm(request: Request, kind: str) -> bool:
+    """Whether a network list names each swarm-scoped network once.
+
+    Every node running one of its tasks lists an overlay network, so a merge
+    holds it once per node. Portainer groups those copies itself (its
+    networks view shows the nodes), as the reference agent sends them; any
+    other client gets what a manager's engine answers: one, so that
+    ``docker stack rm`` removes each network once.
+    """
+    return kind == "networks" and not request.requestHeaders.hasHeader(SIGNATURE_HEADER)
 
 
 def tag(items: list[Any], node_name: str) -> list[Any]:
@@ -103,37 +127,47 @@ class FanOut:
         """
         nodes = self._table.nodes()
         agentless = self._table.agentless()
-        calls = [self._ask(request, kind, peer) for peer in nodes]
+        once = once_per_swarm(request, kind)
+        calls = [self._ask(request, kind, peer, once) for peer in nodes]
         results = await DeferredList(calls, consumeErrors=True)
         merged = Merged()
-        for peer, (ok, result) in zip(nodes, results, strict=True):
+        answers = list(zip(nodes, results, strict=True))
+        for peer, (ok, result) in answers:
             if ok:
-                chunk, warnings = result
                 merged.answered += 1
-                if chunk:
-                    merged.chunks.append(chunk)
-                merged.warnings.extend(f"{peer.name}: {w}" for w in warnings)
+                if result.chunk:
+                    merged.chunks.append(result.chunk)
+                merged.warnings.extend(f"{peer.name}: {w}" for w in result.warnings)
             else:
                 failure = result.value  # type: ignore[attr-defined]
                 if not isinstance(failure, NodeFailed):
                     failure = NodeFailed(describe(failure))
                 merged.missing.append((peer.name, failure))
         merged.missing.extend((name, NodeFailed(NO_AGENT)) for _, name in agentless)
+        # A manager's copy of a swarm network first: it is the one to act on.
+        for _, (ok, result) in sorted(answers, key=lambda a: a[0].identity.role != MANAGER):
+            for key, item in result.swarm.items() if ok else ():
+                merged.swarm.setdefault(key, item)
         return merged
 
-    def _ask(self, request: Request, kind: str, peer: Peer) -> Deferred[tuple[bytes, list[str]]]:
+    def _ask(self, request: Request, kind: str, peer: Peer, once: bool) -> Deferred[_Answer]:
         me = self._table.me
         agent = self._engine if peer is me else self._peers
         url, headers = node_copy(request, peer, me)
 
-        async def call() -> tuple[bytes, list[str]]:
+        async def call() -> _Answer:
             code, body = await get_within(agent, url, headers, self._clock, self._timeout)
             if code != 200:
                 raise NodeFailed(f"answered {code}", code, body)
             items, warnings = parse_list(kind, body)
+            items = tag(items, peer.name)
+            swarm: dict[str, bytes] = {}
+            if once:
+                swarm = {str(i.get("Id")): _encode_items([i]) for i in items if _swarm_scoped(i)}
+                items = [i for i in items if not _swarm_scoped(i)]
             # Encoded as soon as it arrives, while other nodes are still awaited;
             # many small encodes are also cheaper than one of everything.
-            return _encode_items(tag(items, peer.name)), warnings
+            return _Answer(_encode_items(items), warnings, swarm)
 
         return Deferred.fromCoroutine(call())
 
@@ -152,7 +186,7 @@ class FanOut:
             names = ", ".join(name for name, _ in merged.missing)
             request.responseHeaders.setRawHeaders(MISSING_NODES, [names.encode("utf-8")])
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        items = b"[" + b",".join(merged.chunks) + b"]"
+        items = b"[" + b",".join([*merged.chunks, *merged.swarm.values()]) + b"]"
         if kind == "volumes":
             warnings = merged.warnings + [
                 f"node {name} did not answer: {f}" for name, f in merged.missing
@@ -176,6 +210,10 @@ class FanOut:
         names = ", ".join(f"{name}: {f}" for name, f in merged.missing)
         request.write(write_error(request, 502, "No node answered the cluster-wide list", names))
         request.finish()
+
+
+def _swarm_scoped(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("Scope") == "swarm"
 
 
 def _encode_items(items: list[Any]) -> bytes:

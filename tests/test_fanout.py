@@ -326,3 +326,34 @@ class UnitTests(SynchronousTestCase):
             with self.subTest(kind=kind, body=body), self.assertRaises(Exception) as caught:
                 parse_list(kind, body)
             self.assertEqual(type(caught.exception).__name__, "NodeFailed")
+
+
+class SwarmNetworkTests(FanOutCase):
+    """An overlay network is listed by every node running one of its tasks."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        overlay = {"Id": "ov", "Name": "stack_front", "Scope": "swarm"}
+        # b lists it first, but a is the manager: a's copy is the one kept.
+        self.a.answer = [{"Id": "a1", "Scope": "local"}, dict(overlay)]
+        self.b.answer = [dict(overlay), {"Id": "b1", "Scope": "local"}]
+        self.c.answer = [dict(overlay)]
+
+    def test_once_for_the_docker_cli(self) -> None:
+        """Once, from a manager, so that `docker stack rm` removes it once."""
+        response = self.get("networks", "/networks").response()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.items(response), [("a1", "a"), ("b1", "b"), ("ov", "a")])
+
+    def test_per_node_for_portainer(self) -> None:
+        """Portainer groups the copies itself, as the reference agent sends them."""
+        signed = [("X-PortainerAgent-PublicKey", "k"), ("X-PortainerAgent-Signature", "s")]
+        response = self.get("networks", "/networks", signed).response()
+        self.assertEqual(
+            self.items(response),
+            [("a1", "a"), ("ov", "a"), ("ov", "b"), ("b1", "b"), ("ov", "c")],
+        )
+
+    def test_other_lists_keep_every_item(self) -> None:
+        response = self.get("containers", "/containers/json").response()
+        self.assertEqual(len(response.json()), 5)
