@@ -27,6 +27,7 @@ DEPLOYMENTS = [
     ["agent-stack.yml", "agent-stack.tls.yml"],
     ["agent-stack.yml", "agent-stack.secret.yml"],
     ["agent-stack.yml", "agent-stack.tls.yml", "agent-stack.secret.yml"],
+    ["agent-stack.yml", "agent-stack.host.yml"],
     ["portainer-agent-stack.yml"],
 ]
 
@@ -67,6 +68,13 @@ class StackFileTests(TestCase):
         self.assertEqual(env["AGENT_TLS_CA"], "/run/secrets/swarmagent_ca")
         self.assertEqual(env["AGENT_SECRET_FILE"], "/run/secrets/swarmagent_secret")
         self.assertEqual(env["AGENT_CLUSTER_ADDR"], "tasks.agent")
+
+    def test_host_overlay_mounts_the_host_root(self) -> None:
+        agent = self.compose_config(DEPLOYMENTS[4])["services"]["agent"]
+        self.assertEqual(agent["environment"]["AGENT_HOST_ROOT"], "/host")
+        self.assertIn("/:/host:rw", agent["volumes"])
+        # The volumes the browser reads stay where the engine says they are.
+        self.assertIn("/var/lib/docker/volumes:/var/lib/docker/volumes:rw", agent["volumes"])
 
     def test_portainer_stack_runs_the_same_agent(self) -> None:
         self.assertEqual(
