@@ -5,14 +5,15 @@ Run as root: ``python -m twisted.trial tests.test_parity_cluster``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.lab import DOCKER_CLI, IMAGE, wait_until
-from tests.labcase import LabTestCase, explain
+from tests.lab import DOCKER_CLI, IMAGE, Lab, Response, wait_until
+from tests.labcase import TARGET, LabTestCase, explain
 
 #: Both docker CLIs the machine has: Debian's 20.10 and a current one.
 CLIS = [cli for cli in (DOCKER_CLI, "/usr/local/bin/docker") if os.path.exists(cli)]
@@ -30,6 +31,30 @@ networks:
   front:
     driver: overlay
 """
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def multipart(fields: dict[str, str], name: str, content: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body as Portainer's UI sends an upload: the folder
+    in ``Path``, the file in ``file``."""
+    boundary = "----swarmagent-lab-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in fields.items()
+    ]
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    body = b"".join([*parts, head, content, f"\r\n--{boundary}--\r\n".encode()])
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 class ParityTests(LabTestCase):
@@ -136,3 +161,143 @@ class ParityTests(LabTestCase):
                     0.5,
                     f"{stack} gone from the manager",
                 )
+
+
+VOLUME = "parity-data"
+
+
+class BrowseTests(LabTestCase):
+    """A volume on node3, browsed through node1's agent as Portainer's volume
+    browser does, each change read back by a container on node3."""
+
+    @classmethod
+    def setUpLab(cls, lab: Lab) -> None:
+        super().setUpLab(lab)
+        client = lab.node("node3").docker()
+        try:
+            client.volumes.create(VOLUME)
+        finally:
+            client.close()
+
+    def setUp(self) -> None:
+        super().setUp()
+        # The same content before every test.
+        self.in_volume(
+            "rm -rf /data/* && mkdir -p /data/sub && printf hello > /data/a.txt"
+            " && printf deep > /data/sub/b.txt"
+        )
+
+    def in_volume(self, script: str) -> str:
+        """Run ``script`` in a container on node3 that mounts the volume at /data."""
+        client = self.node("node3").docker()
+        try:
+            out = client.containers.run(
+                IMAGE, ["sh", "-c", script], volumes={VOLUME: {"bind": "/data"}}, remove=True
+            )
+            return out.decode() if isinstance(out, bytes) else str(out)
+        finally:
+            client.close()
+
+    def browse(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        target: str | None = "node3",
+    ) -> Response:
+        hdrs = dict(headers or {})
+        if target:
+            hdrs[TARGET] = target
+        return self.agent("node1").request(method, path, body=body, headers=hdrs, timeout=60)
+
+    @explain
+    def test_list_in_every_route_form(self) -> None:
+        for path, target in [
+            (f"/v2/browse/ls?volumeID={VOLUME}&path=/", "node3"),
+            (f"/browse/ls?volumeID={VOLUME}&path=/", "node3"),
+            (f"/v1/browse/{VOLUME}/ls?path=/", "node3"),
+            (f"/v1.41/v2/browse/ls?volumeID={VOLUME}&path=/", "node3"),
+            # No target: the volume's node is found as a container's is.
+            (f"/v2/browse/ls?volumeID={VOLUME}&path=/", None),
+        ]:
+            with self.subTest(path=path, target=target):
+                r = self.browse("GET", path, target=target)
+                self.assertEqual(r.status, 200, r.body[:300])
+                listing = {e["Name"]: e for e in r.json()}
+                self.assertEqual(set(listing), {"a.txt", "sub"})
+                self.assertEqual(listing["a.txt"]["Size"], 5)
+                self.assertFalse(listing["a.txt"]["Dir"])
+                self.assertTrue(listing["sub"]["Dir"])
+                self.assertIsInstance(listing["a.txt"]["ModTime"], int)
+        r = self.browse("GET", f"/v2/browse/ls?volumeID={VOLUME}&path=/sub")
+        self.assertEqual([e["Name"] for e in r.json()], ["b.txt"])
+
+    @explain
+    def test_download_with_a_range(self) -> None:
+        r = self.browse("GET", f"/v2/browse/get?volumeID={VOLUME}&path=/sub/b.txt")
+        self.assertEqual((r.status, r.body), (200, b"deep"))
+        self.assertIsNotNone(r.headers.get("Last-Modified"))
+        r = self.browse(
+            "GET", f"/v2/browse/get?volumeID={VOLUME}&path=a.txt", headers={"Range": "bytes=1-3"}
+        )
+        self.assertEqual((r.status, r.body), (206, b"ell"))
+
+    @explain
+    def test_upload_rename_delete(self) -> None:
+        """A 50 MB upload through node1 to node3, streamed (both agents' RSS
+        stay flat), then renamed and deleted; each checked on node3."""
+        content = os.urandom(1024) * (50 * 1024)
+        body, ctype = multipart({"Path": "/up"}, "big.bin", content)
+        pids = [self.agent(n).proc.pid for n in ("node1", "node3")]
+        before = [rss_kib(p) for p in pids]
+        r = self.browse(
+            "POST",
+            f"/v2/browse/put?volumeID={VOLUME}",
+            body=body,
+            headers={"Content-Type": ctype},
+        )
+        self.assertEqual(r.status, 204, r.body[:300])
+        grown = [rss_kib(p) - b for p, b in zip(pids, before, strict=True)]
+        # A whole copy of the upload would be 50 MB.
+        self.assertLess(max(grown), 20 * 1024, f"RSS grew by {grown} KiB")
+        expected = hashlib.md5(content).hexdigest()
+        self.assertEqual(self.in_volume("md5sum /data/up/big.bin").split()[0], expected)
+
+        r = self.browse(
+            "PUT",
+            f"/browse/rename?volumeID={VOLUME}",
+            body={"CurrentFilePath": "a.txt", "NewFilePath": "c.txt"},
+        )
+        self.assertEqual(r.status, 204, r.body[:300])
+        self.assertEqual(self.in_volume("cat /data/c.txt; ls /data"), "helloc.txt\nsub\nup\n")
+
+        r = self.browse("DELETE", f"/v1/browse/{VOLUME}/delete?path=/sub")
+        self.assertEqual(r.status, 204, r.body[:300])
+        self.assertEqual(self.in_volume("ls /data"), "c.txt\nup\n")
+
+    @explain
+    def test_symlinks_planted_by_a_container_are_refused(self) -> None:
+        self.in_volume("ln -s / /data/root && ln -s /etc/passwd /data/pw && ln -s .. /data/sub/up")
+        for method, path in [
+            ("GET", f"/v2/browse/ls?volumeID={VOLUME}&path=/root"),
+            ("GET", f"/v2/browse/ls?volumeID={VOLUME}&path=/root/etc"),
+            ("GET", f"/v2/browse/get?volumeID={VOLUME}&path=pw"),
+            ("GET", f"/v2/browse/get?volumeID={VOLUME}&path=/sub/up/a.txt"),
+            ("DELETE", f"/v2/browse/delete?volumeID={VOLUME}&path=/root/etc/hostname"),
+            ("GET", f"/v2/browse/get?volumeID={VOLUME}&path=/sub/../../a.txt"),
+        ]:
+            with self.subTest(path=path):
+                r = self.browse(method, path)
+                self.assertIn(r.status, range(400, 500), r.body[:300])
+                self.assertNotIn(b"root:", r.body)
+        self.assertEqual(self.in_volume("cat /data/a.txt"), "hello")
+
+    @explain
+    def test_host_info_from_each_node(self) -> None:
+        for name in ("node1", "node2", "node3"):
+            with self.subTest(node=name):
+                r = self.browse("GET", "/v2/host/info", target=name)
+                self.assertEqual(r.status, 200, r.body[:300])
+                doc = r.json()
+                self.assertEqual(set(doc), {"PCIDevices", "PhysicalDisks"})

@@ -165,20 +165,27 @@ class CLIChecks(_Checks):
 
     @explain
     def test_cluster_wide_lists(self) -> None:
-        """volume, image and network ls: every node's items, each node's copy once."""
+        """volume, image and network ls: every node's items, each node's copy once;
+        a swarm network (the stack's overlay, ingress) once, as a manager lists it."""
         engines = {kind: self.engines(kind) for kind in ("volumes", "images", "networks")}
         commands = {
             "volumes": ("volume", "ls", "-q"),
             "images": ("image", "ls", "-q", "--no-trunc"),
             "networks": ("network", "ls", "-q", "--no-trunc"),
         }
+        manager = self.stack.manager.docker()
+        self.addCleanup(manager.close)
+        swarm = {n.id for n in manager.networks.list(filters={"scope": "swarm"})}
+        self.assertTrue(swarm)
         for kind, cmd in commands.items():
             with self.subTest(kind=kind):
                 listed = self.cli(*cmd, via="node3").split()
                 per_node = engines[kind]
                 self.assertEqual(set(listed), set().union(*per_node.values()))
                 # One row per node's copy: three nodes, three agent volumes.
-                self.assertEqual(len(listed), sum(len(ids) for ids in per_node.values()))
+                copies = sum(len(ids - swarm) for ids in per_node.values())
+                expected = copies + len(swarm) if kind == "networks" else copies
+                self.assertEqual(len(listed), expected)
 
     @explain
     def test_services_through_a_worker(self) -> None:
