@@ -63,6 +63,13 @@ SETTINGS: tuple[Setting, ...] = (
         "pair (like 72h, 30m, 1h30m or seconds); then none can until a restart. 0: always.",
     ),
     Setting(
+        "pairing-reset",
+        "AGENT_PAIRING_RESET",
+        "",
+        "Any new value (like a timestamp) forgets the paired Portainer key once, at start, "
+        "and re-opens pairing; the same value again keeps the new pairing.",
+    ),
+    Setting(
         "tls-cert",
         "AGENT_TLS_CERT",
         "",
@@ -155,6 +162,8 @@ def parse_docker_host(value: str) -> EngineAddress:
     raise ValueError(f"expected unix:///path or tcp://host:port, got {value!r}")
 
 
+#: A pairing reset value: printable ASCII without spaces, as ``$(date +%s)`` gives.
+_RESET_VALUE = re.compile(r"[!-~]{0,128}")
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
 
@@ -245,6 +254,12 @@ class Options(usage.Options):
             self["secret-timeout"] = parse_duration(self["secret-timeout"])
         except ValueError as e:
             raise bad("secret-timeout", str(e)) from None
+        if not _RESET_VALUE.fullmatch(self["pairing-reset"]):
+            raise bad(
+                "pairing-reset",
+                "must be up to 128 printable ASCII characters without spaces "
+                f"(like a timestamp), got {self['pairing-reset']!r}",
+            )
         for flag in ("refresh-interval", "fanout-timeout", "connect-timeout"):
             try:
                 self[flag] = _positive(self[flag], "value")

@@ -10,7 +10,9 @@ The message never changes, so the pair is a replayable bearer credential: what t
 checks is that the sender holds (or once held) the private key, nothing more.
 
 Without a secret the agent trusts the first key whose signature verifies and keeps it in a
-file, so that neither a bad request nor a restart can hand the agent to someone else.
+file, so that neither a bad request nor a restart can hand the agent to someone else. Only
+the operator re-opens pairing, with a new AGENT_PAIRING_RESET value (one rolling update of
+the service re-opens it on every node).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ SIGNATURE_HEADER = "X-PortainerAgent-Signature"
 DEFAULT_MESSAGE = "Portainer-App"
 #: The file under DATA_PATH that holds the paired key.
 PAIRED_KEY_FILE = "paired-key.hex"
+#: The file under DATA_PATH that holds the last AGENT_PAIRING_RESET value applied.
+PAIRING_RESET_FILE = "pairing-reset"
+#: What the operator runs to re-open pairing on every agent of the service; the verifier
+#: does not know the service's name.
+REPAIR_COMMAND = "docker service update --env-add AGENT_PAIRING_RESET=$(date +%s) <agent service>"
 
 #: P-256 scalars are 32 bytes; a signature is r‖s.
 SCALAR_SIZE = 32
@@ -173,7 +180,26 @@ class Verdict:
 
 ACCEPTED = Verdict(True, code=200)
 MISSING = Verdict(False, "Missing request signature headers", "Unauthorized")
+# Portainer reads "Invalid request signature" in a snapshot error as "agent already paired
+# with another Portainer instance", so the refusals below keep that message and say in
+# ``details`` what the operator can do.
 UNAUTHORIZED = Verdict(False, "Invalid request signature", "Unauthorized")
+PAIRING_CLOSED = Verdict(
+    False,
+    "Invalid request signature",
+    "Pairing is closed: no Portainer instance paired within AGENT_SECRET_TIMEOUT. "
+    f"To re-open it, restart the agents or run: {REPAIR_COMMAND}",
+)
+
+
+def paired_elsewhere(der: bytes) -> Verdict:
+    """The refusal of any key but the paired one, ``der``."""
+    return Verdict(
+        False,
+        "Invalid request signature",
+        f"This agent is paired with another Portainer instance (key {fingerprint(der)}). "
+        f"To pair again, re-open pairing on every agent: {REPAIR_COMMAND}",
+    )
 
 
 def _invalid(reason: SignatureError) -> Verdict:
@@ -181,12 +207,35 @@ def _invalid(reason: SignatureError) -> Verdict:
     return Verdict(False, "Invalid request signature", text[:1].upper() + text[1:])
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600) so that a crash leaves the old file or the new
+    one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:  # mkstemp made it 0600
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 class PairingStore:
-    """The paired key's DER, as hex in one file that is replaced atomically."""
+    """The paired key's DER, as hex in one file that is replaced atomically, and the last
+    pairing reset applied, in another."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self.path = self.folder / PAIRED_KEY_FILE
+        self.reset_path = self.folder / PAIRING_RESET_FILE
 
     def load(self) -> bytes | None:
         """The stored DER, or None when nothing is paired.
@@ -205,22 +254,24 @@ class PairingStore:
 
     def save(self, der: bytes) -> None:
         """Write ``der`` so that a crash leaves the old file or the new one, never half."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{PAIRED_KEY_FILE}.")
+        _write_atomically(self.path, der.hex().encode("ascii") + b"\n")
+
+    def last_reset(self) -> str | None:
+        """The reset value last applied, or None if there was none."""
         try:
-            with os.fdopen(fd, "wb") as f:  # mkstemp made it 0600
-                f.write(der.hex().encode("ascii") + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            text = self.reset_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return text.decode("utf-8", "surrogateescape").removesuffix("\n")
+
+    def reset(self, value: str) -> None:
+        """Forget the paired key and record ``value`` as applied.
+
+        The key goes first: a crash in between leaves ``value`` unrecorded, and the next
+        start forgets nothing more.
+        """
+        self.path.unlink(missing_ok=True)
+        _write_atomically(self.reset_path, value.encode("utf-8", "surrogateescape") + b"\n")
 
 
 class Verifier:
@@ -228,14 +279,19 @@ class Verifier:
 
     * With ``secret``: any P-256 key that signs MD5(secret) is accepted; nothing is paired.
     * Without: the first key whose signature verifies is paired (and saved in ``store``);
-      from then on only that key is accepted.
+      from then on only that key is accepted. A ``reset`` value that ``store`` has not
+      applied yet forgets the stored key first, once.
 
     Accepted (key, signature) pairs are remembered in a small LRU, so a client that reuses
     its signature (Portainer's Docker client and stack CLI do) is verified once.
     """
 
     def __init__(
-        self, secret: str | bytes = "", store: PairingStore | None = None, cache_size: int = 256
+        self,
+        secret: str | bytes = "",
+        store: PairingStore | None = None,
+        cache_size: int = 256,
+        reset: str = "",
     ) -> None:
         self._secret = bool(secret)
         self._digest = message_digest(secret)
@@ -245,12 +301,23 @@ class Verifier:
         self._paired_der: bytes | None = None
         self._paired_key: ec.EllipticCurvePublicKey | None = None
         self._pairing_open = True
-        if store is not None and not secret:
+        if secret:
+            if reset:
+                _log.info(
+                    "AGENT_PAIRING_RESET is set, but with AGENT_SECRET nothing is paired: "
+                    "there is nothing to reset"
+                )
+        elif store is not None:
+            if reset:
+                _reset(store, reset)
             der = store.load()
             if der is not None:
                 self._paired_der, self._paired_key = der, load_public_key(der)
                 _log.info(
-                    "Paired with key {fp} (from {path})", fp=fingerprint(der), path=store.path
+                    "Paired with key {fp} (from {path}); a new AGENT_PAIRING_RESET value "
+                    "re-opens pairing",
+                    fp=fingerprint(der),
+                    path=store.path,
                 )
 
     @property
@@ -283,10 +350,10 @@ class Verifier:
             der = decode_public_key(cache_key[0])
             if self._paired_der is not None and self._paired_key is not None:
                 if not hmac.compare_digest(der, self._paired_der):
-                    return UNAUTHORIZED
+                    return paired_elsewhere(self._paired_der)
                 key = self._paired_key
             elif not self._secret and not self._pairing_open:
-                return UNAUTHORIZED
+                return PAIRING_CLOSED
             else:
                 key = load_public_key(der)
             r, s = parse_signature(cache_key[1])
@@ -311,8 +378,9 @@ class Verifier:
             return
         self._pairing_open = False
         _log.warn(
-            "No Portainer instance paired in time: pairing is closed until a restart; "
-            "signed requests are refused (client certificates still work)"
+            "No Portainer instance paired in time: pairing is closed until a restart or a "
+            "new AGENT_PAIRING_RESET value; signed requests are refused (client "
+            "certificates still work)"
         )
 
     def _pair(self, der: bytes, key: ec.EllipticCurvePublicKey) -> None:
@@ -336,6 +404,25 @@ class Verifier:
             _log.info(
                 "Paired with key {fp}, saved to {path}", fp=fingerprint(der), path=self._store.path
             )
+
+
+def _reset(store: PairingStore, value: str) -> None:
+    """Forget the pairing in ``store`` unless ``value`` was applied already."""
+    if store.last_reset() == value:
+        return
+    try:
+        old = store.load()
+    except SignatureError:  # a damaged key file: the operator asked for it to go
+        was = "an unreadable key file"
+    else:
+        was = "no key" if old is None else f"key {fingerprint(old)}"
+    store.reset(value)
+    _log.info(
+        "AGENT_PAIRING_RESET={value}: forgot {was}; pairing is open again, the first "
+        "Portainer instance to sign a request pairs",
+        value=value,
+        was=was,
+    )
 
 
 class Signer:

@@ -104,7 +104,9 @@ def makeService(
             node_name=name,
             advertise_ip=advertise,
         )
-        verifier = Verifier(options["secret"], PairingStore(options["data-path"]))
+        verifier = Verifier(
+            options["secret"], PairingStore(options["data-path"]), reset=options["pairing-reset"]
+        )
     except (ValueError, OSError) as e:
         raise SystemExit(f"swarmagent: {e}") from None
     # Agents prove themselves to each other with their certificate when a CA

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "secret": "",
     "secret-file": "",
     "secret-timeout": 259200.0,
+    "pairing-reset": "",
     "tls-cert": "",
     "tls-key": "",
     "tls-ca": "",
@@ -52,6 +53,7 @@ OTHER: dict[str, tuple[str, Any]] = {
     "advertise-addr": ("10.1.2.3", "10.1.2.3"),
     "secret": ("s3cret", "s3cret"),
     "secret-timeout": ("1h30m", 5400.0),
+    "pairing-reset": ("1764432000", "1764432000"),
     "log-level": ("DEBUG", LogLevel.debug),
     "data-path": ("/srv/agent", "/srv/agent"),
     "docker-host": ("tcp://10.0.0.7:2376", EngineAddress("tcp", host="10.0.0.7", port=2376)),
@@ -72,6 +74,7 @@ BAD: dict[str, list[str]] = {
     "advertise-addr": ["node-1", "300.0.0.1"],
     "log-level": ["verbose", "trace", ""],
     "secret-timeout": ["", "soon", "-1", "72 h", "1d", "inf", "h"],
+    "pairing-reset": ["two words", "new\n", "\t1", "é", "x" * 129],
     "docker-host": [
         "/var/run/docker.sock",
         "http://docker:2375",
@@ -185,6 +188,14 @@ class LogLevelTests(SynchronousTestCase):
             with self.subTest(raw=raw):
                 self.assertEqual(parse([], {"LOG_LEVEL": raw})["log-level"], level)
                 self.assertEqual(parse(["--log-level", raw])["log-level"], level)
+
+
+class PairingResetTests(SynchronousTestCase):
+    def test_values_a_shell_makes(self) -> None:
+        """$(date +%s), $(date -Iseconds), a word: all taken as given."""
+        for raw in ["1764432000", "2026-11-29T18:04:12+00:00", "reinstall-2", "x" * 128]:
+            with self.subTest(raw=raw):
+                self.assertEqual(parse([], {"AGENT_PAIRING_RESET": raw})["pairing-reset"], raw)
 
 
 class BadValueTests(SynchronousTestCase):

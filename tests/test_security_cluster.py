@@ -6,6 +6,7 @@ Run as root: ``python -m twisted.trial tests.test_security_cluster``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import shutil
 import ssl
 import tempfile
@@ -21,9 +22,15 @@ from tests.labcase import TARGET, LabTestCase, explain
 
 MISSING = {"message": "Missing request signature headers", "details": "Unauthorized"}
 UNAUTHORIZED = {"message": "Invalid request signature", "details": "Unauthorized"}
+REPAIR = "docker service update --env-add AGENT_PAIRING_RESET=$(date +%s) <agent service>"
 HOP = "X-SwarmAgent-Hop"
 # Agents with no CA: a self-signed certificate each, Portainer's pairing.
 PORTAINER_MODE = {"AGENT_TLS_CERT": "", "AGENT_TLS_KEY": "", "AGENT_TLS_CA": ""}
+
+
+def key_fingerprint(signer: Signer) -> str:
+    """How the agent names a key: the first 16 hex digits of the SHA-256 of its DER."""
+    return hashlib.sha256(bytes.fromhex(signer.public_key_hex)).hexdigest()[:16]
 
 
 def unverified() -> ssl.SSLContext:
@@ -129,6 +136,14 @@ class PortainerSignatureTests(LabTestCase):
         r = self.call(agent, "/agents", self.portainer)
         return r.status == 200 and {a["NodeName"] for a in r.json()} == names
 
+    def assertPairedElsewhere(self, r: Response, paired: Signer) -> None:
+        """The reference's message (Portainer's "already paired"), then what to do."""
+        self.assertEqual(r.status, 403, r.body)
+        body = r.json()
+        self.assertEqual(body["message"], "Invalid request signature")
+        self.assertIn(f"(key {key_fingerprint(paired)})", body["details"])
+        self.assertIn(REPAIR, body["details"])
+
     def call(self, agent: Agent, path: str, signer: Signer | None, **headers: str) -> Response:
         all_headers = {**(signer.headers() if signer else {}), **headers}
         return agent.request("GET", path, headers=all_headers, context=unverified())
@@ -166,10 +181,10 @@ class PortainerSignatureTests(LabTestCase):
         intruder = Signer.generate()
         node1 = self.agent("node1")
         r = self.call(node1, "/containers/json", intruder)
-        self.assertEqual((r.status, r.json()), (403, UNAUTHORIZED))
+        self.assertPairedElsewhere(r, self.portainer)
         node1 = self.restart(node1)
         r = self.call(node1, "/version", intruder)
-        self.assertEqual((r.status, r.json()), (403, UNAUTHORIZED))
+        self.assertPairedElsewhere(r, self.portainer)
         r = self.call(node1, "/version", self.portainer)
         self.assertEqual(r.status, 200, r.body)
 
@@ -187,7 +202,29 @@ class PortainerSignatureTests(LabTestCase):
         r = self.call(node2, "/version", second)
         self.assertEqual(r.status, 200, r.body)
         r = self.call(node2, "/version", first)
-        self.assertEqual((r.status, r.json()), (403, UNAUTHORIZED))
+        self.assertPairedElsewhere(r, second)
+
+    @explain
+    def test_pairing_reset_pairs_a_reinstalled_portainer(self) -> None:
+        """A new AGENT_PAIRING_RESET forgets the old key once; the same value keeps the new."""
+        fresh_data = tempfile.mkdtemp(prefix="agent-data-")
+        self.addCleanup(shutil.rmtree, fresh_data, True)
+        node2 = self.restart(self.agent("node2"), DATA_PATH=fresh_data)
+        # Back to its own data path, whichever agent is running then.
+        self.addCleanup(lambda: self.restart(self.agent("node2")))
+        old, new = Signer.generate(), Signer.generate()
+        self.assertEqual(self.call(node2, "/version", old).status, 200)
+        self.assertPairedElsewhere(self.call(node2, "/version", new), old)
+
+        node2 = self.restart(node2, DATA_PATH=fresh_data, AGENT_PAIRING_RESET="1764432000")
+        self.assertIn(f"forgot key {key_fingerprint(old)}", node2.log.read_text())
+        r = self.call(node2, "/version", new)
+        self.assertEqual(r.status, 200, r.body)
+        self.assertPairedElsewhere(self.call(node2, "/version", old), new)
+
+        node2 = self.restart(node2, DATA_PATH=fresh_data, AGENT_PAIRING_RESET="1764432000")
+        self.assertEqual(self.call(node2, "/version", new).status, 200)
+        self.assertPairedElsewhere(self.call(node2, "/version", old), new)
 
     @explain
     def test_forged_forward_refused(self) -> None:

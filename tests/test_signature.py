@@ -31,15 +31,18 @@ from swarmagent import signature
 from swarmagent.signature import (
     ACCEPTED,
     MISSING,
+    PAIRING_CLOSED,
     UNAUTHORIZED,
     PairingStore,
     PairingWindow,
     SignatureError,
     Signer,
     Verifier,
+    paired_elsewhere,
     parse_public_key,
     parse_signature,
 )
+from tests.helpers import capture_logs
 
 # A P-256 key and two signatures made with OpenSSL's command line:
 #   printf 'Portainer-App' | openssl dgst -md5 -binary > d.bin
@@ -60,6 +63,8 @@ VECTOR_SECRET_SIGNATURE = (
 INVALID = b'{"message":"Invalid request signature","details":"%s"}'
 MISSING_BODY = b'{"message":"Missing request signature headers","details":"Unauthorized"}'
 UNAUTHORIZED_BODY = b'{"message":"Invalid request signature","details":"Unauthorized"}'
+# The one command the docs give to re-open pairing on every agent of the service.
+REPAIR = "docker service update --env-add AGENT_PAIRING_RESET=$(date +%s) <agent service>"
 
 
 def portainer_key() -> ec.EllipticCurvePrivateKey:
@@ -95,6 +100,15 @@ def portainer_sign(key: ec.EllipticCurvePrivateKey, message: str = "Portainer-Ap
 def headers(key: ec.EllipticCurvePrivateKey, message: str = "Portainer-App") -> tuple[str, str]:
     """(public key, signature) header values from Portainer's side."""
     return portainer_public_key(key), portainer_sign(key, message)
+
+
+def der_of(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return bytes.fromhex(portainer_public_key(key))
+
+
+def short_fingerprint(key: ec.EllipticCurvePrivateKey) -> str:
+    """How logs and 403 details name a key: the start of the SHA-256 of its DER."""
+    return hashlib.sha256(der_of(key)).hexdigest()[:16]
 
 
 def other_curve_key_hex(key: Any) -> str:
@@ -303,21 +317,45 @@ class VerifierTests(unittest.SynchronousTestCase):
         self.assertIsNone(verifier.paired_key)
         self.assertFalse(os.path.exists(os.path.join(folder, signature.PAIRED_KEY_FILE)))
         self.assertEqual(verifier.verify(*headers(portainer)), ACCEPTED)
-        self.assertEqual(verifier.verify(*headers(attacker)), UNAUTHORIZED)
+        self.assertEqual(verifier.verify(*headers(attacker)), paired_elsewhere(der_of(portainer)))
 
     def test_wrong_key_after_pairing(self) -> None:
         first, second = portainer_key(), portainer_key()
         verifier = Verifier()
         self.assertEqual(verifier.verify(*headers(first)), ACCEPTED)
         verdict = verifier.verify(*headers(second))
-        self.assertEqual(verdict.body(), UNAUTHORIZED_BODY)
-        # The paired key with someone else's signature, and vice versa.
+        self.assertEqual(verdict, paired_elsewhere(der_of(first)))
+        # The paired key with someone else's signature: plainly invalid.
         self.assertEqual(
             verifier.verify(portainer_public_key(first), portainer_sign(second)), UNAUTHORIZED
         )
+        # Another key, whatever it signed, is told the agent is paired elsewhere.
         self.assertEqual(
-            verifier.verify(portainer_public_key(second), portainer_sign(first)), UNAUTHORIZED
+            verifier.verify(portainer_public_key(second), portainer_sign(first)),
+            paired_elsewhere(der_of(first)),
         )
+
+    def test_second_key_is_told_what_to_do(self) -> None:
+        """Portainer reads only the message ("already paired" for it); the details name the
+        paired key and the command that re-opens pairing."""
+        first, second = portainer_key(), portainer_key()
+        verifier = Verifier()
+        verifier.verify(*headers(first))
+        for _ in range(2):  # refusals are not cached: the same answer each time
+            verdict = verifier.verify(*headers(second))
+            self.assertFalse(verdict.accepted)
+            self.assertEqual(verdict.code, 403)
+            self.assertEqual(verdict.message, "Invalid request signature")
+            self.assertEqual(
+                verdict.details,
+                "This agent is paired with another Portainer instance "
+                f"(key {short_fingerprint(first)}). To pair again, re-open pairing on every "
+                f"agent: {REPAIR}",
+            )
+            self.assertTrue(
+                verdict.body().startswith(b'{"message":"Invalid request signature","details":')
+            )
+        self.assertEqual(verifier.verify(*headers(first)), ACCEPTED)
 
     def test_pairing_survives_restart(self) -> None:
         folder = self.mktemp()
@@ -330,7 +368,7 @@ class VerifierTests(unittest.SynchronousTestCase):
 
         again = Verifier(store=PairingStore(folder))
         self.assertTrue(again.associated)
-        self.assertEqual(again.verify(*headers(second)), UNAUTHORIZED)
+        self.assertEqual(again.verify(*headers(second)), paired_elsewhere(der_of(first)))
         self.assertEqual(again.verify(*headers(first)), ACCEPTED)
 
     def test_corrupt_pairing_file_refuses_to_start(self) -> None:
@@ -347,7 +385,7 @@ class VerifierTests(unittest.SynchronousTestCase):
         first, second = portainer_key(), portainer_key()
         verifier = Verifier(store=ReadOnly(self.mktemp()))
         self.assertEqual(verifier.verify(*headers(first)), ACCEPTED)
-        self.assertEqual(verifier.verify(*headers(second)), UNAUTHORIZED)
+        self.assertEqual(verifier.verify(*headers(second)), paired_elsewhere(der_of(first)))
 
     def test_broken_data_path_refuses_to_start(self) -> None:
         blocker = Path(self.mktemp())
@@ -427,6 +465,129 @@ class VerifierTests(unittest.SynchronousTestCase):
         self.assertEqual(Verifier().verify(VECTOR_KEY, changed), UNAUTHORIZED)
 
 
+class PairingResetTests(unittest.SynchronousTestCase):
+    """AGENT_PAIRING_RESET: each new value forgets the stored pairing once, at start."""
+
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp())
+        self.first, self.second = portainer_key(), portainer_key()
+        self.logs = capture_logs(self)
+
+    def start(self, reset: str = "", secret: str = "") -> Verifier:
+        """A verifier as a (re)started agent builds it."""
+        return Verifier(secret, PairingStore(self.folder), reset=reset)
+
+    def paired_with_first(self) -> None:
+        self.assertEqual(self.start().verify(*headers(self.first)), ACCEPTED)
+
+    def key_file(self) -> Path:
+        return self.folder / signature.PAIRED_KEY_FILE
+
+    def reset_file(self) -> Path:
+        return self.folder / signature.PAIRING_RESET_FILE
+
+    def test_new_value_forgets_the_pairing(self) -> None:
+        self.paired_with_first()
+        verifier = self.start(reset="1764432000")
+        self.assertFalse(verifier.associated)
+        self.assertIsNone(verifier.paired_key)
+        self.assertFalse(self.key_file().exists())
+        self.assertEqual(self.reset_file().read_text(), "1764432000\n")
+        # The reinstalled Portainer pairs; the old key is now the other one.
+        self.assertEqual(verifier.verify(*headers(self.second)), ACCEPTED)
+        self.assertEqual(self.key_file().read_text().strip(), portainer_public_key(self.second))
+        self.assertEqual(
+            verifier.verify(*headers(self.first)), paired_elsewhere(der_of(self.second))
+        )
+
+    def test_same_value_again_keeps_the_new_pairing(self) -> None:
+        self.paired_with_first()
+        self.start(reset="1764432000").verify(*headers(self.second))
+        for reset in ("1764432000", ""):  # a later restart, with the value or without
+            with self.subTest(reset=reset):
+                again = self.start(reset=reset)
+                self.assertEqual(again.paired_key, der_of(self.second))
+                self.assertEqual(again.verify(*headers(self.second)), ACCEPTED)
+                self.assertEqual(
+                    again.verify(*headers(self.first)), paired_elsewhere(der_of(self.second))
+                )
+        self.assertEqual(self.reset_file().read_text(), "1764432000\n")
+
+    def test_each_new_value_forgets_once(self) -> None:
+        self.paired_with_first()
+        self.start(reset="1").verify(*headers(self.second))
+        verifier = self.start(reset="2")
+        self.assertIsNone(verifier.paired_key)
+        self.assertEqual(verifier.verify(*headers(self.first)), ACCEPTED)
+        self.assertEqual(self.reset_file().read_text(), "2\n")
+
+    def test_no_value_keeps_the_pairing_and_writes_nothing(self) -> None:
+        self.paired_with_first()
+        verifier = self.start()
+        self.assertEqual(verifier.paired_key, der_of(self.first))
+        self.assertEqual(os.listdir(self.folder), [signature.PAIRED_KEY_FILE])
+
+    def test_unpaired_agent_records_the_value(self) -> None:
+        verifier = self.start(reset="r1")
+        self.assertEqual(self.reset_file().read_text(), "r1\n")
+        self.assertEqual(verifier.verify(*headers(self.first)), ACCEPTED)
+        self.assertEqual(self.start(reset="r1").paired_key, der_of(self.first))
+        self.assertIn("AGENT_PAIRING_RESET=r1: forgot no key", "\n".join(self.logs))
+
+    def test_logs_the_forgotten_key(self) -> None:
+        self.paired_with_first()
+        del self.logs[:]
+        self.start(reset="1764432000")
+        [line] = [line for line in self.logs if "AGENT_PAIRING_RESET" in line]
+        self.assertIn("AGENT_PAIRING_RESET=1764432000", line)
+        self.assertIn(f"forgot key {short_fingerprint(self.first)}", line)
+        self.assertIn("pairing is open again", line)
+        # The same value again: the pairing is kept and only that is logged.
+        del self.logs[:]
+        self.start(reset="1764432000")
+        self.assertFalse([line for line in self.logs if "forgot" in line])
+
+    def test_paired_start_names_the_way_out(self) -> None:
+        self.paired_with_first()
+        del self.logs[:]
+        self.start()
+        [line] = [line for line in self.logs if "Paired with key" in line]
+        self.assertIn(short_fingerprint(self.first), line)
+        self.assertIn("AGENT_PAIRING_RESET", line)
+
+    def test_unreadable_key_file(self) -> None:
+        """Corrupt: refused at start as before, unless a new value says to forget it."""
+        self.folder.mkdir()
+        self.key_file().write_text("not a key\n")
+        self.assertRaises(SignatureError, self.start)
+        verifier = self.start(reset="1")
+        self.assertFalse(self.key_file().exists())
+        self.assertIn("forgot an unreadable key file", "\n".join(self.logs))
+        self.assertEqual(verifier.verify(*headers(self.first)), ACCEPTED)
+
+    def test_secret_mode_has_nothing_to_reset(self) -> None:
+        self.paired_with_first()
+        del self.logs[:]
+        verifier = self.start(reset="1", secret="shared")
+        self.assertEqual(verifier.verify(*headers(self.second, "shared")), ACCEPTED)
+        # Nothing touched: dropping the secret later brings the pairing back...
+        self.assertEqual(os.listdir(self.folder), [signature.PAIRED_KEY_FILE])
+        self.assertIn("with AGENT_SECRET nothing is paired", "\n".join(self.logs))
+        # ...unless the reset is still set then: it was never applied.
+        self.assertEqual(self.start().paired_key, der_of(self.first))
+        self.assertIsNone(self.start(reset="1").paired_key)
+
+    def test_value_is_written_atomically(self) -> None:
+        """Like the key: a new file (0600) renamed over the old one, nothing left beside."""
+        self.start(reset="1")
+        before = self.reset_file().stat().st_ino
+        self.start(reset="2")
+        after = self.reset_file().stat()
+        self.assertNotEqual(after.st_ino, before)
+        self.assertEqual(after.st_mode & 0o777, 0o600)
+        self.assertEqual(sorted(os.listdir(self.folder)), [signature.PAIRING_RESET_FILE])
+
+
 class PairingWindowTests(unittest.SynchronousTestCase):
     """AGENT_SECRET_TIMEOUT: an agent nobody paired stops accepting a first key."""
 
@@ -445,8 +606,17 @@ class PairingWindowTests(unittest.SynchronousTestCase):
         clock.advance(self.HOURS_72 - 1)
         key = portainer_key()
         clock.advance(1)
-        self.assertEqual(verifier.verify(*headers(key)), UNAUTHORIZED)
+        verdict = verifier.verify(*headers(key))
+        self.assertEqual(verdict, PAIRING_CLOSED)
         self.assertIsNone(verifier.paired_key)
+        self.assertEqual(verdict.message, "Invalid request signature")
+        self.assertEqual(
+            verdict.details,
+            "Pairing is closed: no Portainer instance paired within AGENT_SECRET_TIMEOUT. "
+            f"To re-open it, restart the agents or run: {REPAIR}",
+        )
+        # Only the signed path is closed: an undecodable key is still named as such.
+        self.assertEqual(verifier.verify("zz", portainer_sign(key)).details[:10], "Public key")
 
     def test_open_until_then(self) -> None:
         verifier = Verifier()

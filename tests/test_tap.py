@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
@@ -11,6 +13,7 @@ from twisted.web.server import Site
 
 from swarmagent.api import AgentRoot
 from swarmagent.config import Options
+from swarmagent.signature import PAIRED_KEY_FILE, PairingStore, Signer
 from swarmagent.tap import IDLE_TIMEOUT, makeService
 from tests.helpers import StubResolver
 
@@ -92,3 +95,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.reactor.advance(60)
         self.assertEqual(len(self.reactor.unixClients), tries)
         self.assertFalse(service.running)
+
+    def test_pairing_reset_reaches_the_pairing(self) -> None:
+        """A new --pairing-reset forgets the key kept under --data-path, at build time."""
+        data = Path(self.mktemp())
+        PairingStore(data).save(bytes.fromhex(Signer.generate().public_key_hex))
+        self.make("--data-path", str(data))
+        self.assertTrue((data / PAIRED_KEY_FILE).exists())
+        self.make("--data-path", str(data), "--pairing-reset", "1764432000")
+        self.assertFalse((data / PAIRED_KEY_FILE).exists())
+        self.assertEqual(PairingStore(data).last_reset(), "1764432000")
