@@ -4,7 +4,8 @@ The engine answers such a request with ``101 UPGRADED`` and then speaks raw
 bytes both ways on the same connection, with half-close meaning "stdin ended".
 twisted.web has no upgrade support, so the agent takes the client's connection
 away from the HTTP channel (as autobahn's ``WebSocketResource`` does), replays
-the request on a fresh connection upstream, and splices the two.
+the request on a fresh connection upstream (its side an ``UpgradeClient``),
+and splices the two.
 """
 
 from __future__ import annotations
