@@ -35,10 +35,9 @@ def upgrade_request(
 
 @dataclass(frozen=True)
 class Answer:
-    """An answer's head: its status, its headers, and its bytes as received."""
+    """An answer's head: its status code, its headers, and its bytes as received."""
 
     code: int
-    phrase: bytes
     headers: Headers
     raw: bytes
 
@@ -51,7 +50,7 @@ def parse_head(raw: bytes) -> Answer:
     """The answer whose head is ``raw`` (its blank line included)."""
     status, *fields = raw.removesuffix(b"\r\n\r\n").split(b"\r\n")
     version, _, rest = status.partition(b" ")
-    code, _, phrase = rest.partition(b" ")
+    code = rest.partition(b" ")[0]
     if not version.startswith(b"HTTP/") or len(code) != 3 or not code.isdigit():
         raise NoAnswerHead(f"malformed status line {status[:80]!r}")
     headers = Headers()
@@ -60,7 +59,7 @@ def parse_head(raw: bytes) -> Answer:
         if not colon or not name or name != name.strip():
             raise NoAnswerHead(f"malformed header line {field[:80]!r}")
         headers.addRawHeader(name, value.strip())
-    return Answer(int(code), phrase, headers, raw)
+    return Answer(int(code), headers, raw)
 
 
 class UpgradeClient(Protocol):

@@ -78,7 +78,7 @@ class RequestTests(SynchronousTestCase):
 class HeadTests(SynchronousTestCase):
     def assertUpgraded(self, client: Recorder, transport: StringTransport) -> None:
         [answer] = client.answers
-        self.assertEqual((answer.code, answer.phrase), (101, b"UPGRADED"))
+        self.assertEqual(answer.code, 101)
         self.assertEqual(answer.headers.getRawHeaders(b"upgrade"), [b"tcp"])
         self.assertEqual(answer.raw, UPGRADED)
         self.assertEqual(client.stream, STREAM)
@@ -132,7 +132,7 @@ class HeadTests(SynchronousTestCase):
         client.dataReceived(head + body[:10])
         client.dataReceived(body[10:])
         [answer] = client.answers
-        self.assertEqual((answer.code, answer.phrase), (404, b"Not Found"))
+        self.assertEqual(answer.code, 404)
         self.assertEqual(answer.headers.getRawHeaders(b"content-length"), [b"%d" % len(body)])
         self.assertEqual(answer.raw, head)
         self.assertEqual(client.stream, body)
@@ -219,7 +219,7 @@ class FailureTests(SynchronousTestCase):
 class ParseHeadTests(SynchronousTestCase):
     def test_headers_kept_in_order_and_repeated(self) -> None:
         answer = parse_head(b"HTTP/1.0 200 OK fine\r\nA: 1\r\nB:2 \r\na: 3\r\n\r\n")
-        self.assertEqual((answer.code, answer.phrase), (200, b"OK fine"))
+        self.assertEqual(answer.code, 200)
         self.assertEqual(answer.headers.getRawHeaders(b"a"), [b"1", b"3"])
         self.assertEqual(answer.headers.getRawHeaders(b"b"), [b"2"])
 
