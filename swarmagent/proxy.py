@@ -16,6 +16,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.clients import ENGINE_BASE, peer_url
+from swarmagent.clientwatch import ClientWatch
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
 from swarmagent.peers import Peer
@@ -137,19 +138,12 @@ class Relay:
     async def _relay(
         self, request: Request, url: bytes, headers: Headers, unreachable: str
     ) -> None:
-        gone: list[Failure] = []
         pending = self._agent.request(request.method, url, headers, self._body(request))
-        finished = request.notifyFinish()
-
-        def client_left(reason: Failure) -> None:
-            gone.append(reason)
-            pending.cancel()
-
-        finished.addErrback(client_left)
+        client = ClientWatch(request, on_gone=pending.cancel)
         try:
             response = await pending
         except Exception as e:
-            if not gone and not isinstance(e, CancelledError):
+            if not client.gone and not isinstance(e, CancelledError):
                 why = describe(e)
                 log.warn("{upstream}: {why}", upstream=unreachable, why=why)
                 request.write(write_error(request, 502, unreachable, why))
@@ -165,7 +159,7 @@ class Relay:
         relay = _BodyRelay(request)
         response.deliverBody(relay)
         await relay.done
-        if gone:
+        if client.gone:
             return
         reason = relay.reason
         if reason is not None and reason.check(ResponseDone, PotentialDataLoss):

@@ -4,7 +4,8 @@ The engine answers such a request with ``101 UPGRADED`` and then speaks raw
 bytes both ways on the same connection, with half-close meaning "stdin ended".
 twisted.web has no upgrade support, so the agent takes the client's connection
 away from the HTTP channel (as autobahn's ``WebSocketResource`` does), replays
-the request on a fresh connection upstream, and splices the two.
+the request on a fresh connection upstream (its side an ``UpgradeClient``),
+and splices the two.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from zope.interface import implementer
 
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
+from swarmagent.upgrade import Answer, UpgradeClient, upgrade_request
 
 log = logger(__name__)
-
-MAX_HEAD = 64 * 1024
-
 
 # The upgrades the agent passes through: Docker's raw stream, and WebSocket
 # (a console forwarded to the agent that serves it, or the engine's own
@@ -44,16 +43,6 @@ def wants_upgrade(request: Request) -> bool:
     return _upgrade(request) is not None
 
 
-def request_head(request: Request, headers: Headers, body: bytes) -> bytes:
-    """The request line and headers to replay upstream."""
-    lines = [request.method + b" " + request.uri + b" HTTP/1.1", b"Host: docker"]
-    for name, values in headers.getAllRawHeaders():
-        lines.extend(name + b": " + v for v in values)
-    upgrade = _upgrade(request) or b"tcp"
-    lines += [b"Connection: Upgrade", b"Upgrade: " + upgrade, b"Content-Length: %d" % len(body)]
-    return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
 def error_response(
     code: int, reason: bytes, body: bytes, extra: tuple[tuple[bytes, bytes], ...]
 ) -> bytes:
@@ -68,10 +57,10 @@ class Tunnel:
     """Two connections spliced: the client's, taken from twisted.web, and the upstream's."""
 
     def __init__(
-        self, client: Any, head: bytes, extra_headers: tuple[tuple[bytes, bytes], ...]
+        self, client: Any, request: bytes, extra_headers: tuple[tuple[bytes, bytes], ...]
     ) -> None:
         self.client = client
-        self._head = head
+        self.request = request
         self._extra = extra_headers
         self.upstream: Any = None
         self._early: list[bytes] = []
@@ -97,11 +86,8 @@ class Tunnel:
 
     # upstream side
     def upstream_connected(self, transport: Any) -> None:
-        if self.closed:
-            transport.loseConnection()
-            return
+        """The request is sent: what the client sent since follows."""
         self.upstream = transport
-        transport.write(self._head)
         for data in self._early:
             transport.write(data)
         self._early = []
@@ -111,11 +97,11 @@ class Tunnel:
         self.client.registerProducer(transport, True)
         transport.registerProducer(self.client, True)
 
-    def upstream_head(self, head: bytes) -> bytes:
-        """The upstream's answer head, marked as the agent's, for the client."""
-        line, _, rest = head.partition(b"\r\n")
+    def upstream_answered(self, answer: Answer) -> None:
+        """Pass the upstream's answer head on, whatever its status, marked as the agent's."""
+        line, _, rest = answer.raw.partition(b"\r\n")
         marks = b"".join(n + b": " + v + b"\r\n" for n, v in self._extra)
-        return line + b"\r\n" + marks + rest
+        self.client.write(line + b"\r\n" + marks + rest)
 
     def upstream_failed(self, reason: Failure, what: str) -> None:
         log.warn("{what}: {why}", what=what, why=reason.getErrorMessage())
@@ -143,32 +129,25 @@ class _ClientSide(Protocol):
 
 
 @implementer(IHalfCloseableProtocol)
-class _UpstreamSide(Protocol):
+class _UpstreamSide(UpgradeClient):
     def __init__(self, tunnel: Tunnel) -> None:
+        super().__init__(tunnel.request)
         self.tunnel = tunnel
-        self._buffer = b""
-        self._head_done = False
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
+        # The client may have left while this connection was being made.
+        if self.tunnel.closed:
+            self.transport.loseConnection()
+            return
+        super().connectionMade()
         self.tunnel.upstream_connected(self.transport)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._head_done:
-            self.tunnel.client.write(data)
-            return
-        self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_HEAD:
-                assert self.transport is not None
-                self.transport.loseConnection()
-            return
-        head, rest = self._buffer[: end + 4], self._buffer[end + 4 :]
-        self._buffer = b""
-        self._head_done = True
-        self.tunnel.client.write(self.tunnel.upstream_head(head))
-        if rest:
-            self.tunnel.client.write(rest)
+    def answerReceived(self, answer: Answer) -> None:
+        self.tunnel.upstream_answered(answer)
+
+    def streamReceived(self, data: bytes) -> None:
+        self.tunnel.client.write(data)
 
     def readConnectionLost(self) -> None:
         # The upstream finished writing (the process's output ended): pass
@@ -179,6 +158,8 @@ class _UpstreamSide(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Also when no usable answer head came: the client gets none either.
+        super().connectionLost(reason)
         self.tunnel.client.loseConnection()
 
 
@@ -222,8 +203,9 @@ def hijack(
     if content is not None:
         content.seek(0)
         body = content.read()
-    head = request_head(request, headers, body) + body
-    tunnel = take_over(request, lambda transport: Tunnel(transport, head, extra_headers))
+    fields = [(name, v) for name, values in headers.getAllRawHeaders() for v in values]
+    sent = upgrade_request(request.method, request.uri, fields, _upgrade(request) or b"tcp", body)
+    tunnel = take_over(request, lambda transport: Tunnel(transport, sent, extra_headers))
     factory = Factory.forProtocol(lambda: _UpstreamSide(tunnel))
     factory.noisy = False
     d = endpoint.connect(factory)

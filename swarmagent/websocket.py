@@ -27,17 +27,19 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from swarmagent.errors import describe, error_body, write_error
 from swarmagent.logs import logger
-from swarmagent.tunnel import MAX_HEAD, error_response
+from swarmagent.tunnel import error_response
+from swarmagent.upgrade import MAX_HEAD, Answer, UpgradeClient, upgrade_request
 from swarmagent.wire import AGENT_HEADERS, CONSOLE_PATHS, HOP
 
 log = logger(__name__)
@@ -83,15 +85,8 @@ def engine_request(kind: str, ident: str) -> bytes:
     else:
         path = f"/containers/{ident}/attach?stdin=1&stdout=1&stderr=1&stream=1"
         body = b""
-    head = [
-        f"POST {path} HTTP/1.1",
-        "Host: docker",
-        "Content-Type: application/json",
-        "Connection: Upgrade",
-        "Upgrade: tcp",
-        f"Content-Length: {len(body)}",
-    ]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+    headers = [(b"Content-Type", b"application/json")]
+    return upgrade_request(b"POST", path.encode("ascii"), headers, b"tcp", body)
 
 
 class EngineRefused(Exception):
@@ -103,45 +98,38 @@ class EngineRefused(Exception):
         self.body = body
 
 
-class _EngineSide(Protocol):
+class _EngineSide(UpgradeClient):
     """The engine's end of a console: the upgrade, then raw bytes."""
 
     def __init__(self, console: ConsoleProtocol, request: bytes) -> None:
+        super().__init__(request)
         self.console = console
-        self.request = request
         self.ready: Deferred[None] = Deferred()
-        self._buffer = b""
+        # A refusal: its status, declared length and body so far.
         self._code = 0
         self._length: int | None = None
+        self._body = b""
 
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(self.request)
+    def answerReceived(self, answer: Answer) -> None:
+        if answer.code == 101:
+            self.ready.callback(None)
+            return
+        self._code, self._length = answer.code, _content_length(answer.headers)
+        self._read_refusal(b"")
 
-    def dataReceived(self, data: bytes) -> None:
+    def streamReceived(self, data: bytes) -> None:
         if self.ready.called:
             self.console.from_engine(data)
-            return
-        self._buffer += data
-        if not self._code:
-            end = self._buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._buffer) > MAX_HEAD:
-                    self._refused(502, error_body("The engine sent no answer head"))
-                return
-            head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
-            self._code, self._length = _parse_head(head)
-            if self._code == 101:
-                rest, self._buffer = self._buffer, b""
-                self.ready.callback(None)
-                if rest:
-                    self.console.from_engine(rest)
-                return
-        # A refusal: its body says why.
-        if self._length is not None and len(self._buffer) >= self._length:
-            self._refused(self._code, self._buffer[: self._length])
-        elif len(self._buffer) > MAX_HEAD:
-            self._refused(self._code, self._buffer[:MAX_HEAD])
+        else:
+            self._read_refusal(data)
+
+    def _read_refusal(self, data: bytes) -> None:
+        # Its body says why.
+        self._body += data
+        if self._length is not None and len(self._body) >= self._length:
+            self._refused(self._code, self._body[: self._length])
+        elif len(self._body) > MAX_HEAD:
+            self._refused(self._code, self._body[:MAX_HEAD])
 
     def _refused(self, code: int, body: bytes) -> None:
         if not self.ready.called:
@@ -149,29 +137,27 @@ class _EngineSide(Protocol):
         assert self.transport is not None
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def headFailed(self, reason: Failure) -> None:
         if not self.ready.called:
-            body = self._buffer or error_body(
+            body = error_body("The engine sent no answer head", reason.getErrorMessage())
+            self.ready.errback(EngineRefused(502, body))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if not self.ready.called:
+            # A refusal cut short.
+            body = self._body or error_body(
                 "The engine closed the connection", reason.getErrorMessage()
             )
-            self.ready.errback(EngineRefused(self._code or 502, body))
+            self.ready.errback(EngineRefused(self._code, body))
             return
         self.console.engine_gone()
 
 
-def _parse_head(head: bytes) -> tuple[int, int | None]:
-    """Status code and Content-Length (None if absent) of an answer head."""
-    lines = head.split(b"\r\n")
-    try:
-        code = int(lines[0].split(b" ")[1])
-    except (IndexError, ValueError):
-        return 502, 0
-    length = None
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length" and value.strip().isdigit():
-            length = int(value.strip())
-    return code, length
+def _content_length(headers: Headers) -> int | None:
+    """The last valid Content-Length of an answer, or None."""
+    lengths = [v for v in headers.getRawHeaders(b"content-length", []) if v.isdigit()]
+    return int(lengths[-1]) if lengths else None
 
 
 class ConsoleProtocol(WebSocketServerProtocol):

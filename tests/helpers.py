@@ -12,7 +12,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import dns
 from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
@@ -463,15 +462,3 @@ def callable_probe(
         return answer
 
     return probe
-
-
-def capture_logs(case: Any) -> list[str]:
-    """The text of every log event emitted until ``case`` ends (a live list)."""
-    lines: list[str] = []
-
-    def observe(event: Any) -> None:
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    case.addCleanup(globalLogPublisher.removeObserver, observe)
-    return lines

@@ -6,7 +6,8 @@ from typing import Any
 
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names.error import DNSNameError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,7 +22,6 @@ from tests.helpers import (
     StubResolver,
     a_record,
     callable_probe,
-    capture_logs,
     manager,
     node_doc,
     srv_record,
@@ -342,6 +342,12 @@ D = worker("d")
 NOT_READ = "Cannot read the swarm's node list"
 
 
+def not_read(logs: EventLoggingObserver) -> list[str]:
+    """The text of each event logged about the node list not being read."""
+    lines = (formatEvent(event) for event in logs)
+    return [line for line in lines if NOT_READ in line]
+
+
 class ManagerNodeListTests(DiscoveryCase):
     """This node is a manager: the swarm's nodes come from its own engine."""
 
@@ -349,7 +355,7 @@ class ManagerNodeListTests(DiscoveryCase):
         super().setUp()
         self.engine.nodes = [node_doc(ME), node_doc(B), node_doc(D)]
         self.asked: list[tuple[Peer, str]] = []
-        self.logs = capture_logs(self)
+        self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def make_node_list(self) -> NodeList:
         async def node_list(manager: Peer, hop: str) -> dict[str, str]:
@@ -401,7 +407,7 @@ class ManagerNodeListTests(DiscoveryCase):
         for _ in range(3):
             self.tick()
         self.assertEqual(self.table.agentless(), [("id-d", "d")])
-        self.assertEqual(len([line for line in self.logs if NOT_READ in line]), 1)
+        self.assertEqual(len(not_read(self.logs)), 1)
         # Readable again, then failing again: news each time.
         self.engine.nodes = [node_doc(ME), node_doc(B)]
         self.tick()
@@ -409,7 +415,7 @@ class ManagerNodeListTests(DiscoveryCase):
         self.engine.nodes = None
         self.tick()
         self.tick()
-        self.assertEqual(len([line for line in self.logs if NOT_READ in line]), 2)
+        self.assertEqual(len(not_read(self.logs)), 2)
 
     def test_engine_down_at_start(self) -> None:
         self.engine.nodes = None
@@ -423,7 +429,7 @@ class ManagerNodeListTests(DiscoveryCase):
         self.tick()
         self.assertNotIn(b"/nodes", self.engine.paths)
         self.assertEqual((self.asked, self.table.expected), ([], {}))
-        self.assertFalse([line for line in self.logs if NOT_READ in line])
+        self.assertFalse(not_read(self.logs))
 
     def test_leaving_the_swarm_forgets_the_list(self) -> None:
         self.start()
@@ -458,7 +464,7 @@ class WorkerNodeListTests(DiscoveryCase):
             }
         )
         self.resolver.names[NAME].append("10.0.0.3")
-        self.logs = capture_logs(self)
+        self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def make_node_list(self) -> NodeList:
         hosts = {b"10.0.0.2:9001": self.b_agent, b"10.0.0.3:9001": self.c_agent}
@@ -500,7 +506,7 @@ class WorkerNodeListTests(DiscoveryCase):
         self.assertEqual(len(self.b_agent.seen), 1)
         self.clock.advance(2)
         self.assertEqual(self.table.expected, {"id-a": "a", "id-b": "b", "id-c": "c"})
-        [line] = [line for line in self.logs if NOT_READ in line]
+        [line] = not_read(self.logs)
         self.assertIn("no answer within 2 s", line)
         # The leader answers again at the next tick, with news.
         self.c_agent.answer = [*views, node_doc(worker("e"))]
@@ -513,7 +519,7 @@ class WorkerNodeListTests(DiscoveryCase):
         self.b_agent.code = 421
         self.tick()
         self.assertEqual(self.table.expected, {"id-a": "a", "id-b": "b", "id-c": "c"})
-        [line] = [line for line in self.logs if NOT_READ in line]
+        [line] = not_read(self.logs)
         self.assertIn("the agent of c sent a bad node list", line)
         self.assertIn("the agent of b answered 421", line)
 
@@ -522,7 +528,7 @@ class WorkerNodeListTests(DiscoveryCase):
         self.start()
         self.tick()
         self.assertEqual(self.table.expected, {})
-        self.assertEqual(len([line for line in self.logs if NOT_READ in line]), 1)
+        self.assertEqual(len(not_read(self.logs)), 1)
 
 
 class ExpectedNodesTests(SynchronousTestCase):

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from treq.testing import RequestTraversalAgent
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -17,7 +18,6 @@ from tests.helpers import (
     Client,
     FakeNode,
     Response,
-    capture_logs,
     make_site,
     make_table,
     manager,
@@ -235,13 +235,14 @@ class AgentlessNodeTests(FanOutCase):
     """Swarm nodes expected to run an agent (from a manager's node list)."""
 
     def test_node_without_an_agent_named(self) -> None:
-        logs = capture_logs(self)
+        logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-d": "d"})
         response = self.get("containers", "/containers/json").response()
         self.assertEqual(response.code, 200)
         self.assertEqual(self.items(response), [("a1", "a"), ("b1", "b"), ("b2", "b"), ("c1", "c")])
         self.assertEqual(response.header(MISSING), "d")
-        self.assertIn("containers list: node d left out: no agent reachable", logs)
+        lines = [formatEvent(event) for event in logs]
+        self.assertIn("containers list: node d left out: no agent reachable", lines)
 
     def test_every_node_with_an_agent(self) -> None:
         self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c"})

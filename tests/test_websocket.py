@@ -218,6 +218,23 @@ class HandshakeTests(ConsoleCase):
         self.assertEqual(response.json()["message"], "Unable to reach the Docker engine")
         self.assertIn("engine down", response.json()["details"])
 
+    def test_engine_closing_before_its_answer_is_502(self) -> None:
+        self.open()
+        self.engine_side.dataReceived(b"HTTP/1.1 10")
+        self.engine_side.connectionLost(Failure(ConnectionDone()))
+        response = parse_response(self.client.value())
+        self.assertEqual(response.code, 502)
+        self.assertEqual(response.json()["message"], "The engine sent no answer head")
+        self.assertIn("Closed before the answer head", response.json()["details"])
+
+    def test_engine_garbage_is_502(self) -> None:
+        self.open()
+        self.engine_side.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        response = parse_response(self.client.value())
+        self.assertEqual(response.code, 502)
+        self.assertEqual(response.json()["message"], "The engine sent no answer head")
+        self.assertTrue(self.engine_wire.disconnecting)
+
     def test_bad_id_is_refused_by_the_socket_too(self) -> None:
         self.open("/websocket/exec?id=../../x")
         self.assertEqual(parse_response(self.client.value()).code, 400)
