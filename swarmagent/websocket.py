@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from swarmagent.errors import describe, error_body, write_error
 from swarmagent.logs import logger
+from swarmagent.routing import strip_version
 from swarmagent.tunnel import error_response
 from swarmagent.upgrade import MAX_HEAD, Answer, UpgradeClient, upgrade_request
 from swarmagent.wire import AGENT_HEADERS, CONSOLE_PATHS, HOP
@@ -183,7 +184,8 @@ class ConsoleProtocol(WebSocketServerProtocol):
         return Deferred.fromCoroutine(self._connect(request))
 
     async def _connect(self, request: ConnectionRequest) -> tuple[None, dict[str, str]]:
-        kind = CONSOLE_PATHS.get(request.path.encode("utf-8"))
+        # /v1.41/websocket/exec too: agent routes take a Docker version prefix.
+        kind = CONSOLE_PATHS.get(strip_version(request.path).encode("utf-8"))
         ident = (request.params.get("id") or [""])[0]
         if kind is None or not _HEX.fullmatch(ident.encode("utf-8")):
             raise ConnectionDeny(400, "Invalid query parameter: id")

@@ -178,6 +178,15 @@ class HandshakeTests(ConsoleCase):
         query = "stdin=1&stdout=1&stderr=1&stream=1"
         self.assertEqual(head, f"POST /containers/{EXEC_ID}/attach?{query} HTTP/1.1".encode())
 
+    def test_version_prefixed_exec(self) -> None:
+        """Portainer's React UI prefixes agent routes with /v1.41."""
+        self.open(f"/v1.41/websocket/exec?id={EXEC_ID}")
+        self.assertEqual(self.engine_wire.value(), engine_request("exec", EXEC_ID))
+
+    def test_version_prefixed_attach(self) -> None:
+        self.open(f"/v1.41/v2/websocket/attach?id={EXEC_ID}")
+        self.assertEqual(self.engine_wire.value(), engine_request("attach", EXEC_ID))
+
     def test_switches_once_the_engine_has(self) -> None:
         self.opened()
         head, frames = self.head_and_frames()
