@@ -22,13 +22,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
+    RedirectAgent,
     RequestGenerationFailed,
     RequestTransmissionFailed,
     ResponseFailed,
     readBody,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IPolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -304,9 +305,13 @@ class DockerHubResource(Resource):
             request.finish()
 
 
-def make_hub_client(reactor: Any) -> IAgent:
-    """The HTTP client for Docker Hub: the system's CAs, a new connection per call.
+def make_hub_client(reactor: Any, tls: IPolicyForHTTPS | None = None) -> IAgent:
+    """The HTTP client for Docker Hub: by default the system's CAs; a new connection per call.
 
     Calls are rare (Portainer asks when a pull form opens), so no pool.
+    Redirects are followed as Go's client does (up to 10; credentials are
+    not sent on to another host).
     """
-    return Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(), connectTimeout=TIMEOUT)
+    policy = tls if tls is not None else BrowserLikePolicyForHTTPS()
+    agent = Agent(reactor, contextFactory=policy, connectTimeout=TIMEOUT)
+    return RedirectAgent(agent, redirectLimit=10)

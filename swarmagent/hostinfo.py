@@ -35,9 +35,9 @@ PCI_IDS = (
 # device-mapper (LVM, LUKS, multipath), software RAID and network block
 # devices. Each stands on disks already listed (or on none), so listing it
 # would count capacity twice. The kernel puts them all under
-# /sys/devices/virtual, which catches the others (zd, drbd, ...).
-# Optical (sr) and floppy (fd) drives are kept: they are hardware, and ghw
-# lists them too.
+# /sys/devices/virtual, which catches the others (zd, drbd, ...). ghw leaves
+# out loop devices only. Optical (sr) and floppy (fd) drives are kept: they
+# are hardware, and ghw lists them.
 VIRTUAL_DISKS = ("loop", "ram", "zram", "dm-", "md", "nbd")
 
 # ghw's word for a disk vendor it cannot read.

@@ -12,6 +12,7 @@ import io
 import ipaddress
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
@@ -19,7 +20,7 @@ from twisted.internet.ssl import Certificate
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel
 from twisted.trial import unittest
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -86,6 +87,12 @@ class FakeHub(Resource):
             return NOT_DONE_YET
         if request.path == b"/token":
             return self.token(request, authorization)
+        if request.path == b"/moved":
+            # To /token at ``to`` (https://host:port), with the rest of the query.
+            args = dict(request.args)
+            target = args.pop(b"to")[0] + b"/token?" + urlencode(args, doseq=True).encode()
+            request.redirect(target)
+            return b""
         if request.path == MANIFEST_PATH.encode():
             return self.manifest(request, authorization)
         request.setResponseCode(404)
@@ -134,13 +141,19 @@ class Ca:
     def __init__(self) -> None:
         self.cert, key = certs.make_ca("Test Hub CA")
         leaf, leaf_key = certs.issue(
-            self.cert, key, "hub", ips=[ipaddress.ip_address("127.0.0.1")], server=True
+            self.cert,
+            key,
+            "hub",
+            dns_names=["localhost"],
+            ips=[ipaddress.ip_address("127.0.0.1")],
+            server=True,
         )
         self.identity = Identity(leaf, leaf_key)
 
     def client(self) -> IAgent:
+        """The production client, trusting this CA instead of the system's."""
         trust = Certificate.loadPEM(certs.cert_pem(self.cert))
-        return Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust))
+        return make_hub_client(reactor, BrowserLikePolicyForHTTPS(trustRoot=trust))
 
 
 class HubCase(unittest.TestCase):
@@ -273,6 +286,21 @@ class RateLimitTests(HubCase):
         self.assertEqual(self.hub.seen[0][1], b"/nowhere")
         self.assertEqual(self.hub.seen[0][2][b"x"], [b"1"])
         self.assertEqual(self.hub.seen[0][2][b"service"], [b"registry.docker.io"])
+
+    async def test_redirects_followed_credentials_kept_on_the_host(self) -> None:
+        resource = self.resource(auth_url=f"{self.base}/moved?to={self.base}")
+        answer = await self.post(credentials(), resource)
+        self.assertEqual(answer.json, {"remaining": 199, "limit": 200})
+        self.assertEqual([path for _, path, _, _ in self.hub.seen[:2]], [b"/moved", b"/token"])
+        self.assertIsNotNone(self.hub.seen[1][3])
+
+    async def test_credentials_not_sent_to_another_host(self) -> None:
+        elsewhere = self.base.replace("127.0.0.1", "localhost")
+        resource = self.resource(auth_url=f"{self.base}/moved?to={elsewhere}")
+        answer = await self.post(credentials(), resource)
+        self.assertEqual(answer.json, {"remaining": 76, "limit": 100})  # anonymous
+        self.assertEqual(self.hub.seen[1][1], b"/token")
+        self.assertIsNone(self.hub.seen[1][3])
 
     async def test_hub_unreachable(self) -> None:
         closed = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
