@@ -1,4 +1,8 @@
-"""In-memory fakes shared by the unit tests: no sockets, no engine, no real reactor."""
+"""Fakes shared by the unit tests.
+
+In-memory ones (no sockets, no engine, no real reactor), and a TLS server
+factory for the tests that do listen on loopback.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
 from twisted.names import dns
 from twisted.names.error import DNSNameError
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -462,3 +468,30 @@ def callable_probe(
         return answer
 
     return probe
+
+
+def log_lines(logs: EventLoggingObserver, start: int = 0) -> list[str]:
+    """The text of the events ``logs`` has seen, from the ``start``-th on."""
+    return [formatEvent(event) for event in logs[start:]]
+
+
+class TrackingTLSFactory(TLSMemoryBIOFactory):
+    """What ``listenSSL`` builds, plus a way to wait until every connection has closed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._idle: list[Deferred[None]] = []
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -42,7 +44,7 @@ from swarmagent.signature import (
     parse_public_key,
     parse_signature,
 )
-from tests.helpers import capture_logs
+from tests.helpers import log_lines
 
 # A P-256 key and two signatures made with OpenSSL's command line:
 #   printf 'Portainer-App' | openssl dgst -md5 -binary > d.bin
@@ -471,7 +473,16 @@ class PairingResetTests(unittest.SynchronousTestCase):
     def setUp(self) -> None:
         self.folder = Path(self.mktemp())
         self.first, self.second = portainer_key(), portainer_key()
-        self.logs = capture_logs(self)
+        self.observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.seen = 0
+
+    @property
+    def logs(self) -> list[str]:
+        """The log lines since the last :meth:`forget_logs`."""
+        return log_lines(self.observer, self.seen)
+
+    def forget_logs(self) -> None:
+        self.seen = len(self.observer)
 
     def start(self, reset: str = "", secret: str = "") -> Verifier:
         """A verifier as a (re)started agent builds it."""
@@ -536,20 +547,20 @@ class PairingResetTests(unittest.SynchronousTestCase):
 
     def test_logs_the_forgotten_key(self) -> None:
         self.paired_with_first()
-        del self.logs[:]
+        self.forget_logs()
         self.start(reset="1764432000")
         [line] = [line for line in self.logs if "AGENT_PAIRING_RESET" in line]
         self.assertIn("AGENT_PAIRING_RESET=1764432000", line)
         self.assertIn(f"forgot key {short_fingerprint(self.first)}", line)
         self.assertIn("pairing is open again", line)
         # The same value again: the pairing is kept and only that is logged.
-        del self.logs[:]
+        self.forget_logs()
         self.start(reset="1764432000")
         self.assertFalse([line for line in self.logs if "forgot" in line])
 
     def test_paired_start_names_the_way_out(self) -> None:
         self.paired_with_first()
-        del self.logs[:]
+        self.forget_logs()
         self.start()
         [line] = [line for line in self.logs if "Paired with key" in line]
         self.assertIn(short_fingerprint(self.first), line)
@@ -567,7 +578,7 @@ class PairingResetTests(unittest.SynchronousTestCase):
 
     def test_secret_mode_has_nothing_to_reset(self) -> None:
         self.paired_with_first()
-        del self.logs[:]
+        self.forget_logs()
         verifier = self.start(reset="1", secret="shared")
         self.assertEqual(verifier.verify(*headers(self.second, "shared")), ACCEPTED)
         # Nothing touched: dropping the secret later brings the pairing back...

@@ -11,12 +11,11 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
@@ -27,6 +26,7 @@ from zope.interface import implementer
 
 from swarmagent import certs, tls
 from swarmagent.tls import ClientTLS, Identity, ServerTLS
+from tests.helpers import TrackingTLSFactory
 
 reactor: Any = _reactor
 
@@ -48,28 +48,6 @@ class _Whoami(Resource):
         assert self._server.verified_client(request)
         cn = peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
         return b"verified " + str(cn).encode()
-
-
-class _TrackingTLSFactory(TLSMemoryBIOFactory):
-    """What ``listenSSL`` builds, plus a way to wait until every connection has closed."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._idle: list[Deferred[None]] = []
-
-    def unregisterProtocol(self, p: Any) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiting, self._idle = self._idle, []
-            for d in waiting:
-                d.callback(None)
-
-    def idle(self) -> Deferred[None]:
-        if not self.protocols:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._idle.append(d)
-        return d
 
 
 class _OneRequest(Protocol):
@@ -169,7 +147,7 @@ class HandshakeTests(unittest.TestCase):
         """Listen on a free port with ``creator``; return the port number."""
         if resource is None:
             resource = _Whoami(creator)
-        factory = _TrackingTLSFactory(creator, False, Site(resource))
+        factory = TrackingTLSFactory(creator, False, Site(resource))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(factory.idle)
         self.addCleanup(port.stopListening)
