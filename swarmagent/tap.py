@@ -23,10 +23,12 @@ from swarmagent.auth import Authorizer
 from swarmagent.clients import EngineEndpoints, PeerEndpoints, make_pool
 from swarmagent.config import Options
 from swarmagent.discovery import Discovery, HTTPProbe, ManagerNodeList
+from swarmagent.dockerhub import DockerHubResource, make_hub_client
 from swarmagent.engine import Engine
 from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
 from swarmagent.halfclose import HalfCloseTLSFactory
+from swarmagent.hostinfo import HostInfoResource
 from swarmagent.locate import Locator
 from swarmagent.logs import set_level
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
@@ -155,9 +157,18 @@ def makeService(
         identity_open=not agents_authenticate,
         events=ClusterEvents(table, engine_raw, peer_raw, reactor),
         consoles=LazyConsoles(engine_endpoints, reactor),
+        host_info=HostInfoResource(options["host-root"] or "/", reactor),
+        dockerhub=DockerHubResource(
+            make_hub_client(reactor),
+            reactor,
+            options["dockerhub-auth-url"],
+            options["dockerhub-registry-url"],
+        ),
     )
     # The idle timeout also closes connections that never send a request.
-    site = Site(root, reactor=reactor, timeout=IDLE_TIMEOUT)
+    # Bodies are relayed or streamed to disk, never parsed into request.args:
+    # twisted.web would read a whole upload into memory to do that.
+    site = Site(root, reactor=reactor, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
 
     host = options["host"]
     endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
