@@ -106,9 +106,10 @@ def tag_event(line: bytes, node_name: str) -> tuple[bytes, int] | None:
     return json.dumps(event, separators=(",", ":")).encode("utf-8") + b"\n", time_nano
 
 
-def resume_from(url: bytes, time_nano: int) -> bytes:
-    """``url`` with ``since`` just after ``time_nano``: what a node sent is not sent again."""
-    base, _, query = url.partition(b"?")
+def resume_from(uri: bytes, time_nano: int) -> bytes:
+    """``uri`` (a path and query) with ``since`` just after ``time_nano``: what
+    a node sent is not sent again."""
+    base, _, query = uri.partition(b"?")
     params = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != b"since"]
     after = time_nano + 1
     params.append((b"since", b"%d.%09d" % divmod(after, 1_000_000_000)))
@@ -200,12 +201,12 @@ class MergedStream:
     def _open(self, key: str, peer: Peer) -> None:
         node = _Node(peer, lines=LineSplitter(self._events.max_line))
         self._nodes[key] = node
-        path = self._request.uri
+        uri = self._request.uri
         if key in self._last_sent:
             # Back after it left: from where it stopped, so nothing is sent
             # twice and what it saw meanwhile is not lost.
-            path = resume_from(path, self._last_sent[key])
-        node.pending = self._events.nodes.send(peer, path, self._request)
+            uri = resume_from(uri, self._last_sent[key])
+        node.pending = self._events.nodes.send(peer, uri, self._request)
         node.pending.addCallbacks(
             self._answered, self._unreachable, callbackArgs=(node,), errbackArgs=(node,)
         )

@@ -112,8 +112,9 @@ class Nodes:
         """
         if node.is_self:
             if request is None:
-                return Copy(self._engine_client, ENGINE_BASE + path, Headers())
-            headers = request_headers(request, keep_agent_headers=False)
+                headers = Headers()
+            else:
+                headers = request_headers(request, keep_agent_headers=False)
             return Copy(self._engine_client, ENGINE_BASE + path, headers)
         if request is None:
             headers = Headers({k: [v] for k, v in self._credentials.items()})

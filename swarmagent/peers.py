@@ -132,14 +132,11 @@ class PeerTable:
             return None
         old = self._peers.get(address)
         self._peers[address] = Peer(address, port, identity)
+        if old is None or (old.identity, old.port) != (identity, port):
+            self._changed()
         if old is None:
-            self._changed()
             return "join"
-        if old.identity != identity or old.port != port:
-            self._changed()
-        if old.identity != identity:
-            return "change"
-        return None
+        return "change" if old.identity != identity else None
 
     def failed(self, address: str) -> Peer | None:
         """Count a failed probe; return the peer if this one removed it."""
