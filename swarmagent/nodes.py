@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 from twisted.web.server import Request
@@ -103,12 +104,14 @@ class Nodes:
         return self.table.me
 
     def copy(self, node: Peer, path: bytes, request: Request | None = None) -> Copy:
-        """``node``'s copy of a GET of ``path`` (with its query), or of ``request``.
+        """``node``'s copy of a request for ``path`` (with its query).
 
-        This node's copy goes to the engine, without the agents' headers.
-        Another node's goes to its agent, targeted at it and hop-marked,
-        with ``request``'s end-to-end headers (its credentials among them),
-        or with this agent's own credentials when there is no request.
+        This node's copy goes to the engine, with ``request``'s end-to-end
+        headers but not the agents' (none when this agent asks on its own
+        behalf). Another node's goes to its agent, targeted at it and
+        hop-marked, with ``request``'s end-to-end headers (its credentials
+        among them), or with this agent's own credentials when there is no
+        request.
         """
         if node.is_self:
             if request is None:
@@ -148,7 +151,7 @@ class Nodes:
         def answered(result: tuple[int, bytes]) -> Outcome:
             return Answered(node, *result)
 
-        def failed(reason: Any) -> Outcome:
+        def failed(reason: Failure) -> Outcome:
             return NodeFailed(describe(reason.value), node=node.name)
 
         call = get_within(client, url, headers, self.clock, within)
