@@ -19,6 +19,7 @@ BUCKETS: tuple[tuple[str, str], ...] = (
     ("TLS (pyOpenSSL / twisted.protocols.tls)", "protocols/tls.py"),
     ("header copying (http_headers)", "http_headers.py"),
     ("swarmagent.fanout", "swarmagent/fanout.py"),
+    ("swarmagent.nodes", "swarmagent/nodes.py"),
     ("swarmagent.proxy", "swarmagent/proxy.py"),
     ("swarmagent.api/routing/auth", "swarmagent/"),
     ("twisted.web client (_newclient)", "web/_newclient.py"),

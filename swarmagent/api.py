@@ -15,28 +15,31 @@ from twisted.web.util import DeferredResource
 
 from swarmagent.auth import OPEN_PATHS, Authorizer
 from swarmagent.browse import parse_browse_path, volume_of
+from swarmagent.clientgone import watch_gone
 from swarmagent.errors import ErrorResource, error_body
 from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
-from swarmagent.locate import Found, Here, Locator, Nowhere, Several, There
+from swarmagent.locate import Locator
 from swarmagent.logs import logger
-from swarmagent.peers import Peer, PeerTable
+from swarmagent.nodes import Nodes, name_missing
 from swarmagent.proxy import EngineProxy, PeerProxy, Relay
 from swarmagent.routing import (
     AmbiguousNode,
+    AmbiguousObject,
+    ClusterList,
     Forward,
     Local,
     Locate,
+    Located,
     MergedEvents,
     Misdirected,
     NoManager,
+    NotFound,
+    Route,
     UnknownNode,
     creates_swarm_network,
     route,
     strip_version,
-)
-from swarmagent.routing import (
-    FanOut as FanOutRoute,
 )
 from swarmagent.wire import (
     AGENT_HEADERS,
@@ -44,7 +47,6 @@ from swarmagent.wire import (
     DOCKERHUB_PATH,
     HOST_INFO_PATHS,
     IDENTITY_PATH,
-    MISSING_NODES,
 )
 
 log = logger(__name__)
@@ -96,11 +98,10 @@ class AgentRoot(Resource):
 
     def __init__(
         self,
-        table: PeerTable,
+        nodes: Nodes,
         engine_relay: Relay,
         peer_relay: Relay,
         fanout: FanOut,
-        reactor: Any,
         authorizer: Authorizer,
         locator: Locator,
         identity_open: bool = False,
@@ -120,11 +121,11 @@ class AgentRoot(Resource):
         self._host_info = dict.fromkeys(HOST_INFO_PATHS, host_info) if host_info else {}
         self._authorizer = authorizer
         self._open = OPEN_PATHS | ({IDENTITY_PATH} if identity_open else set())
-        self._table = table
-        self._engine = EngineProxy(engine_relay, reactor)
+        self._nodes = nodes
+        self._table = nodes.table
+        self._engine_proxy = EngineProxy(engine_relay, nodes)
         self._peer_relay = peer_relay
         self._fanout = fanout
-        self._reactor = reactor
         ping = _Leaf(self._ping)
         agents = _Leaf(self._agents)
         self._own: dict[bytes, IResource] = {
@@ -186,17 +187,36 @@ class AgentRoot(Resource):
             about=about,
             for_manager=creates_swarm_network(method, strip_version(path), _body(request)),
         )
+        return self._serve(decision, request, local)
+
+    def _serve(
+        self, decision: Route | Located, request: Request, local: IResource | None
+    ) -> IResource:
+        """The resource that serves a request routed (or located) to ``decision``."""
         match decision:
             case Local():
-                return local or self._engine
+                return local or self._engine_proxy
             case Forward(peer):
-                return self._forward(peer)
+                return PeerProxy(self._peer_relay, self._nodes, peer)
             case Locate(kind, ident):
                 return DeferredResource(self._locate(request, kind, ident, local))
-            case FanOutRoute(kind):
-                return _FanOutResource(self._fanout, kind)
+            case ClusterList(kind):
+                return self._fanout.resource(kind)
             case MergedEvents():
-                return _EventsResource(self._events) if self._events else self._engine
+                return self._events.resource() if self._events else self._engine_proxy
+            case NotFound(body, missing):
+                return _NotFoundResource(body, missing)
+            case AmbiguousObject(kind, ident, peers):
+                what = {"containers": "container", "images": "image", "volumes": "volume"}.get(
+                    kind, "exec instance"
+                )
+                return ErrorResource(
+                    409,
+                    f"Several nodes have a {what} matching {ident!r}: "
+                    + ", ".join(p.name for p in peers),
+                    "Set the X-PortainerAgent-Target header to one of their node IDs: "
+                    + ", ".join(p.identity.key for p in peers),
+                )
             case NoManager():
                 return ErrorResource(
                     503,
@@ -219,9 +239,6 @@ class AgentRoot(Resource):
                 return ErrorResource(421, "A forwarded request reached the wrong agent", why)
         raise AssertionError(decision)
 
-    def _forward(self, peer: Peer) -> IResource:
-        return PeerProxy(self._peer_relay, peer, self._table.me.identity.key, self._reactor)
-
     def _locate(
         self, request: Request, kind: str, ident: str, local: IResource | None
     ) -> Deferred[IResource]:
@@ -231,44 +248,19 @@ class AgentRoot(Resource):
         and buffers whatever the client sends next, so the request can be relayed
         or hijacked once the lookup ends.
         """
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
+        gone = watch_gone(request)
 
-        def failed(reason: Failure) -> Found:
+        def failed(reason: Failure) -> Located:
             # A bug here must not leave the client hanging: serve it here.
             log.failure("lookup of {path} failed", reason, path=request.path)
-            return Here()
+            return Local()
 
-        def serve(found: Found) -> IResource:
-            if gone:
-                return _Gone()
-            return self._located(found, kind, ident, local)
+        def serve(found: Located) -> IResource:
+            # Exactly as if the client had targeted that node.
+            return _Gone() if gone() else self._serve(found, request, local)
 
         located = Deferred.fromCoroutine(self._locator.locate(request, kind, ident))
         return located.addErrback(failed).addCallback(serve)
-
-    def _located(self, found: Found, kind: str, ident: str, local: IResource | None) -> IResource:
-        """The resource that serves a request once its object is found."""
-        match found:
-            case Here():
-                return local or self._engine
-            case There(peer):
-                # Exactly as if the client had targeted that node.
-                return self._forward(peer)
-            case Nowhere(body, missing):
-                return _NotFoundResource(body, missing)
-            case Several(peers):
-                what = {"containers": "container", "images": "image", "volumes": "volume"}.get(
-                    kind, "exec instance"
-                )
-                return ErrorResource(
-                    409,
-                    f"Several nodes have a {what} matching {ident!r}: "
-                    + ", ".join(p.name for p in peers),
-                    "Set the X-PortainerAgent-Target header to one of their node IDs: "
-                    + ", ".join(p.identity.key for p in peers),
-                )
-        raise AssertionError(found)
 
     def _ping(self, request: Request) -> bytes:
         request.setResponseCode(204)
@@ -295,29 +287,6 @@ class AgentRoot(Resource):
         return json.dumps(self._table.me.identity.to_json()).encode("utf-8")
 
 
-class _FanOutResource(Resource):
-    isLeaf = True
-
-    def __init__(self, fanout: FanOut, kind: str) -> None:
-        super().__init__()
-        self._fanout = fanout
-        self._kind = kind
-
-    def render_GET(self, request: Request) -> Any:
-        return self._fanout.render(request, self._kind)
-
-
-class _EventsResource(Resource):
-    isLeaf = True
-
-    def __init__(self, events: ClusterEvents) -> None:
-        super().__init__()
-        self._events = events
-
-    def render_GET(self, request: Request) -> Any:
-        return self._events.render(request)
-
-
 class _Gone(Resource):
     """Nothing to serve: the client left during the lookup."""
 
@@ -340,7 +309,5 @@ class _NotFoundResource(Resource):
     def render(self, request: Request) -> bytes:
         request.setResponseCode(404)
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        if self._missing:
-            names = ", ".join(self._missing).encode("utf-8")
-            request.responseHeaders.setRawHeaders(MISSING_NODES, [names])
+        name_missing(request, self._missing)
         return self._body or error_body("No such object")

@@ -109,24 +109,24 @@ def peer_url(address: str, port: int, path: bytes) -> bytes:
     return f"https://{host}:{port}".encode("ascii") + path
 
 
-async def get(agent: IAgent, url: bytes, headers: Headers) -> tuple[int, bytes]:
+async def get(client: IAgent, url: bytes, headers: Headers) -> tuple[int, bytes]:
     """GET ``url`` and read the whole answer: its status and body.
 
     Straight on the ``IAgent``: treq re-parses URLs with hyperlink, which
     rejects an IPv6 literal host (``https://[fd00::3]:9001/``).
     """
-    response: IResponse = await agent.request(b"GET", url, headers)
+    response: IResponse = await client.request(b"GET", url, headers)
     body: bytes = await readBody(response)
     return response.code, body
 
 
 def get_within(
-    agent: IAgent, url: bytes, headers: Headers, clock: IReactorTime, timeout: float
+    client: IAgent, url: bytes, headers: Headers, clock: IReactorTime, timeout: float
 ) -> Deferred[tuple[int, bytes]]:
     """:func:`get`, failing with ``TimeoutError`` if it takes over ``timeout`` s."""
     # A cancelled HTTP call fails with its own error (ResponseNeverReceived
     # wrapping CancelledError), not CancelledError: name the deadline here.
-    return Deferred.fromCoroutine(get(agent, url, headers)).addTimeout(
+    return Deferred.fromCoroutine(get(client, url, headers)).addTimeout(
         timeout, clock, onTimeoutCancel=_timed_out
     )
 

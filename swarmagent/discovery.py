@@ -21,8 +21,9 @@ from swarmagent.clients import get_within, peer_url
 from swarmagent.engine import NODES_PATH, Engine, expected_nodes
 from swarmagent.errors import describe
 from swarmagent.logs import logger
+from swarmagent.nodes import NodeFailed, Nodes
 from swarmagent.peers import MANAGER, NodeIdentity, Peer, PeerTable
-from swarmagent.wire import HOP, IDENTITY_PATH, TARGET
+from swarmagent.wire import IDENTITY_PATH
 
 # Retry delays (seconds) for one DNS query: a tick must end well before the next.
 DNS_TIMEOUTS = (1, 2)
@@ -31,61 +32,59 @@ log = logger(__name__)
 
 Address = tuple[str, int]
 Probe = Callable[[str, int], Awaitable[NodeIdentity]]
-#: Asks a manager's agent (given this node's key as the hop marker) for the
-#: swarm's nodes that should run an agent: node ID → hostname.
-NodeList = Callable[[Peer, str], Awaitable[dict[str, str]]]
+#: Asks a manager's agent for the swarm's nodes that should run an agent:
+#: node ID → hostname.
+NodeList = Callable[[Peer], Awaitable[dict[str, str]]]
 
 
-class _AgentGet:
-    """GET from another agent with this agent's credentials and a deadline."""
+class HTTPProbe:
+    """Ask the agent at an address who it is, over the agent-to-agent API,
+    with this agent's credentials and a deadline."""
 
     def __init__(
         self,
-        agent: IAgent,
+        client: IAgent,
         clock: IReactorTime,
         timeout: float,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self._agent = agent
+        self._client = client
         self._clock = clock
         self._timeout = timeout
-        self._headers = dict(headers or {})
-
-    async def _get(self, url: bytes, extra: Mapping[str, str] | None = None) -> tuple[int, bytes]:
-        names = {**self._headers, **(extra or {})}
-        headers = Headers({k: [v] for k, v in names.items()})
-        return await get_within(self._agent, url, headers, self._clock, self._timeout)
-
-
-class HTTPProbe(_AgentGet):
-    """Ask the agent at an address who it is, over the agent-to-agent API."""
+        self._headers = Headers({k: [v] for k, v in (headers or {}).items()})
 
     async def __call__(self, address: str, port: int) -> NodeIdentity:
         """Return the identity the agent at ``address:port`` reports."""
-        code, body = await self._get(peer_url(address, port, IDENTITY_PATH))
+        url = peer_url(address, port, IDENTITY_PATH)
+        headers = self._headers.copy()
+        code, body = await get_within(self._client, url, headers, self._clock, self._timeout)
         if code != 200:
             raise ValueError(f"identity probe answered {code}")
         return NodeIdentity.from_json(json.loads(body))
 
 
-class ManagerNodeList(_AgentGet):
+class ManagerNodeList:
     """Ask a manager's agent for the swarm's node list (a worker's engine
-    cannot tell it), with the identity probe's credentials and deadline."""
+    cannot tell it), with this agent's own credentials and the probe's deadline."""
 
-    async def __call__(self, manager: Peer, hop: str) -> dict[str, str]:
+    def __init__(self, nodes: Nodes, timeout: float) -> None:
+        self._nodes = nodes
+        self._timeout = timeout
+
+    async def __call__(self, manager: Peer) -> dict[str, str]:
         """Node ID → hostname of the nodes that should run an agent.
 
-        The request is targeted at ``manager`` and hop-marked with ``hop``
-        (this node's key), so that agent serves it from its own engine or
-        refuses it; it never forwards it.
+        The request is targeted at ``manager`` and hop-marked, so that agent
+        serves it from its own engine or refuses it; it never forwards it.
         """
-        url = peer_url(manager.address, manager.port, NODES_PATH.encode("ascii"))
-        target = {TARGET: manager.identity.key, HOP: hop}
-        code, body = await self._get(url, target)
-        if code != 200:
-            raise ValueError(f"the agent of {manager.name} answered {code} to {NODES_PATH}")
+        path = NODES_PATH.encode("ascii")
+        outcome = await self._nodes.get(manager, path, timeout=self._timeout)
+        if isinstance(outcome, NodeFailed):
+            raise outcome
+        if outcome.code != 200:
+            raise ValueError(f"the agent of {manager.name} answered {outcome.code} to {NODES_PATH}")
         try:
-            return expected_nodes(json.loads(body))
+            return expected_nodes(json.loads(outcome.body))
         except ValueError as e:
             raise ValueError(f"the agent of {manager.name} sent a bad node list: {e}") from e
 
@@ -170,7 +169,7 @@ class Discovery:
             if me.role == MANAGER:
                 nodes = await self._engine.swarm_nodes()
             else:
-                nodes = await self._from_managers(me.key)
+                nodes = await self._from_managers()
         except Exception as e:
             why = _why(e)
             if why != self._nodes_problem:
@@ -189,7 +188,7 @@ class Discovery:
                 gone=_names(old, nodes),
             )
 
-    async def _from_managers(self, hop: str) -> dict[str, str]:
+    async def _from_managers(self) -> dict[str, str]:
         # The leader first; the next manager only if one fails.
         if self._node_list is None:
             raise ValueError("no way to ask a manager")
@@ -199,7 +198,7 @@ class Discovery:
         errors: list[str] = []
         for manager in managers:
             try:
-                return await self._node_list(manager, hop)
+                return await self._node_list(manager)
             except Exception as e:
                 errors.append(_why(e))
         raise ValueError("; ".join(errors))

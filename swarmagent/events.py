@@ -9,8 +9,8 @@ with its node as list items are, and written to the client as it comes.
 Memory stays constant per stream: a node's unfinished line is bounded by
 ``max_line`` (a longer one is dropped, not buffered), and a slow client
 pauses every upstream transport (the stream is the request's producer).
-The peer table is polled on the injected clock, so a node that joins is
-added to the open stream and one that leaves is dropped from it.
+The stream watches the peer table, so a node that joins is added to the
+open stream and one that leaves is dropped from it.
 """
 
 from __future__ import annotations
@@ -21,27 +21,25 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IResponse
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from swarmagent.errors import error_body
+from swarmagent.clientgone import watch_gone
 from swarmagent.logs import logger
-from swarmagent.peers import Peer, PeerTable
-from swarmagent.proxy import node_copy
+from swarmagent.nodes import NodeFailed, Nodes, answer_all_failed, tag
+from swarmagent.peers import Peer
 
 log = logger(__name__)
 
 #: Longest event line kept; engine events are well under 4 KiB.
 MAX_LINE = 256 * 1024
-#: Seconds between looks at the peer table for joins and leaves.
-POLL_INTERVAL = 1.0
 #: Most of a node's error answer kept to pass on.
 MAX_ERROR_BODY = 64 * 1024
 
@@ -101,16 +99,17 @@ def tag_event(line: bytes, node_name: str) -> tuple[bytes, int] | None:
         return None
     if not isinstance(event, dict):
         return None
-    event["Portainer"] = {"Agent": {"NodeName": node_name}}
+    tag([event], node_name)
     time_nano = event.get("timeNano")
     if not isinstance(time_nano, int):
         time_nano = 0
     return json.dumps(event, separators=(",", ":")).encode("utf-8") + b"\n", time_nano
 
 
-def resume_from(url: bytes, time_nano: int) -> bytes:
-    """``url`` with ``since`` just after ``time_nano``: what a node sent is not sent again."""
-    base, _, query = url.partition(b"?")
+def resume_from(uri: bytes, time_nano: int) -> bytes:
+    """``uri`` (a path and query) with ``since`` just after ``time_nano``: what
+    a node sent is not sent again."""
+    base, _, query = uri.partition(b"?")
     params = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != b"since"]
     after = time_nano + 1
     params.append((b"since", b"%d.%09d" % divmod(after, 1_000_000_000)))
@@ -120,22 +119,13 @@ def resume_from(url: bytes, time_nano: int) -> bytes:
 class ClusterEvents:
     """Serves ``GET /events`` for the whole cluster."""
 
-    def __init__(
-        self,
-        table: PeerTable,
-        engine_agent: IAgent,
-        peer_agent: IAgent,
-        clock: IReactorTime,
-        *,
-        poll_interval: float = POLL_INTERVAL,
-        max_line: int = MAX_LINE,
-    ) -> None:
-        self.table = table
-        self.engine_agent = engine_agent
-        self.peer_agent = peer_agent
-        self.clock = clock
-        self.poll_interval = poll_interval
+    def __init__(self, nodes: Nodes, *, max_line: int = MAX_LINE) -> None:
+        self.nodes = nodes
         self.max_line = max_line
+
+    def resource(self) -> IResource:
+        """A leaf that serves a GET as the cluster's event stream."""
+        return _EventsResource(self)
 
     def render(self, request: Request) -> Any:
         """Open every node's stream; the answer ends when they all have."""
@@ -155,14 +145,6 @@ class _Node:
     lines: LineSplitter = field(default_factory=LineSplitter)
 
 
-@dataclass
-class _Failure:
-    node: str
-    why: str
-    code: int = 0
-    body: bytes = b""
-
-
 @implementer(IPushProducer)
 class MergedStream:
     """One client's merged stream; the producer of the client's request."""
@@ -173,24 +155,37 @@ class MergedStream:
         self._nodes: dict[str, _Node] = {}
         #: Time (ns) of the last event sent from each node, by node key.
         self._last_sent: dict[str, int] = {}
-        self._failures: list[_Failure] = []
+        self._failures: list[NodeFailed] = []
         self._paused = False
         self._head_sent = False
         self._done = False
-        self._poll = LoopingCall(self.sync)
-        self._poll.clock = events.clock
+        #: A look at the table, due after it changed.
+        self._sync_due: IDelayedCall | None = None
 
     def start(self) -> None:
-        self._request.notifyFinish().addErrback(self._client_gone)
+        watch_gone(self._request, then=self.stopProducing)
         self.sync()
         if not self._done:
-            self._poll.start(self._events.poll_interval, now=False)
+            self._events.nodes.table.watch(self._table_changed)
+
+    def _table_changed(self) -> None:
+        # Once the change is complete: a discovery tick changes the table
+        # once per agent it probes, and the stream follows it once.
+        if self._sync_due is None:
+            self._sync_due = self._events.nodes.clock.callLater(0, self.sync)
+
+    def _stop_watching(self) -> None:
+        self._events.nodes.table.unwatch(self._table_changed)
+        if self._sync_due is not None and self._sync_due.active():
+            self._sync_due.cancel()
+        self._sync_due = None
 
     def sync(self) -> None:
         """Follow the peer table: open new nodes' streams, drop those that left."""
+        self._sync_due = None
         if self._done:
             return
-        current = {p.identity.key: p for p in self._events.table.nodes()}
+        current = {p.identity.key: p for p in self._events.nodes.table.nodes()}
         for key in [k for k in self._nodes if k not in current]:
             node = self._nodes.pop(key)
             if not node.ended:
@@ -206,14 +201,12 @@ class MergedStream:
     def _open(self, key: str, peer: Peer) -> None:
         node = _Node(peer, lines=LineSplitter(self._events.max_line))
         self._nodes[key] = node
-        request = self._request
-        agent = self._events.engine_agent if peer.is_self else self._events.peer_agent
-        url, headers = node_copy(request, peer, self._events.table.me)
+        uri = self._request.uri
         if key in self._last_sent:
             # Back after it left: from where it stopped, so nothing is sent
             # twice and what it saw meanwhile is not lost.
-            url = resume_from(url, self._last_sent[key])
-        node.pending = agent.request(b"GET", url, headers, None)
+            uri = resume_from(uri, self._last_sent[key])
+        node.pending = self._events.nodes.send(peer, uri, self._request)
         node.pending.addCallbacks(
             self._answered, self._unreachable, callbackArgs=(node,), errbackArgs=(node,)
         )
@@ -234,9 +227,9 @@ class MergedStream:
         # Cancelled by the agent itself (client gone, node left): no news.
         if self._done or node.ended or self._nodes.get(node.peer.identity.key) is not node:
             return
-        self.node_failed(node, _Failure(node.peer.name, reason.getErrorMessage()))
+        self.node_failed(node, NodeFailed(reason.getErrorMessage(), node=node.peer.name))
 
-    def node_failed(self, node: _Node, failure: _Failure) -> None:
+    def node_failed(self, node: _Node, failure: NodeFailed) -> None:
         log.warn("events: node {node} left out: {why}", node=failure.node, why=failure.why)
         self._failures.append(failure)
         self.node_ended(node)
@@ -290,28 +283,13 @@ class MergedStream:
         if self._done or any(not n.ended for n in self._nodes.values()):
             return
         self._done = True
-        if self._poll.running:
-            self._poll.stop()
+        self._stop_watching()
         request = self._request
         if self._head_sent:
             request.unregisterProducer()
             request.finish()
             return
-        # No node ever streamed: pass on an engine's refusal (a bad filter,
-        # say), as a single engine would give it; else the agent's own 502.
-        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        refusal = next((f for f in self._failures if 400 <= f.code < 500), None)
-        if refusal is not None:
-            request.setResponseCode(refusal.code)
-            request.write(refusal.body)
-        else:
-            request.setResponseCode(502)
-            why = "; ".join(f"{f.node}: {f.why}" for f in self._failures) or "no node"
-            request.write(error_body("No node streamed its events", why))
-        request.finish()
-
-    def _client_gone(self, reason: Failure) -> None:
-        self.stopProducing()
+        answer_all_failed(request, self._failures, "No node streamed its events")
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -330,8 +308,7 @@ class MergedStream:
         if self._done:
             return
         self._done = True
-        if self._poll.running:
-            self._poll.stop()
+        self._stop_watching()
         for node in self._nodes.values():
             self._close(node)
 
@@ -386,8 +363,8 @@ class _ErrorBody(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         body = b"".join(self._body)
-        why = f"answered {self._code}"
-        self._stream.node_failed(self._node, _Failure(self._node.peer.name, why, self._code, body))
+        failure = NodeFailed.refused(self._node.peer.name, self._code, body)
+        self._stream.node_failed(self._node, failure)
 
 
 class _Discard(Protocol):
@@ -396,3 +373,14 @@ class _Discard(Protocol):
     def connectionMade(self) -> None:
         transport: Any = self.transport
         transport.stopProducing()
+
+
+class _EventsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, events: ClusterEvents) -> None:
+        super().__init__()
+        self._events = events
+
+    def render_GET(self, request: Request) -> Any:
+        return self._events.render(request)

@@ -6,32 +6,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
-from twisted.web.iweb import IAgent
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from swarmagent.clients import get_within
-from swarmagent.errors import describe, write_error
+from swarmagent.clientgone import watch_gone
 from swarmagent.logs import logger
-from swarmagent.peers import MANAGER, Peer, PeerTable
-from swarmagent.proxy import node_copy
+from swarmagent.nodes import Answered, NodeFailed, Nodes, answer_all_failed, name_missing, tag
+from swarmagent.peers import MANAGER, Peer
 from swarmagent.signature import SIGNATURE_HEADER
-from swarmagent.wire import MISSING_NODES
 
 log = logger(__name__)
-
-#: Why a swarm node with no agent in the peer table is left out.
-NO_AGENT = "no agent reachable"
-
-
-class NodeFailed(Exception):
-    """A node gave no usable list."""
-
-    def __init__(self, why: str, code: int = 0, body: bytes = b"") -> None:
-        super().__init__(why)
-        self.code = code
-        self.body = body
 
 
 @dataclass
@@ -41,17 +26,18 @@ class Merged:
     #: Each answering node's tagged items, JSON-encoded without the brackets.
     chunks: list[bytes] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    #: The nodes left out, by name, and why.
-    missing: list[tuple[str, NodeFailed]] = field(default_factory=list)
+    #: The nodes left out, and why.
+    missing: list[NodeFailed] = field(default_factory=list)
     answered: int = 0
     #: Swarm-scoped networks listed once (see :func:`once_per_swarm`), encoded, by ID.
     swarm: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
-class _Answer:
+class _List:
     """One node's list: its tagged items, its warnings, its swarm-scoped items."""
 
+    node: Peer
     chunk: bytes
     warnings: list[str]
     swarm: dict[str, bytes]
@@ -67,15 +53,6 @@ def once_per_swarm(request: Request, kind: str) -> bool:
     ``docker stack rm`` removes each network once.
     """
     return kind == "networks" and not request.requestHeaders.hasHeader(SIGNATURE_HEADER)
-
-
-def tag(items: list[Any], node_name: str) -> list[Any]:
-    """Mark each item with its node, where the Portainer UI looks for it."""
-    mark = {"Agent": {"NodeName": node_name}}
-    for item in items:
-        if isinstance(item, dict):
-            item["Portainer"] = mark
-    return items
 
 
 def parse_list(kind: str, body: bytes) -> tuple[list[Any], list[str]]:
@@ -98,98 +75,72 @@ def parse_list(kind: str, body: bytes) -> tuple[list[Any], list[str]]:
 
 
 class FanOut:
-    """Serves one cluster-wide list request."""
+    """Serves cluster-wide list requests."""
 
-    def __init__(
-        self,
-        table: PeerTable,
-        engine: IAgent,
-        peers: IAgent,
-        clock: IReactorTime,
-        timeout: float,
-    ) -> None:
-        self._table = table
-        self._engine = engine
-        self._peers = peers
-        self._clock = clock
-        self._timeout = timeout
+    def __init__(self, nodes: Nodes) -> None:
+        self._nodes = nodes
+
+    def resource(self, kind: str) -> IResource:
+        """A leaf that serves a GET as the cluster-wide list of ``kind``."""
+        return _ListResource(self, kind)
 
     def render(self, request: Request, kind: str) -> Any:
         """Start the calls; the answer is written when the last one ends."""
         Deferred.fromCoroutine(self._serve(request, kind))
         return NOT_DONE_YET
 
-    async def collect(self, request: Request, kind: str) -> Merged:
+    async def _collect(self, request: Request, kind: str) -> Merged:
         """Ask every known node for its list, each bounded by the deadline.
 
         A swarm node expected to run an agent but with none in the table is
         named missing too (taken with the same snapshot as the nodes asked).
         """
-        nodes = self._table.nodes()
-        agentless = self._table.agentless()
+        nodes = self._nodes.table.nodes()
+        agentless = self._nodes.agentless()
         once = once_per_swarm(request, kind)
-        calls = [self._ask(request, kind, peer, once) for peer in nodes]
-        results = await DeferredList(calls, consumeErrors=True)
+        calls: list[Deferred[_List | NodeFailed]] = [
+            self._nodes.get(node, request.uri, request).addCallback(_list_of, kind, once)
+            for node in nodes
+        ]
         merged = Merged()
-        answers = list(zip(nodes, results, strict=True))
-        for peer, (ok, result) in answers:
-            if ok:
-                merged.answered += 1
-                if result.chunk:
-                    merged.chunks.append(result.chunk)
-                merged.warnings.extend(f"{peer.name}: {w}" for w in result.warnings)
-            else:
-                failure = result.value  # type: ignore[attr-defined]
-                if not isinstance(failure, NodeFailed):
-                    failure = NodeFailed(describe(failure))
-                merged.missing.append((peer.name, failure))
-        merged.missing.extend((name, NodeFailed(NO_AGENT)) for _, name in agentless)
+        lists: list[_List] = []
+        for result in await gatherResults(calls):
+            if isinstance(result, NodeFailed):
+                merged.missing.append(result)
+                continue
+            merged.answered += 1
+            lists.append(result)
+            if result.chunk:
+                merged.chunks.append(result.chunk)
+            merged.warnings.extend(f"{result.node.name}: {w}" for w in result.warnings)
+        merged.missing.extend(agentless)
         # A manager's copy of a swarm network first: it is the one to act on.
-        for _, (ok, result) in sorted(answers, key=lambda a: a[0].identity.role != MANAGER):
-            for key, item in result.swarm.items() if ok else ():
+        for answer in sorted(lists, key=lambda a: a.node.identity.role != MANAGER):
+            for key, item in answer.swarm.items():
                 merged.swarm.setdefault(key, item)
         return merged
 
-    def _ask(self, request: Request, kind: str, peer: Peer, once: bool) -> Deferred[_Answer]:
-        me = self._table.me
-        agent = self._engine if peer is me else self._peers
-        url, headers = node_copy(request, peer, me)
-
-        async def call() -> _Answer:
-            code, body = await get_within(agent, url, headers, self._clock, self._timeout)
-            if code != 200:
-                raise NodeFailed(f"answered {code}", code, body)
-            items, warnings = parse_list(kind, body)
-            items = tag(items, peer.name)
-            swarm: dict[str, bytes] = {}
-            if once:
-                swarm = {str(i.get("Id")): _encode_items([i]) for i in items if _swarm_scoped(i)}
-                items = [i for i in items if not _swarm_scoped(i)]
-            # Encoded as soon as it arrives, while other nodes are still awaited;
-            # many small encodes are also cheaper than one of everything.
-            return _Answer(_encode_items(items), warnings, swarm)
-
-        return Deferred.fromCoroutine(call())
-
     async def _serve(self, request: Request, kind: str) -> None:
-        finished = [False]
-        request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
-        merged = await self.collect(request, kind)
-        if finished[0]:
+        gone = watch_gone(request)
+        merged = await self._collect(request, kind)
+        if gone():
             return
-        for name, failure in merged.missing:
-            log.warn("{kind} list: node {node} left out: {why}", kind=kind, node=name, why=failure)
+        for failure in merged.missing:
+            log.warn(
+                "{kind} list: node {node} left out: {why}",
+                kind=kind,
+                node=failure.node,
+                why=failure,
+            )
         if merged.missing and not merged.answered:
-            self._write_all_failed(request, merged)
+            answer_all_failed(request, merged.missing, "No node answered the cluster-wide list")
             return
-        if merged.missing:
-            names = ", ".join(name for name, _ in merged.missing)
-            request.responseHeaders.setRawHeaders(MISSING_NODES, [names.encode("utf-8")])
+        name_missing(request, [f.node for f in merged.missing])
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         items = b"[" + b",".join([*merged.chunks, *merged.swarm.values()]) + b"]"
         if kind == "volumes":
             warnings = merged.warnings + [
-                f"node {name} did not answer: {f}" for name, f in merged.missing
+                f"node {f.node} did not answer: {f}" for f in merged.missing
             ]
             encoded = json.dumps(warnings, separators=(",", ":")).encode("utf-8")
             request.write(b'{"Volumes":' + items + b',"Warnings":' + encoded + b"}")
@@ -197,19 +148,40 @@ class FanOut:
             request.write(items)
         request.finish()
 
-    def _write_all_failed(self, request: Request, merged: Merged) -> None:
-        # Every node refused: if an engine said why (a bad filter, say), the
-        # client gets that answer; otherwise the agent's own 502.
-        for _, failure in merged.missing:
-            if 400 <= failure.code < 500:
-                request.setResponseCode(failure.code)
-                request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-                request.write(failure.body)
-                request.finish()
-                return
-        names = ", ".join(f"{name}: {f}" for name, f in merged.missing)
-        request.write(write_error(request, 502, "No node answered the cluster-wide list", names))
-        request.finish()
+
+def _list_of(outcome: Answered | NodeFailed, kind: str, once: bool) -> _List | NodeFailed:
+    """One node's answer as its list, or why it gave none.
+
+    Encoded as soon as it arrives, while other nodes are still awaited; many
+    small encodes are also cheaper than one of everything.
+    """
+    if isinstance(outcome, NodeFailed):
+        return outcome
+    node = outcome.node
+    if outcome.code != 200:
+        return outcome.refusal()
+    try:
+        items, warnings = parse_list(kind, outcome.body)
+    except NodeFailed as e:
+        return e.of(node.name)
+    items = tag(items, node.name)
+    swarm: dict[str, bytes] = {}
+    if once:
+        swarm = {str(i.get("Id")): _encode_items([i]) for i in items if _swarm_scoped(i)}
+        items = [i for i in items if not _swarm_scoped(i)]
+    return _List(node, _encode_items(items), warnings, swarm)
+
+
+class _ListResource(Resource):
+    isLeaf = True
+
+    def __init__(self, fanout: FanOut, kind: str) -> None:
+        super().__init__()
+        self._fanout = fanout
+        self._kind = kind
+
+    def render_GET(self, request: Request) -> Any:
+        return self._fanout.render(request, self._kind)
 
 
 def _swarm_scoped(item: Any) -> bool:

@@ -16,21 +16,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.internet.defer import gatherResults
 from twisted.web.server import Request
 
-from swarmagent.clients import ENGINE_BASE, get_within, peer_url
-from swarmagent.errors import describe
 from swarmagent.logs import logger
-from swarmagent.peers import Peer, PeerTable
-from swarmagent.proxy import forward_headers
+from swarmagent.nodes import Answered, NodeFailed, Nodes
+from swarmagent.routing import AmbiguousObject, Forward, Local, Located, NotFound
 
 log = logger(__name__)
 
@@ -54,55 +47,19 @@ def inspect_path(raw_path: bytes) -> tuple[bytes, bytes] | None:
     return kind, (version or b"") + b"/" + kind + b"/" + ident + b"/json"
 
 
-@dataclass(frozen=True)
-class Here:
-    """Serve from this node's engine: found here, or its answer is the answer."""
-
-
-@dataclass(frozen=True)
-class There:
-    """Exactly one other node holds it."""
-
-    peer: Peer
-
-
-@dataclass(frozen=True)
-class Nowhere:
-    """No node holds it: the local engine's 404, and the nodes that did not say."""
-
-    body: bytes
-    missing: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Several:
-    """More than one other node matches (an ID prefix, a name used twice)."""
-
-    peers: tuple[Peer, ...]
-
-
-Found = Here | There | Nowhere | Several
-
-
 class Locator:
     """Asks the nodes which one holds an object."""
 
-    def __init__(
-        self,
-        table: PeerTable,
-        engine: IAgent,
-        peers: IAgent,
-        clock: IReactorTime,
-        timeout: float,
-    ) -> None:
-        self._table = table
-        self._engine = engine
-        self._peers = peers
-        self._clock = clock
-        self._timeout = timeout
+    def __init__(self, nodes: Nodes) -> None:
+        self._nodes = nodes
 
-    async def locate(self, request: Request, kind: str, ident: str) -> Found:
-        """Where ``request``'s container, exec instance, image, volume or network is."""
+    async def locate(self, request: Request, kind: str, ident: str) -> Located:
+        """Where ``request``'s container, exec instance, image, volume or network is served.
+
+        ``Local`` when this node holds it, or when its engine's answer is the
+        answer; ``Forward`` to the one other node that holds it; else
+        ``NotFound`` or ``AmbiguousObject``.
+        """
         if kind == "networks":
             return await self._swarm_network(request, ident)
         if kind == "volumes":
@@ -111,84 +68,69 @@ class Locator:
         else:
             target = inspect_path(request.path)
             if target is None:
-                return Here()
+                return Local()
             path = target[1]
-        try:
-            code, body = await self._ask(self._engine, ENGINE_BASE + path, Headers())
-        except Exception:
-            # The relay meets the same failure and reports it as usual.
-            return Here()
-        if code != 404:
-            return Here()
+        # This agent's own question to its engine; a failure is the relay's
+        # to meet and report as usual.
+        here = await self._nodes.get(self._nodes.me, path)
+        if not isinstance(here, Answered) or here.code != 404:
+            return Local()
 
-        me = self._table.me
-        others = [p for p in self._table.nodes() if p is not me and not p.is_self]
-        calls = [
-            self._ask(
-                self._peers,
-                peer_url(p.address, p.port, path),
-                # The credentials and marks of a forward: the peer serves it
-                # from its own engine, never sends it on.
-                forward_headers(request, p, me.identity.key),
-            )
-            for p in others
-        ]
-        results = await DeferredList(calls, consumeErrors=True)
-        holders: list[Peer] = []
-        answers: list[bytes] = []
+        # The credentials and marks of a forward: each peer serves it from
+        # its own engine, never sends it on.
+        others = [p for p in self._nodes.table.nodes() if not p.is_self]
+        outcomes = await gatherResults([self._nodes.get(p, path, request) for p in others])
+        holders: list[Answered] = []
         missing: list[str] = []
-        for peer, (ok, result) in zip(others, results, strict=True):
-            if ok and result[0] == 200:
-                holders.append(peer)
-                answers.append(result[1])
-            elif not (ok and result[0] == 404):
-                why = f"answered {result[0]}" if ok else _reason(result)
-                log.warn("lookup of {path}: node {node}: {why}", path=path, node=peer.name, why=why)
-                missing.append(peer.name)
-        missing.extend(name for _, name in self._table.agentless())
+        for outcome in outcomes:
+            if isinstance(outcome, Answered) and outcome.code == 200:
+                holders.append(outcome)
+            elif not (isinstance(outcome, Answered) and outcome.code == 404):
+                failure = outcome if isinstance(outcome, NodeFailed) else outcome.refusal()
+                log.warn(
+                    "lookup of {path}: node {node}: {why}",
+                    path=path,
+                    node=failure.node,
+                    why=failure.why,
+                )
+                missing.append(failure.node)
+        missing.extend(f.node for f in self._nodes.agentless())
         if len(holders) == 1 or (
-            kind == "images" and request.method == b"GET" and _one_image(answers)
+            kind == "images" and request.method == b"GET" and _one_image(holders)
         ):
             # Several nodes holding the same image give the same answer to a
             # read: any of them will do. A write must say which one.
-            return There(holders[0])
+            return Forward(holders[0].node)
         if holders:
-            return Several(tuple(holders))
-        return Nowhere(body, tuple(missing))
+            return AmbiguousObject(kind, ident, tuple(h.node for h in holders))
+        return NotFound(here.body, tuple(missing))
 
-    async def _swarm_network(self, request: Request, ident: str) -> Found:
+    async def _swarm_network(self, request: Request, ident: str) -> Located:
         """A manager's, if the network is swarm-scoped; else this node's.
 
         Workers list a swarm network only while one of their tasks uses it,
         and cannot remove it; managers know every one.
         """
         path = b"/networks/" + quote(ident, safe="").encode("ascii")
-        try:
-            code, body = await self._ask(self._engine, ENGINE_BASE + path, Headers())
-        except Exception:
-            return Here()
-        if (code == 200 and not _swarm_scoped(body)) or code not in (200, 404):
-            return Here()
-        managers = self._table.managers()
+        here = await self._nodes.get(self._nodes.me, path)
+        if not isinstance(here, Answered):
+            return Local()
+        if (here.code == 200 and not _swarm_scoped(here.body)) or here.code not in (200, 404):
+            return Local()
+        managers = self._nodes.table.managers()
         if not managers:
-            return Here()
+            return Local()
         leader = managers[0]
-        url = peer_url(leader.address, leader.port, path)
-        headers = forward_headers(request, leader, self._table.me.identity.key)
-        try:
-            code, body = await self._ask(self._peers, url, headers)
-        except Exception as e:
+        there = await self._nodes.get(leader, path, request)
+        if isinstance(there, NodeFailed):
             log.warn(
                 "lookup of network {ident} on {node}: {why}",
                 ident=ident,
-                node=leader.name,
-                why=describe(e),
+                node=there.node,
+                why=there.why,
             )
-            return Here()
-        return There(leader) if code == 200 and _swarm_scoped(body) else Here()
-
-    def _ask(self, agent: IAgent, url: bytes, headers: Headers) -> Deferred[tuple[int, bytes]]:
-        return get_within(agent, url, headers, self._clock, self._timeout)
+            return Local()
+        return Forward(leader) if there.code == 200 and _swarm_scoped(there.body) else Local()
 
 
 def _swarm_scoped(inspect: bytes) -> bool:
@@ -198,14 +140,10 @@ def _swarm_scoped(inspect: bytes) -> bool:
         return False
 
 
-def _one_image(answers: list[bytes]) -> bool:
+def _one_image(holders: list[Answered]) -> bool:
     """Whether these inspect answers all describe one image (by its ID)."""
     try:
-        ids = {json.loads(a)["Id"] for a in answers}
+        ids = {json.loads(h.body)["Id"] for h in holders}
     except (ValueError, TypeError, KeyError):
         return False
     return len(ids) == 1
-
-
-def _reason(failure: Any) -> str:
-    return describe(getattr(failure, "value", failure))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -90,6 +90,7 @@ class PeerTable:
 
     Peers are keyed by address: DNS gives addresses, and an agent's address
     is what a request is sent to. ``me`` is this node, always present.
+    Watchers are told when a node joins, leaves or changes.
     """
 
     me: Peer
@@ -97,25 +98,45 @@ class PeerTable:
     _peers: dict[str, Peer] = field(default_factory=dict)
     #: The swarm's nodes that should have an agent: node ID → hostname.
     _expected: dict[str, str] = field(default_factory=dict)
+    _watchers: list[Callable[[], object]] = field(default_factory=list, repr=False, compare=False)
+
+    def watch(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (no arguments) after each join, leave or change."""
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], object]) -> None:
+        """Stop calling ``callback``; nothing happens if it was not watching."""
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+
+    def _changed(self) -> None:
+        for callback in list(self._watchers):
+            callback()
 
     def set_me(self, identity: NodeIdentity, address: str | None = None) -> None:
         """Record this node's identity, re-read from its engine."""
+        old = self.me
         self.me = replace(self.me, identity=identity, address=address or self.me.address)
+        if self.me != old:
+            self._changed()
 
     def seen(self, address: str, port: int, identity: NodeIdentity) -> str | None:
         """Record a successful probe; return "join" or "change" when news."""
         if identity.key == self.me.identity.key:
-            self._peers.pop(address, None)
+            old_me = self.me
+            stale = self._peers.pop(address, None)
             if address != self.me.address:
                 self.me = replace(self.me, address=address, port=port)
+            if stale is not None or self.me != old_me:
+                self._changed()
             return None
         old = self._peers.get(address)
         self._peers[address] = Peer(address, port, identity)
+        if old is None or (old.identity, old.port) != (identity, port):
+            self._changed()
         if old is None:
             return "join"
-        if old.identity != identity:
-            return "change"
-        return None
+        return "change" if old.identity != identity else None
 
     def failed(self, address: str) -> Peer | None:
         """Count a failed probe; return the peer if this one removed it."""
@@ -124,6 +145,7 @@ class PeerTable:
             return None
         if old.failures + 1 >= self.max_failures:
             del self._peers[address]
+            self._changed()
             return old
         self._peers[address] = replace(old, failures=old.failures + 1)
         return None
@@ -134,6 +156,8 @@ class PeerTable:
         gone = [p for a, p in self._peers.items() if a not in keep]
         for peer in gone:
             del self._peers[peer.address]
+        if gone:
+            self._changed()
         return gone
 
     def nodes(self) -> list[Peer]:

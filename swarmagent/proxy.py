@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
@@ -13,15 +13,19 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from twisted.web.proxy import ReverseProxyResource
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from swarmagent.clients import ENGINE_BASE, peer_url
-from swarmagent.clientwatch import ClientWatch
+from swarmagent.clientgone import watch_gone
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
 from swarmagent.peers import Peer
 from swarmagent.tunnel import hijack, wants_upgrade
-from swarmagent.wire import AGENT_HEADERS, HOP, TARGET
+from swarmagent.wire import AGENT_HEADERS
+
+if TYPE_CHECKING:
+    # nodes.py builds each node's copy of a request with request_headers.
+    from swarmagent.nodes import Nodes
 
 log = logger(__name__)
 
@@ -111,9 +115,9 @@ class Relay:
     """Sends one client request upstream and streams the answer back."""
 
     def __init__(
-        self, agent: IAgent, endpoints: IAgentEndpointFactory, cooperator: Cooperator
+        self, client: IAgent, endpoints: IAgentEndpointFactory, cooperator: Cooperator
     ) -> None:
-        self._agent = agent
+        self._client = client
         self._endpoints = endpoints
         self._cooperator = cooperator
 
@@ -138,12 +142,12 @@ class Relay:
     async def _relay(
         self, request: Request, url: bytes, headers: Headers, unreachable: str
     ) -> None:
-        pending = self._agent.request(request.method, url, headers, self._body(request))
-        client = ClientWatch(request, on_gone=pending.cancel)
+        pending = self._client.request(request.method, url, headers, self._body(request))
+        gone = watch_gone(request, then=pending.cancel)
         try:
             response = await pending
         except Exception as e:
-            if not client.gone and not isinstance(e, CancelledError):
+            if not gone() and not isinstance(e, CancelledError):
                 why = describe(e)
                 log.warn("{upstream}: {why}", upstream=unreachable, why=why)
                 request.write(write_error(request, 502, unreachable, why))
@@ -159,7 +163,7 @@ class Relay:
         relay = _BodyRelay(request)
         response.deliverBody(relay)
         await relay.done
-        if client.gone:
+        if gone():
             return
         reason = relay.reason
         if reason is not None and reason.check(ResponseDone, PotentialDataLoss):
@@ -176,57 +180,42 @@ class Relay:
 
 
 class EngineProxy(ReverseProxyResource):
-    """Relays any request, path and query unchanged, to the local engine."""
+    """Relays any request, path and query unchanged, to the local engine.
+
+    A leaf whose ``render`` relays through a pooled client: it holds none of
+    the base's address, path or reactor (``Resource.__init__`` only).
+    """
 
     isLeaf = True
 
-    def __init__(self, relay: Relay, reactor: Any) -> None:
-        super().__init__("docker", 0, b"", reactor)
+    def __init__(self, relay: Relay, nodes: Nodes) -> None:
+        Resource.__init__(self)
         self._relay = relay
+        self._nodes = nodes
 
     def render(self, request: Request) -> Any:
         request.defaultContentType = None
-        headers = request_headers(request, keep_agent_headers=False)
-        self._relay(
-            request, ENGINE_BASE + request.uri, headers, "Unable to reach the Docker engine"
-        )
+        _, url, headers = self._nodes.copy(self._nodes.me, request.uri, request)
+        self._relay(request, url, headers, "Unable to reach the Docker engine")
         return NOT_DONE_YET
 
 
 class PeerProxy(ReverseProxyResource):
-    """Relays a request to another node's agent, re-targeted to be served there."""
+    """Relays a request to another node's agent, re-targeted to be served there.
+
+    A leaf like :class:`EngineProxy`.
+    """
 
     isLeaf = True
 
-    def __init__(self, relay: Relay, peer: Peer, hop: str, reactor: Any) -> None:
-        super().__init__(peer.address, peer.port, b"", reactor)
+    def __init__(self, relay: Relay, nodes: Nodes, peer: Peer) -> None:
+        Resource.__init__(self)
         self._relay = relay
+        self._nodes = nodes
         self._peer = peer
-        self._hop = hop
 
     def render(self, request: Request) -> Any:
         request.defaultContentType = None
-        headers = forward_headers(request, self._peer, self._hop)
-        url = peer_url(self._peer.address, self._peer.port, request.uri)
+        _, url, headers = self._nodes.copy(self._peer, request.uri, request)
         self._relay(request, url, headers, f"Unable to reach the agent of node {self._peer.name}")
         return NOT_DONE_YET
-
-
-def node_copy(request: Request, peer: Peer, me: Peer) -> tuple[bytes, Headers]:
-    """A fresh URL and headers for ``request`` as ``peer`` must serve it.
-
-    Built anew per node: nothing is shared between parallel calls
-    (portainer/portainer#1867). This node's copy goes to its engine.
-    """
-    if peer is me or peer.is_self:
-        return ENGINE_BASE + request.uri, request_headers(request, keep_agent_headers=False)
-    url = peer_url(peer.address, peer.port, request.uri)
-    return url, forward_headers(request, peer, me.identity.key)
-
-
-def forward_headers(request: Request, peer: Peer, hop: str) -> Headers:
-    """Headers for a copy of ``request`` that ``peer`` must serve itself."""
-    headers = request_headers(request, keep_agent_headers=True)
-    headers.setRawHeaders(TARGET, [peer.identity.key.encode("utf-8")])
-    headers.setRawHeaders(HOP, [hop.encode("utf-8")])
-    return headers

@@ -96,7 +96,7 @@ class Forward:
 
 
 @dataclass(frozen=True)
-class FanOut:
+class ClusterList:
     """Ask every node and merge the lists."""
 
     kind: str
@@ -144,10 +144,30 @@ class Misdirected:
     why: str
 
 
+@dataclass(frozen=True)
+class NotFound:
+    """No node holds the object: this engine's 404, and the nodes that could not say."""
+
+    body: bytes
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AmbiguousObject:
+    """More than one other node holds an object of that name or ID prefix."""
+
+    kind: str
+    ident: str
+    peers: tuple[Peer, ...]
+
+
+#: Where a located request is served (see :class:`Locate`).
+Located = Local | Forward | NotFound | AmbiguousObject
+
 Route = (
     Local
     | Forward
-    | FanOut
+    | ClusterList
     | MergedEvents
     | Locate
     | NoManager
@@ -198,7 +218,7 @@ def route(
     if kind and method == "GET" and not (target and targets_me):
         if forwarded:
             return Misdirected(f"fan-out reached {me.name} with target {target!r}")
-        return FanOut(kind)
+        return ClusterList(kind)
 
     # A forwarded request always names its node, so only a client's own
     # untargeted request is merged.

@@ -31,6 +31,7 @@ from swarmagent.halfclose import HalfCloseTLSFactory
 from swarmagent.hostinfo import HostInfoResource
 from swarmagent.locate import Locator
 from swarmagent.logs import set_level
+from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
@@ -122,40 +123,45 @@ def makeService(
     peer_pool = make_pool(reactor)
     engine_endpoints = EngineEndpoints(reactor, options["docker-host"], connect_timeout)
     peer_endpoints = PeerEndpoints(reactor, connect_timeout, client_tls)
-    engine_raw = Agent.usingEndpointFactory(reactor, engine_endpoints, pool=engine_pool)
-    peer_raw = Agent.usingEndpointFactory(reactor, peer_endpoints, pool=peer_pool)
-    engine_http = HTTPClient(engine_raw)
+    engine_client = Agent.usingEndpointFactory(reactor, engine_endpoints, pool=engine_pool)
+    peer_client = Agent.usingEndpointFactory(reactor, peer_endpoints, pool=peer_pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
 
     port = options["port"]
     me = Peer(advertise, port, NodeIdentity(name=name), is_self=True)
     table = PeerTable(me, max_failures=options["probe-failures"])
-    engine = Engine(engine_http, reactor, timeout=max(connect_timeout, 10.0))
+    # Lists, lookups and events wait --fanout-timeout for each node; the
+    # agent's own questions carry the probe's credentials.
+    nodes = Nodes(
+        table,
+        engine_client,
+        peer_client,
+        reactor,
+        options["fanout-timeout"],
+        credentials=probe_headers,
+    )
+    engine = Engine(HTTPClient(engine_client), reactor, timeout=max(connect_timeout, 10.0))
     discovery = Discovery(
         table,
         engine,
         resolver,
-        HTTPProbe(peer_raw, reactor, timeout=connect_timeout, headers=probe_headers),
+        HTTPProbe(peer_client, reactor, timeout=connect_timeout, headers=probe_headers),
         reactor,
         name=options["cluster-addr"] or None,
         port=port,
         hostname=name,
-        # A worker asks a manager's agent with the probe's credentials.
-        node_list=ManagerNodeList(
-            peer_raw, reactor, timeout=connect_timeout, headers=probe_headers
-        ),
+        # A worker asks a manager's agent, bounded like a probe.
+        node_list=ManagerNodeList(nodes, timeout=connect_timeout),
     )
-    fanout = FanOut(table, engine_raw, peer_raw, reactor, options["fanout-timeout"])
     root = AgentRoot(
-        table,
-        Relay(engine_raw, engine_endpoints, cooperator),
-        Relay(peer_raw, peer_endpoints, cooperator),
-        fanout,
-        reactor,
+        nodes,
+        Relay(engine_client, engine_endpoints, cooperator),
+        Relay(peer_client, peer_endpoints, cooperator),
+        FanOut(nodes),
         Authorizer(verifier, server_tls),
-        Locator(table, engine_raw, peer_raw, reactor, options["fanout-timeout"]),
+        Locator(nodes),
         identity_open=not agents_authenticate,
-        events=ClusterEvents(table, engine_raw, peer_raw, reactor),
+        events=ClusterEvents(nodes),
         consoles=LazyConsoles(engine_endpoints, reactor),
         host_info=HostInfoResource(options["host-root"] or "/", reactor),
         dockerhub=DockerHubResource(
@@ -174,10 +180,10 @@ def makeService(
     endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
     endpoint = endpoint_class(reactor, port, interface=host)
 
-    agent = _PoolService([engine_pool, peer_pool])
+    service = _PoolService([engine_pool, peer_pool])
     # Half-closeable TLS: a hijacked stream's end of input is a close_notify.
     https = HalfCloseTLSFactory(server_tls, False, site)
-    StreamServerEndpointService(endpoint, https).setServiceParent(agent)
-    discovery.service(options["refresh-interval"]).setServiceParent(agent)
-    PairingWindow(verifier, reactor, options["secret-timeout"]).setServiceParent(agent)
-    return agent
+    StreamServerEndpointService(endpoint, https).setServiceParent(service)
+    discovery.service(options["refresh-interval"]).setServiceParent(service)
+    PairingWindow(verifier, reactor, options["secret-timeout"]).setServiceParent(service)
+    return service

@@ -24,6 +24,7 @@ from swarmagent.clients import EngineEndpoints
 from swarmagent.config import EngineAddress
 from swarmagent.fanout import FanOut
 from swarmagent.locate import Locator
+from swarmagent.nodes import Nodes
 from swarmagent.peers import PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import Signer, Verifier
@@ -106,22 +107,24 @@ class AgentCase(SynchronousTestCase):
         self.addCleanup(cooperator.stop)
         self.own_list = FakeNode([{"Id": "a1"}])
         nodes = {f"10.0.0.{i}:9001".encode(): FakeNode([{"Id": f"x{i}"}]) for i in range(2, 6)}
-        fanout = FanOut(
+        # Lists are served by in-memory nodes; everything else by fakes
+        # that record each upstream call.
+        lists = Nodes(
             self.table,
             RequestTraversalAgent(self.own_list),
             RequestTraversalAgent(ByHost(nodes)),
             self.clock,
             2,
         )
+        node_calls = Nodes(self.table, self.engine, self.peers, self.clock, 2)
         endpoints = EngineEndpoints(self.clock, EngineAddress("unix", path="/x.sock"), 5)
         root = AgentRoot(
-            self.table,
+            node_calls,
             Relay(self.engine, endpoints, cooperator),
             Relay(self.peers, self.peer_endpoints, cooperator),
-            fanout,
-            self.clock,
+            FanOut(lists),
             Authorizer(Verifier(secret=SECRET), None),
-            Locator(self.table, self.engine, self.peers, self.clock, 2),
+            Locator(node_calls),
             **self.agent_routes(),
         )
         self.site = make_site(root, self.clock)

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swarmagent.discovery import IDENTITY_PATH, Discovery, HTTPProbe, ManagerNodeList, NodeList
 from swarmagent.engine import Engine, expected_nodes
+from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from tests.helpers import (
     AGENT_PORT,
@@ -358,8 +359,8 @@ class ManagerNodeListTests(DiscoveryCase):
         self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def make_node_list(self) -> NodeList:
-        async def node_list(manager: Peer, hop: str) -> dict[str, str]:
-            self.asked.append((manager, hop))
+        async def node_list(manager: Peer) -> dict[str, str]:
+            self.asked.append((manager, self.table.me.identity.key))
             return {}
 
         return node_list
@@ -468,12 +469,15 @@ class WorkerNodeListTests(DiscoveryCase):
 
     def make_node_list(self) -> NodeList:
         hosts = {b"10.0.0.2:9001": self.b_agent, b"10.0.0.3:9001": self.c_agent}
-        return ManagerNodeList(
+        nodes = Nodes(
+            self.table,
+            RequestTraversalAgent(self.engine),
             RequestTraversalAgent(ByHost(hosts)),
             self.clock,
-            timeout=2,
-            headers={"X-PortainerAgent-Signature": "sig"},
+            99,
+            credentials={"X-PortainerAgent-Signature": "sig"},
         )
+        return ManagerNodeList(nodes, timeout=2)
 
     def test_asks_the_leaders_agent(self) -> None:
         self.start()

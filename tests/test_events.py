@@ -8,13 +8,11 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import LoopingCall
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 
 from swarmagent.events import ClusterEvents, LineSplitter, tag_event
+from swarmagent.nodes import Nodes
 from tests.helpers import (
     AGENT_PORT,
     Client,
@@ -42,17 +40,6 @@ def line(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc).encode() + b"\n"
 
 
-class EventsLeaf(Resource):
-    isLeaf = True
-
-    def __init__(self, events: ClusterEvents) -> None:
-        super().__init__()
-        self.events = events
-
-    def render_GET(self, request: Request) -> Any:
-        return self.events.render(request)
-
-
 class EventsCase(SynchronousTestCase):
     """This node is a; b and c are the other nodes."""
 
@@ -63,10 +50,9 @@ class EventsCase(SynchronousTestCase):
         self.table = make_table(manager("a"), {"10.0.0.2": manager("b"), "10.0.0.3": worker("c")})
         self.engine = FakeAgent()
         self.peers = FakeAgent()
-        self.events = ClusterEvents(
-            self.table, self.engine, self.peers, self.clock, max_line=self.MAX_LINE
-        )
-        self.site = make_site(EventsLeaf(self.events), self.clock)
+        nodes = Nodes(self.table, self.engine, self.peers, self.clock, 2)
+        self.events = ClusterEvents(nodes, max_line=self.MAX_LINE)
+        self.site = make_site(self.events.resource(), self.clock)
 
     def get(self, uri: str = "/v1.41/events", headers: Sequence[tuple[str, str]] = ()) -> Client:
         return Client(self.site).send("GET", uri, headers)
@@ -86,9 +72,9 @@ class EventsCase(SynchronousTestCase):
             n: self.call(n).respond(200, {b"content-type": [b"application/json"]}) for n in nodes
         }
 
-    def polling(self) -> bool:
-        calls: Sequence[Any] = self.clock.getDelayedCalls()
-        return any(isinstance(c.func, LoopingCall) for c in calls)
+    def following(self) -> bool:
+        """Whether a stream still watches the peer table."""
+        return bool(self.table._watchers)
 
     def events_of(self, client: Client) -> list[dict[str, Any]]:
         body = client.response().body
@@ -177,7 +163,7 @@ class MergeTests(EventsCase):
 
     def test_until_in_the_past_ends_when_every_node_ended(self) -> None:
         client = self.get("/events?since=1&until=2")
-        self.assertTrue(self.polling())
+        self.assertTrue(self.following())
         streams = self.stream_all()
         streams["a"].deliver(line(A_EVENT))
         streams["a"].end()
@@ -188,7 +174,7 @@ class MergeTests(EventsCase):
         response = client.response()
         self.assertTrue(response.complete)
         self.assertEqual(self.nodes_of(client), [("a1", "a"), ("b1", "c")])
-        self.assertFalse(self.polling(), "the table is no longer polled")
+        self.assertFalse(self.following(), "the table is no longer followed")
 
     def test_a_broken_node_stream_does_not_end_the_others(self) -> None:
         client = self.get()
@@ -324,7 +310,7 @@ class ClientTests(EventsCase):
         self.assertEqual(streams["a"].transport.producerState, "stopped")
         self.assertEqual(streams["b"].transport.producerState, "stopped")
         self.assertTrue(self.call("c").cancelled)
-        self.assertFalse(self.polling(), "the table is no longer polled")
+        self.assertFalse(self.following(), "the table is no longer followed")
 
     def test_client_leaving_before_any_answer(self) -> None:
         client = self.get()

@@ -9,13 +9,15 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.iweb import IAgent
 
-from swarmagent.fanout import FanOut, parse_list, tag
+from swarmagent.fanout import FanOut, parse_list
+from swarmagent.nodes import Nodes, tag
+from swarmagent.peers import PeerTable
 from tests.helpers import (
     ByHost,
     Client,
+    FakeAgent,
     FakeNode,
     Response,
     make_site,
@@ -29,18 +31,10 @@ TIMEOUT = 2.0
 MISSING = "x-swarmagent-missing-nodes"
 
 
-class ListResource(Resource):
-    """Serves every request as one cluster-wide list of ``kind``."""
-
-    isLeaf = True
-
-    def __init__(self, fanout: FanOut, kind: str) -> None:
-        super().__init__()
-        self.fanout = fanout
-        self.kind = kind
-
-    def render_GET(self, request: Request) -> Any:
-        return self.fanout.render(request, self.kind)
+def make_fanout(
+    table: PeerTable, engine: IAgent, peers: IAgent, clock: Any, timeout: float
+) -> FanOut:
+    return FanOut(Nodes(table, engine, peers, clock, timeout))
 
 
 class FanOutCase(SynchronousTestCase):
@@ -53,7 +47,7 @@ class FanOutCase(SynchronousTestCase):
         self.b = FakeNode([{"Id": "b1"}, {"Id": "b2"}])
         self.c = FakeNode([{"Id": "c1"}])
         peers = ByHost({b"10.0.0.2:9001": self.b, b"10.0.0.3:9001": self.c})
-        self.fanout = FanOut(
+        self.fanout = make_fanout(
             self.table,
             RequestTraversalAgent(self.a),
             RequestTraversalAgent(peers),
@@ -62,7 +56,7 @@ class FanOutCase(SynchronousTestCase):
         )
 
     def get(self, kind: str, uri: str, headers: Sequence[tuple[str, str]] = ()) -> Client:
-        return Client(make_site(ListResource(self.fanout, kind))).send("GET", uri, headers)
+        return Client(make_site(self.fanout.resource(kind))).send("GET", uri, headers)
 
     def items(self, response: Response) -> list[tuple[str, str]]:
         return [(i["Id"], i["Portainer"]["Agent"]["NodeName"]) for i in response.json()]
@@ -116,8 +110,8 @@ class MergeTests(FanOutCase):
         )
 
     def test_alone(self) -> None:
-        self.fanout = FanOut(
-            make_table(manager("a")), RequestTraversalAgent(self.a), None, self.clock, 1
+        self.fanout = make_fanout(
+            make_table(manager("a")), RequestTraversalAgent(self.a), FakeAgent(), self.clock, 1
         )
         response = self.get("containers", "/containers/json").response()
         self.assertEqual(self.items(response), [("a1", "a")])
@@ -282,7 +276,7 @@ class AgentlessNodeTests(FanOutCase):
     def test_outside_a_swarm(self) -> None:
         table = make_table(standalone("a"))
         table.expect({"id-d": "d"})
-        self.fanout = FanOut(table, RequestTraversalAgent(self.a), None, self.clock, 1)
+        self.fanout = make_fanout(table, RequestTraversalAgent(self.a), FakeAgent(), self.clock, 1)
         response = self.get("containers", "/containers/json").response()
         self.assertEqual(self.items(response), [("a1", "a")])
         self.assertIsNone(response.header(MISSING))
@@ -293,7 +287,7 @@ class IPv6PeerTests(FanOutCase):
         self.table.retain(["10.0.0.2"])
         self.table.seen("fd00::3", 9001, worker("c"))
         peers = ByHost({b"10.0.0.2:9001": self.b, b"[fd00::3]:9001": self.c})
-        self.fanout = FanOut(
+        self.fanout = make_fanout(
             self.table,
             RequestTraversalAgent(self.a),
             RequestTraversalAgent(peers),

@@ -280,3 +280,65 @@ class ExpectedNodeTests(SynchronousTestCase):
         table = make_table(standalone("a"))
         table.expect({"id-b": "b"})
         self.assertEqual(table.agentless(), [])
+
+
+class WatchTests(SynchronousTestCase):
+    """Watchers hear of each join, leave and change, and of nothing else."""
+
+    def setUp(self) -> None:
+        self.table = make_table(manager("a"), {"10.0.0.2": worker("b")}, max_failures=2)
+        self.told: list[list[str]] = []
+        self.table.watch(self.changed)
+
+    def changed(self) -> None:
+        self.told.append(names(self.table.nodes()))
+
+    def test_join(self) -> None:
+        self.table.seen("10.0.0.3", AGENT_PORT, worker("c"))
+        self.assertEqual(self.told, [["a", "b", "c"]])
+
+    def test_same_answer_is_no_news(self) -> None:
+        self.table.seen("10.0.0.2", AGENT_PORT, worker("b"))
+        self.table.failed("10.0.0.2")  # one failure: still there
+        self.assertEqual(self.told, [])
+
+    def test_change(self) -> None:
+        self.table.seen("10.0.0.2", AGENT_PORT, manager("b"))
+        self.assertEqual(self.told, [["a", "b"]])
+
+    def test_leave_after_failures(self) -> None:
+        self.table.failed("10.0.0.2")
+        self.table.failed("10.0.0.2")
+        self.assertEqual(self.told, [["a"]])
+
+    def test_leave_from_dns(self) -> None:
+        self.table.retain(["10.0.0.2"])
+        self.assertEqual(self.told, [])
+        self.table.retain([])
+        self.assertEqual(self.told, [["a"]])
+
+    def test_own_identity(self) -> None:
+        self.table.set_me(manager("a"))
+        self.assertEqual(self.told, [])
+        self.table.set_me(manager("a", "id-a2"))
+        self.assertEqual(len(self.told), 1)
+        self.assertEqual(self.table.nodes()[0].identity.key, "id-a2")
+
+    def test_unwatch(self) -> None:
+        self.table.unwatch(self.changed)
+        self.table.unwatch(self.changed)  # twice is harmless
+        self.table.seen("10.0.0.3", AGENT_PORT, worker("c"))
+        self.assertEqual(self.told, [])
+
+    def test_a_watcher_may_unwatch_while_told(self) -> None:
+        later: list[str] = []
+
+        def once() -> None:
+            self.table.unwatch(once)
+            later.append("once")
+
+        self.table.watch(once)
+        self.table.seen("10.0.0.3", AGENT_PORT, worker("c"))
+        self.table.seen("10.0.0.4", AGENT_PORT, worker("d"))
+        self.assertEqual(later, ["once"])
+        self.assertEqual(len(self.told), 2)

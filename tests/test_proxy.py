@@ -12,6 +12,7 @@ from twisted.web.resource import Resource
 
 from swarmagent.clients import EngineEndpoints, PeerEndpoints
 from swarmagent.config import EngineAddress
+from swarmagent.nodes import Nodes
 from swarmagent.peers import Peer
 from swarmagent.proxy import EngineProxy, PeerProxy, Relay
 from swarmagent.tls import ClientTLS
@@ -22,6 +23,8 @@ from tests.helpers import (
     UpstreamCall,
     body_of,
     make_site,
+    make_table,
+    manager,
     worker,
 )
 
@@ -72,10 +75,13 @@ class RelayCase(SynchronousTestCase):
         self.upstream = FakeAgent()
         self.cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work))
         self.addCleanup(self.cooperator.stop)
+        # This node is a (node ID id-a); the proxies relay, through their
+        # Relay's client, the copies it builds.
+        self.nodes = Nodes(make_table(manager("a")), self.upstream, self.upstream, self.clock, 5)
 
     def engine_site(self) -> Resource:
         endpoints = EngineEndpoints(self.clock, EngineAddress("unix", path="/x.sock"), 5)
-        return EngineProxy(Relay(self.upstream, endpoints, self.cooperator), self.clock)
+        return EngineProxy(Relay(self.upstream, endpoints, self.cooperator), self.nodes)
 
     def request(
         self, method: str, uri: str, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
@@ -225,7 +231,7 @@ class UnreachableTests(RelayCase):
     def test_peer_unreachable(self) -> None:
         peer = Peer("10.0.0.2", AGENT_PORT, worker("b"))
         relay = Relay(self.upstream, PeerEndpoints(self.clock, 5, ClientTLS()), self.cooperator)
-        site = make_site(PeerProxy(relay, peer, "id-a", self.clock), self.clock)
+        site = make_site(PeerProxy(relay, self.nodes, peer), self.clock)
         client = Client(site).send("GET", "/version")
         self.only_call().result.errback(ConnectionRefusedError())
         answer = client.response()
@@ -237,7 +243,7 @@ class UnreachableTests(RelayCase):
 class PeerTests(RelayCase):
     def forward(self, peer: Peer, uri: str, headers: Sequence[tuple[str, str]]) -> Client:
         relay = Relay(self.upstream, PeerEndpoints(self.clock, 5, ClientTLS()), self.cooperator)
-        site = make_site(PeerProxy(relay, peer, "id-a", self.clock), self.clock)
+        site = make_site(PeerProxy(relay, self.nodes, peer), self.clock)
         return Client(site).send("POST", uri, headers, b"{}")
 
     def test_url(self) -> None:

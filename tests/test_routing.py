@@ -14,7 +14,7 @@ from swarmagent.routing import (
     MANAGER_PREFIXES,
     TARGET,
     AmbiguousNode,
-    FanOut,
+    ClusterList,
     Forward,
     Local,
     Locate,
@@ -136,7 +136,7 @@ class FanOutTests(SynchronousTestCase):
         for path, kind in LIST_KINDS.items():
             for versioned in versions(path):
                 with self.subTest(path=versioned):
-                    self.assertEqual(go(cluster(), versioned), FanOut(kind))
+                    self.assertEqual(go(cluster(), versioned), ClusterList(kind))
 
     def test_other_methods_are_not_fanned_out(self) -> None:
         for path, method in product(LIST_KINDS, ["POST", "HEAD", "DELETE", "PUT"]):
@@ -144,7 +144,7 @@ class FanOutTests(SynchronousTestCase):
                 self.assertEqual(go(cluster(), path, method), Local())
 
     def test_on_a_worker_too(self) -> None:
-        self.assertEqual(go(cluster("worker"), "/v1.41/containers/json"), FanOut("containers"))
+        self.assertEqual(go(cluster("worker"), "/v1.41/containers/json"), ClusterList("containers"))
 
     def test_target_me_is_served_here(self) -> None:
         for target in ("a", "id-a", " a "):
@@ -155,12 +155,14 @@ class FanOutTests(SynchronousTestCase):
         """As the reference agent does: only one's own name means "just mine"."""
         for target in ("b", "id-c", "nobody"):
             with self.subTest(target=target):
-                self.assertEqual(go(cluster(), "/images/json", target=target), FanOut("images"))
+                self.assertEqual(
+                    go(cluster(), "/images/json", target=target), ClusterList("images")
+                )
 
     def test_other_paths_are_not_fanned_out(self) -> None:
         for path in NODE_PATHS:
             with self.subTest(path=path):
-                self.assertNotIsInstance(go(cluster(), path), FanOut)
+                self.assertNotIsInstance(go(cluster(), path), ClusterList)
 
     def test_manager_operation_wins(self) -> None:
         self.assertEqual(go(cluster(), "/containers/json", manager="1"), Local())
@@ -314,7 +316,7 @@ class HopTests(SynchronousTestCase):
     def test_without_hop_the_same_requests_move_on(self) -> None:
         """The control for the tests above: the hop header alone makes the difference."""
         self.assertIsInstance(go(cluster("worker"), "/services"), Forward)
-        self.assertIsInstance(go(cluster(), "/containers/json", target="id-c"), FanOut)
+        self.assertIsInstance(go(cluster(), "/containers/json", target="id-c"), ClusterList)
         self.assertIsInstance(go(cluster(), "/containers/x/json", target="id-c"), Forward)
 
 

@@ -1,0 +1,194 @@
+"""The conversation with the cluster's nodes: one request to one node, and the rules for many.
+
+This node is asked through its engine, any other through its agent. A copy
+for another node is targeted at it and hop-marked with this node's key, so
+that its agent serves it from its own engine and never sends it on; it
+carries the client's credentials (a forward, a list, a lookup) or this
+agent's own (discovery's questions). Each copy is built afresh: nothing is
+shared between parallel calls (portainer/portainer#1867).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from twisted.web.server import Request
+
+from swarmagent.clients import ENGINE_BASE, get_within, peer_url
+from swarmagent.errors import describe, write_error
+from swarmagent.peers import Peer, PeerTable
+from swarmagent.proxy import request_headers
+from swarmagent.wire import HOP, MISSING_NODES, TARGET
+
+#: Why a swarm node with no agent in the peer table is left out.
+NO_AGENT = "no agent reachable"
+
+
+class Copy(NamedTuple):
+    """One node's copy of a request: the client that sends it, its URL and headers."""
+
+    client: IAgent
+    url: bytes
+    headers: Headers
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A node's whole answer, whatever its status."""
+
+    node: Peer
+    code: int
+    body: bytes
+
+    def refusal(self) -> NodeFailed:
+        """This answer as a failure, for a caller that needed another status."""
+        return NodeFailed.refused(self.node.name, self.code, self.body)
+
+
+class NodeFailed(Exception):
+    """A node gave no usable answer: why, and its refusal if it sent one."""
+
+    def __init__(self, why: str, code: int = 0, body: bytes = b"", node: str = "") -> None:
+        super().__init__(why)
+        self.why = why
+        self.code = code
+        self.body = body
+        #: The node's name ("" until the failure is put down to one).
+        self.node = node
+
+    @classmethod
+    def refused(cls, node: str, code: int, body: bytes) -> NodeFailed:
+        """A node that answered, but not with what was asked for."""
+        return cls(f"answered {code}", code, body, node)
+
+    def of(self, node: str) -> NodeFailed:
+        """This failure, put down to ``node``."""
+        return NodeFailed(self.why, self.code, self.body, node)
+
+
+#: What asking one node came to.
+Outcome = Answered | NodeFailed
+
+
+class Nodes:
+    """Sends requests to the nodes in the peer table, each to the right place."""
+
+    def __init__(
+        self,
+        table: PeerTable,
+        engine_client: IAgent,
+        peer_client: IAgent,
+        clock: IReactorTime,
+        timeout: float,
+        credentials: Mapping[str, str] | None = None,
+    ) -> None:
+        """``timeout`` bounds :meth:`get`; ``credentials`` are the headers
+        that prove this agent to the others when it asks on its own behalf."""
+        self.table = table
+        self.clock = clock
+        self._engine_client = engine_client
+        self._peer_client = peer_client
+        self._timeout = timeout
+        self._credentials = dict(credentials or {})
+
+    @property
+    def me(self) -> Peer:
+        """This node, as the table knows it now."""
+        return self.table.me
+
+    def copy(self, node: Peer, path: bytes, request: Request | None = None) -> Copy:
+        """``node``'s copy of a request for ``path`` (with its query).
+
+        This node's copy goes to the engine, with ``request``'s end-to-end
+        headers but not the agents' (none when this agent asks on its own
+        behalf). Another node's goes to its agent, targeted at it and
+        hop-marked, with ``request``'s end-to-end headers (its credentials
+        among them), or with this agent's own credentials when there is no
+        request.
+        """
+        if node.is_self:
+            if request is None:
+                headers = Headers()
+            else:
+                headers = request_headers(request, keep_agent_headers=False)
+            return Copy(self._engine_client, ENGINE_BASE + path, headers)
+        if request is None:
+            headers = Headers({k: [v] for k, v in self._credentials.items()})
+        else:
+            headers = request_headers(request, keep_agent_headers=True)
+        headers.setRawHeaders(TARGET, [node.identity.key.encode("utf-8")])
+        headers.setRawHeaders(HOP, [self.me.identity.key.encode("utf-8")])
+        return Copy(self._peer_client, peer_url(node.address, node.port, path), headers)
+
+    def send(self, node: Peer, path: bytes, request: Request | None = None) -> Deferred[IResponse]:
+        """GET ``node``'s copy, with no deadline: the answer's body is the caller's to read."""
+        client, url, headers = self.copy(node, path, request)
+        return client.request(b"GET", url, headers, None)
+
+    def get(
+        self,
+        node: Peer,
+        path: bytes,
+        request: Request | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Deferred[Outcome]:
+        """GET ``node``'s copy whole, within the deadline; never fails.
+
+        Any answer is :class:`Answered`; none (unreachable, too late) is a
+        :class:`NodeFailed` naming the node.
+        """
+        client, url, headers = self.copy(node, path, request)
+        within = self._timeout if timeout is None else timeout
+
+        def answered(result: tuple[int, bytes]) -> Outcome:
+            return Answered(node, *result)
+
+        def failed(reason: Failure) -> Outcome:
+            return NodeFailed(describe(reason.value), node=node.name)
+
+        call = get_within(client, url, headers, self.clock, within)
+        return call.addCallbacks(answered, failed)
+
+    def agentless(self) -> list[NodeFailed]:
+        """The swarm nodes expected to run an agent that have none in the table."""
+        return [NodeFailed(NO_AGENT, node=name) for _, name in self.table.agentless()]
+
+
+def tag(items: list[Any], node_name: str) -> list[Any]:
+    """Mark each item (list item or event) with its node, where the Portainer UI looks for it."""
+    mark = {"Agent": {"NodeName": node_name}}
+    for item in items:
+        if isinstance(item, dict):
+            item["Portainer"] = mark
+    return items
+
+
+def name_missing(request: Request, names: Sequence[str]) -> None:
+    """Name the nodes an answer leaves out, if any, in its headers."""
+    if names:
+        request.responseHeaders.setRawHeaders(MISSING_NODES, [", ".join(names).encode("utf-8")])
+
+
+def answer_all_failed(request: Request, failures: Sequence[NodeFailed], message: str) -> None:
+    """Answer a request that no node could serve, and finish it.
+
+    If an engine said why (a bad filter, say), the client gets that answer,
+    as a single engine would give it; otherwise the agent's own 502.
+    """
+    refusal = next((f for f in failures if 400 <= f.code < 500), None)
+    if refusal is not None:
+        request.setResponseCode(refusal.code)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.write(refusal.body)
+    else:
+        why = ", ".join(f"{f.node}: {f.why}" for f in failures) or "no node"
+        request.write(write_error(request, 502, message, why))
+    request.finish()

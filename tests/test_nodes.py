@@ -1,0 +1,255 @@
+"""The conversation with other nodes: per-node copies, the deadline, and the rules for many."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from swarmagent.nodes import (
+    NO_AGENT,
+    Answered,
+    Copy,
+    NodeFailed,
+    Nodes,
+    Outcome,
+    answer_all_failed,
+    name_missing,
+    tag,
+)
+from swarmagent.peers import Peer
+from tests.helpers import AGENT_PORT, Client, FakeAgent, Response, make_site, make_table, manager
+
+TIMEOUT = 2.0
+CLIENT_HEADERS = [
+    ("Authorization", "Bearer t"),
+    ("X-PortainerAgent-Signature", "sig"),
+    ("X-PortainerAgent-Target", "somewhere"),
+    ("X-SwarmAgent-Hop", "elsewhere"),
+    ("Connection", "close"),
+]
+
+
+class _Serve(Resource):
+    """A leaf that hands each request to ``serve``."""
+
+    isLeaf = True
+
+    def __init__(self, serve: Callable[[Request], Any]) -> None:
+        super().__init__()
+        self._serve = serve
+
+    def render(self, request: Request) -> Any:
+        return self._serve(request)
+
+
+def raw(copy: Copy, name: bytes) -> list[bytes] | None:
+    values = copy.headers.getRawHeaders(name)
+    return None if values is None else list(values)
+
+
+class NodesCase(SynchronousTestCase):
+    """This node is a (node ID id-a); b and c (at an IPv6 address) are the others."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.table = make_table(manager("a"), {"10.0.0.2": manager("b"), "fd00::3": manager("c")})
+        self.engine = FakeAgent()
+        self.peers = FakeAgent()
+        self.nodes = Nodes(
+            self.table,
+            self.engine,
+            self.peers,
+            self.clock,
+            TIMEOUT,
+            credentials={"X-PortainerAgent-Signature": "own"},
+        )
+        self.a, self.b, self.c = self.table.nodes()
+
+    def copies(
+        self, node: Peer, uri: str = "/v1.41/containers/json?all=1", path: bytes | None = None
+    ) -> Copy:
+        """``node``'s copy of a client request for ``uri`` (or of ``path`` with its headers)."""
+        made: list[Copy] = []
+
+        def serve(request: Request) -> bytes:
+            made.append(self.nodes.copy(node, path or request.uri, request))
+            return b""
+
+        Client(make_site(_Serve(serve))).send("GET", uri, CLIENT_HEADERS)
+        [copy] = made
+        return copy
+
+
+class CopyTests(NodesCase):
+    def test_this_node_goes_to_the_engine(self) -> None:
+        copy = self.copies(self.a)
+        self.assertIs(copy.client, self.engine)
+        self.assertEqual(copy.url, b"http://docker/v1.41/containers/json?all=1")
+        self.assertEqual(raw(copy, b"authorization"), [b"Bearer t"])
+        self.assertEqual(raw(copy, b"x-forwarded-for"), [b"10.9.9.9"])
+        names = [n.lower() for n, _ in copy.headers.getAllRawHeaders()]
+        self.assertFalse([n for n in names if n.startswith((b"x-portaineragent", b"x-swarmagent"))])
+        self.assertIsNone(raw(copy, b"connection"))
+
+    def test_a_peer_gets_a_forward(self) -> None:
+        copy = self.copies(self.b)
+        self.assertIs(copy.client, self.peers)
+        self.assertEqual(copy.url, b"https://10.0.0.2:9001/v1.41/containers/json?all=1")
+        self.assertEqual(raw(copy, b"x-portaineragent-target"), [b"id-b"])
+        self.assertEqual(raw(copy, b"x-swarmagent-hop"), [b"id-a"])
+        self.assertEqual(raw(copy, b"x-portaineragent-signature"), [b"sig"])
+        self.assertEqual(raw(copy, b"authorization"), [b"Bearer t"])
+        self.assertIsNone(raw(copy, b"connection"))
+
+    def test_ipv6_peer_url(self) -> None:
+        self.assertEqual(self.c.address, "fd00::3")
+        copy = self.copies(self.c, path=b"/v1.41/containers/x/json")
+        self.assertEqual(copy.url, b"https://[fd00::3]:9001/v1.41/containers/x/json")
+        self.assertEqual(raw(copy, b"x-portaineragent-target"), [b"id-c"])
+
+    def test_fresh_headers_per_node(self) -> None:
+        b, c = self.copies(self.b), self.copies(self.c)
+        self.assertIsNot(b.headers, c.headers)
+        self.assertEqual(raw(b, b"x-portaineragent-target"), [b"id-b"])
+
+    def test_own_question_carries_own_credentials(self) -> None:
+        copy = self.nodes.copy(self.b, b"/nodes")
+        self.assertEqual(copy.url, b"https://10.0.0.2:9001/nodes")
+        self.assertEqual(raw(copy, b"x-portaineragent-signature"), [b"own"])
+        self.assertEqual(raw(copy, b"x-portaineragent-target"), [b"id-b"])
+        self.assertEqual(raw(copy, b"x-swarmagent-hop"), [b"id-a"])
+
+    def test_own_question_to_the_engine_is_bare(self) -> None:
+        copy = self.nodes.copy(self.a, b"/containers/x/json")
+        self.assertEqual(copy.url, b"http://docker/containers/x/json")
+        self.assertEqual(list(copy.headers.getAllRawHeaders()), [])
+
+    def test_hop_follows_this_nodes_identity(self) -> None:
+        self.table.set_me(manager("a", "id-a2"))
+        copy = self.nodes.copy(self.b, b"/x")
+        self.assertEqual(raw(copy, b"x-swarmagent-hop"), [b"id-a2"])
+
+
+class GetTests(NodesCase):
+    def get(self, node: Peer) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        self.nodes.get(node, b"/containers/x/json").addCallback(outcomes.append)
+        return outcomes
+
+    def test_any_answer_is_answered(self) -> None:
+        outcomes = self.get(self.b)
+        response = self.peers.calls[0].respond(404)
+        response.deliver(b'{"message":"no such container"}')
+        response.end()
+        self.assertEqual(outcomes, [Answered(self.b, 404, b'{"message":"no such container"}')])
+
+    def test_deadline_is_a_failure_with_its_reason(self) -> None:
+        outcomes = self.get(self.b)
+        self.clock.advance(TIMEOUT - 0.01)
+        self.assertEqual(outcomes, [])
+        self.clock.advance(0.01)
+        [failed] = outcomes
+        assert isinstance(failed, NodeFailed)
+        self.assertEqual((failed.node, failed.why), ("b", f"no answer within {TIMEOUT:g} s"))
+        self.assertTrue(self.peers.calls[0].cancelled)
+
+    def test_own_deadline(self) -> None:
+        outcomes: list[Outcome] = []
+        self.nodes.get(self.b, b"/nodes", timeout=0.5).addCallback(outcomes.append)
+        self.clock.advance(0.5)
+        [failed] = outcomes
+        assert isinstance(failed, NodeFailed)
+        self.assertEqual(failed.why, "no answer within 0.5 s")
+
+    def test_unreachable_is_a_failure(self) -> None:
+        outcomes = self.get(self.a)
+        self.engine.calls[0].result.errback(ConnectionRefusedError("refused"))
+        [failed] = outcomes
+        assert isinstance(failed, NodeFailed)
+        self.assertEqual((failed.node, failed.code), ("a", 0))
+        self.assertIn("refused", failed.why)
+
+    def test_agentless_nodes(self) -> None:
+        self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-e": "e", "id-d": "d"})
+        failures = self.nodes.agentless()
+        self.assertEqual([(f.node, f.why) for f in failures], [("d", NO_AGENT), ("e", NO_AGENT)])
+
+
+class FailureTests(SynchronousTestCase):
+    def test_refusal(self) -> None:
+        peer = Peer("10.0.0.2", AGENT_PORT, manager("b"))
+        failure = Answered(peer, 409, b"{}").refusal()
+        self.assertEqual((failure.node, failure.why, failure.code), ("b", "answered 409", 409))
+        self.assertEqual(failure.body, b"{}")
+        self.assertEqual(str(failure), "answered 409")
+
+    def test_put_down_to_a_node(self) -> None:
+        failure = NodeFailed("answer is not JSON").of("c")
+        self.assertEqual((failure.node, failure.why, failure.code), ("c", "answer is not JSON", 0))
+
+
+class RulesTests(SynchronousTestCase):
+    def answer(self, serve: Callable[[Request], Any]) -> Response:
+        return Client(make_site(_Serve(serve))).send("GET", "/x").response()
+
+    def all_failed(self, failures: Sequence[NodeFailed]) -> Response:
+        def serve(request: Request) -> Any:
+            answer_all_failed(request, failures, "Nothing")
+            return NOT_DONE_YET
+
+        return self.answer(serve)
+
+    def test_first_refusal_passed_through(self) -> None:
+        response = self.all_failed(
+            [
+                NodeFailed("answered 500", 500, b"{}", "a"),
+                NodeFailed("answered 404", 404, b'{"message":"first"}', "b"),
+                NodeFailed("answered 400", 400, b'{"message":"second"}', "c"),
+            ]
+        )
+        self.assertEqual(response.code, 404)
+        self.assertEqual(response.json(), {"message": "first"})
+        self.assertEqual(response.header("content-type"), "application/json")
+        self.assertTrue(response.complete)
+
+    def test_otherwise_502_naming_each_node(self) -> None:
+        response = self.all_failed(
+            [NodeFailed("answered 500", 500, b"{}", "a"), NodeFailed("no answer", node="b")]
+        )
+        self.assertEqual(response.code, 502)
+        self.assertEqual(
+            response.json(), {"message": "Nothing", "details": "A: answered 500, b: no answer"}
+        )
+        self.assertTrue(response.complete)
+
+    def test_no_failure_known(self) -> None:
+        response = self.all_failed([])
+        self.assertEqual((response.code, response.json()["details"]), (502, "No node"))
+
+    def test_missing_nodes_named(self) -> None:
+        def serve(names: list[str]) -> Callable[[Request], bytes]:
+            def render(request: Request) -> bytes:
+                name_missing(request, names)
+                return b"[]"
+
+            return render
+
+        self.assertEqual(
+            self.answer(serve(["b", "d"])).header("x-swarmagent-missing-nodes"), "b, d"
+        )
+        self.assertIsNone(self.answer(serve([])).header("x-swarmagent-missing-nodes"))
+
+    def test_tag(self) -> None:
+        items: list[Any] = [{"Id": 1, "Portainer": {"Agent": {"NodeName": "old"}}}, "x"]
+        self.assertEqual(
+            tag(items, "n"), [{"Id": 1, "Portainer": {"Agent": {"NodeName": "n"}}}, "x"]
+        )
+        self.assertEqual(
+            json.loads(json.dumps(tag([{}], "m"))), [{"Portainer": {"Agent": {"NodeName": "m"}}}]
+        )
