@@ -1,12 +1,13 @@
 """TLS for the agent's API, and for its calls to the other agents.
 
 Server side (:class:`ServerTLS`): TLS 1.2 or 1.3, ECDHE with AEAD ciphers only, HTTP/1.1 (no
-ALPN). The certificate is the operator's (AGENT_TLS_CERT, AGENT_TLS_KEY) or, as the reference
-agent does, a self-signed one made at every start. With a CA (AGENT_TLS_CA) the server asks
-for a client certificate but does not require one; :meth:`ServerTLS.verified_client` then
+ALPN of its own; Twisted before 26.4 adds the Site's list, http/1.1 unless the h2 package is
+installed). The certificate is the operator's (AGENT_TLS_CERT, AGENT_TLS_KEY) or, as the
+reference agent does, a self-signed one made at every start. With a CA (AGENT_TLS_CA) the server
+asks for a client certificate but does not require one; :meth:`ServerTLS.verified_client` then
 tells a request handler whether the peer proved it holds a certificate from that CA. A
-certificate that does not verify does not fail the handshake: the client is simply not
-verified, and must authenticate some other way (the Portainer signature).
+certificate that does not verify does not fail the handshake: the client is simply not verified,
+and must authenticate some other way (the Portainer signature).
 
 Client side (:class:`ClientTLS`): with a CA, the peer's certificate must chain to it and this
 agent presents its own certificate (which therefore needs the clientAuth usage; ``python -m
