@@ -16,7 +16,7 @@ from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
 from twisted.web.client import Agent
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
@@ -32,7 +32,7 @@ from swarmagent.logs import set_level
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
-from swarmagent.tls import from_settings
+from swarmagent.tls import HTTP11Site, from_settings
 
 __all__ = ["Options", "makeService"]
 
@@ -155,7 +155,7 @@ def makeService(
         consoles=LazyConsoles(engine_endpoints, reactor),
     )
     # The idle timeout also closes connections that never send a request.
-    site = Site(root, reactor=reactor, timeout=IDLE_TIMEOUT)
+    site = HTTP11Site(root, reactor=reactor, timeout=IDLE_TIMEOUT)
 
     host = options["host"]
     endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
