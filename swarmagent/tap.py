@@ -16,7 +16,7 @@ from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
 from twisted.web.client import Agent
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
@@ -35,7 +35,7 @@ from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
-from swarmagent.tls import from_settings
+from swarmagent.tls import HTTP11Site, from_settings
 
 __all__ = ["Options", "makeService"]
 
@@ -174,7 +174,7 @@ def makeService(
     # The idle timeout also closes connections that never send a request.
     # Bodies are relayed or streamed to disk, never parsed into request.args:
     # twisted.web would read a whole upload into memory to do that.
-    site = Site(root, reactor=reactor, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
+    site = HTTP11Site(root, reactor=reactor, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
 
     host = options["host"]
     endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint

@@ -1,12 +1,12 @@
 """TLS for the agent's API, and for its calls to the other agents.
 
-Server side (:class:`ServerTLS`): TLS 1.2 or 1.3, ECDHE with AEAD ciphers only, HTTP/1.1 (no
-ALPN). The certificate is the operator's (AGENT_TLS_CERT, AGENT_TLS_KEY) or, as the reference
-agent does, a self-signed one made at every start. With a CA (AGENT_TLS_CA) the server asks
-for a client certificate but does not require one; :meth:`ServerTLS.verified_client` then
-tells a request handler whether the peer proved it holds a certificate from that CA. A
-certificate that does not verify does not fail the handshake: the client is simply not
-verified, and must authenticate some other way (the Portainer signature).
+Server side (:class:`ServerTLS`): TLS 1.2 or 1.3, ECDHE with AEAD ciphers only, HTTP/1.1 and no
+ALPN (:class:`HTTP11Site`). The certificate is the operator's (AGENT_TLS_CERT, AGENT_TLS_KEY)
+or, as the reference agent does, a self-signed one made at every start. With a CA (AGENT_TLS_CA)
+the server asks for a client certificate but does not require one;
+:meth:`ServerTLS.verified_client` then tells a request handler whether the peer proved it holds
+a certificate from that CA. A certificate that does not verify does not fail the handshake: the
+client is simply not verified, and must authenticate some other way (the Portainer signature).
 
 Client side (:class:`ClientTLS`): with a CA, the peer's certificate must chain to it and this
 agent presents its own certificate (which therefore needs the clientAuth usage; ``python -m
@@ -35,11 +35,14 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import (
+    ILoggingContext,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
 )
 from twisted.web.iweb import IPolicyForHTTPS, IRequest
-from zope.interface import implementer
+from twisted.web.server import Site
+from zope.interface import implementer, implementer_only
 
 from swarmagent.certs import PrivateKey, is_dns_name, load_key, self_signed
 
@@ -224,6 +227,17 @@ class ServerTLS:
     def verified_client(self, request: IRequest) -> bool:
         """Whether the request came over a connection with a CA-verified client certificate."""
         return self.verified_peer(request) is not None
+
+
+@implementer_only(IProtocolFactory, ILoggingContext)
+class HTTP11Site(Site):
+    """The API's ``Site``: HTTP/1.1 only, offered with no ALPN.
+
+    A ``Site`` is an ``IProtocolNegotiationFactory``: Twisted before 26.4 then sets its
+    protocols (h2 too, with the h2 package installed) on :class:`ServerTLS`'s context at each
+    connection, which pyOpenSSL 26.2 and later refuse (a used context is immutable). Hijacked
+    streams and upgrades need HTTP/1.1 anyway.
+    """
 
 
 @implementer(IOpenSSLClientConnectionCreator, IPolicyForHTTPS)

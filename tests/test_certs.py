@@ -20,10 +20,10 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from swarmagent import certs, tls
-from swarmagent.tls import Identity, ServerTLS
+from swarmagent.tls import HTTP11Site, Identity, ServerTLS
 
 reactor: Any = _reactor
 
@@ -225,7 +225,9 @@ class DockerClientTests(unittest.TestCase):
         certs.init(self.out, ["agent"], [ipaddress.ip_address("127.0.0.1")])
         identity = tls.load_identity(self.out / certs.SERVER_CERT, self.out / certs.SERVER_KEY)
         server = ServerTLS(identity, [certs.load_cert(self.out / certs.CA_CERT)])
-        listening = reactor.listenSSL(0, Site(_FakeEngine(server)), server, interface="127.0.0.1")
+        listening = reactor.listenSSL(
+            0, HTTP11Site(_FakeEngine(server)), server, interface="127.0.0.1"
+        )
         self.addCleanup(listening.stopListening)
         self.port = listening.getHost().port
 

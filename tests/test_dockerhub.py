@@ -41,7 +41,7 @@ from swarmagent.dockerhub import (
     rate_limit,
 )
 from swarmagent.logs import set_level
-from swarmagent.tls import Identity, ServerTLS
+from swarmagent.tls import HTTP11Site, Identity, ServerTLS
 from tests.helpers import TrackingTLSFactory, log_lines
 
 reactor: Any = _reactor
@@ -162,7 +162,7 @@ class HubCase(unittest.TestCase):
     def setUp(self) -> None:
         self.hub = FakeHub()
         self.ca = Ca()
-        factory = TrackingTLSFactory(ServerTLS(self.ca.identity), False, Site(self.hub))
+        factory = TrackingTLSFactory(ServerTLS(self.ca.identity), False, HTTP11Site(self.hub))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(factory.idle)
         self.addCleanup(port.stopListening)

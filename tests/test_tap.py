@@ -6,15 +6,16 @@ from pathlib import Path
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
 
 from swarmagent.api import AgentRoot
 from swarmagent.config import Options
 from swarmagent.signature import PAIRED_KEY_FILE, PairingStore, Signer
 from swarmagent.tap import IDLE_TIMEOUT, makeService
+from swarmagent.tls import HTTP11Site
 from tests.helpers import StubResolver
 
 ENGINE_TIMEOUT = 10  # the engine's deadline: max(connect timeout, 10 s)
@@ -64,7 +65,9 @@ class MakeServiceTests(SynchronousTestCase):
         # HTTPS only: the Site is reached through TLS.
         assert isinstance(factory, TLSMemoryBIOFactory)
         site = factory.wrappedFactory
-        assert isinstance(site, Site)
+        assert isinstance(site, HTTP11Site)
+        # No ALPN: Twisted before 26.4 would set it on the shared TLS context.
+        self.assertFalse(IProtocolNegotiationFactory.providedBy(site))
         self.assertIsInstance(site.resource, AgentRoot)
         self.assertIs(site.reactor, self.reactor)
         self.assertEqual(site.timeOut, IDLE_TIMEOUT)
