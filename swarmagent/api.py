@@ -14,7 +14,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.util import DeferredResource
 
 from swarmagent.auth import OPEN_PATHS, Authorizer
-from swarmagent.browse import parse_browse_path, volume_of
+from swarmagent.browse import browse_paths, parse_browse_path, volume_of
 from swarmagent.clientgone import watch_gone
 from swarmagent.errors import ErrorResource, error_body
 from swarmagent.events import ClusterEvents
@@ -141,7 +141,10 @@ class AgentRoot(Resource):
 
     def own_paths(self) -> frozenset[bytes]:
         """The paths the agent answers itself (everything else goes to an engine)."""
-        return frozenset(self._own) | frozenset(self._consoles) | frozenset(self._host_info)
+        browse = browse_paths() if self._browse is not None else frozenset()
+        return (
+            frozenset(self._own) | frozenset(self._consoles) | frozenset(self._host_info) | browse
+        )
 
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         for name, value in AGENT_HEADERS:

@@ -20,6 +20,7 @@ from twisted.web.server import Request
 
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
+from swarmagent.browse import BrowseResource, threaded
 from swarmagent.clients import EngineEndpoints, PeerEndpoints, make_pool
 from swarmagent.config import Options
 from swarmagent.discovery import Discovery, HTTPProbe, ManagerNodeList
@@ -163,6 +164,13 @@ def makeService(
         identity_open=not agents_authenticate,
         events=ClusterEvents(nodes),
         consoles=LazyConsoles(engine_endpoints, reactor),
+        browse=BrowseResource(
+            engine_client,
+            host_root=options["host-root"] or None,
+            clock=reactor,
+            timeout=connect_timeout,
+            run=threaded(reactor),
+        ),
         host_info=HostInfoResource(options["host-root"] or "/", reactor),
         dockerhub=DockerHubResource(
             make_hub_client(reactor),
