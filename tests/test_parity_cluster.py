@@ -188,13 +188,23 @@ class BrowseTests(LabTestCase):
         )
 
     def in_volume(self, script: str) -> str:
-        """Run ``script`` in a container on node3 that mounts the volume at /data."""
+        """Run ``script`` in a container on node3 that mounts the volume at /data;
+        its output."""
         client = self.node("node3").docker()
         try:
-            out = client.containers.run(
-                IMAGE, ["sh", "-c", script], volumes={VOLUME: {"bind": "/data"}}, remove=True
+            container = client.containers.create(
+                IMAGE, ["sh", "-c", script], volumes={VOLUME: {"bind": "/data"}}
             )
-            return out.decode() if isinstance(out, bytes) else str(out)
+            try:
+                container.start()
+                # Followed to its end: logs read after the exit may not hold
+                # the last lines yet.
+                out = b"".join(container.logs(stream=True, follow=True))
+                status = container.wait()["StatusCode"]
+            finally:
+                container.remove(force=True)
+            self.assertEqual(status, 0, out)
+            return out.decode()
         finally:
             client.close()
 
