@@ -38,11 +38,18 @@ class StackTestCase(LabTestCase):
     workloads: ClassVar[dict[str, str]] = {}
 
     @classmethod
+    def fixture(cls) -> object:
+        # Every stack test class uses the same deployment.
+        return StackTestCase
+
+    @classmethod
     def setUpLab(cls, lab: Lab) -> None:
-        # StackLab.start deployed the agents; give every node a workload.
-        cls.workloads = {}
+        # Deploy the agents, and give every node a workload.
+        assert isinstance(lab, StackLab)
+        lab.deploy_stack()
+        StackTestCase.workloads = {}
         for node in lab.nodes:
-            cls.workloads[node.name] = run_workload(node.docker(), f"work-{node.name}")
+            StackTestCase.workloads[node.name] = run_workload(node.docker(), f"work-{node.name}")
 
     def baseline(self, lab: Lab) -> None:
         assert isinstance(lab, StackLab)
