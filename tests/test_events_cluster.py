@@ -17,6 +17,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -339,16 +340,27 @@ class ClusterStreamTests(LabTestCase):
         def usage() -> dict[str, dict[str, int]]:
             return {"node1": agent_usage(agent1, node1), "node3": agent_usage(agent3, node3)}
 
-        # The agents let go of the warm-up streams: two looks alike in a row.
-        looks: list[dict[str, dict[str, int]]] = [usage()]
+        def settle(enough: Callable[[dict[str, dict[str, int]]], bool], what: str) -> None:
+            """Until usage is ``enough`` and alike in two looks in a row (bounded:
+            the assertions below tell what went wrong)."""
+            looks = [usage()]
 
-        def quiet() -> bool:
-            looks.append(usage())
-            a, b = looks[-2:]
-            return all(a[n][k] == b[n][k] for n in a for k in ("sockets", "tcp", "fds"))
+            def still() -> bool:
+                looks.append(usage())
+                a, b = looks[-2:]
+                alike = all(a[n][k] == b[n][k] for n in a for k in ("sockets", "tcp", "fds"))
+                return alike and enough(b)
 
-        with contextlib.suppress(TimeoutError):
-            wait_until(quiet, 10, 0.5, "the agents to settle")
+            with contextlib.suppress(TimeoutError):
+                wait_until(still, 10, 0.5, what)
+
+        # Back to their usual: the warm-up streams gone, a pooled connection
+        # to every agent (between probes, one may be being replaced).
+        peers = len(self.the_lab.nodes)
+        settle(
+            lambda now: all(now[name]["tcp_to_peers"] >= peers for name in now),
+            "the agents to let go of the warm-up streams",
+        )
         before = usage()
 
         def settled() -> dict[str, dict[str, int]] | None:
@@ -363,17 +375,13 @@ class ClusterStreamTests(LabTestCase):
         rounds = []
         for _ in range(2):
             streams = [open_stream(*kinds[i % 4]) for i in range(100)]
-            # Until the agents hold the upstreams too (bounded; asserted below).
-            with contextlib.suppress(TimeoutError):
-                wait_until(
-                    lambda: all(
-                        usage()[name]["sockets"] > before[name]["sockets"] + extra
-                        for name, extra in EXTRA_SOCKETS.items()
-                    ),
-                    10,
-                    0.2,
-                    "the agents to open the upstreams",
-                )
+            settle(
+                lambda now: all(
+                    now[name]["sockets"] > before[name]["sockets"] + extra
+                    for name, extra in EXTRA_SOCKETS.items()
+                ),
+                "the agents to hold every upstream",
+            )
             during = usage()
             for s in streams:
                 s.close()
