@@ -150,8 +150,8 @@ def run_workload(client: docker.DockerClient, name: str) -> str:
         client.close()
 
 
-# Check groups are mixins of a StackTestCase; as test cases themselves,
-# trial would give each its own lab.
+# Check groups are mixins of a StackTestCase, for the type checker; trial
+# runs them once, in ClientTests.
 _Checks = StackTestCase if TYPE_CHECKING else object
 
 
