@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
+import docker.errors
 import docker.tls
 
 from swarmagent import certs
@@ -95,6 +96,9 @@ DOCKERD = os.environ.get("SALAB_DOCKERD", "/usr/sbin/dockerd")
 #: Debian's docker CLI (20.10, API 1.41); a newer one may come first in PATH.
 DOCKER_CLI = "/usr/bin/docker"
 
+
+#: Networks an engine in a swarm has of its own; the rest someone made.
+_BUILTIN_NETWORKS = frozenset({"bridge", "host", "none", "ingress", "docker_gwbridge"})
 
 #: iptables FORWARD rule letting traffic between lab nodes through.
 _FORWARD_RULE = ("-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT")
@@ -284,6 +288,14 @@ def _kill(pids: Iterable[int], sig: int = signal.SIGKILL) -> None:
         if pid not in (me, 1):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
+
+
+def _kill_until_gone(victims: Callable[[], set[int]], timeout: float = 15) -> None:
+    """SIGKILL ``victims()`` until it is empty (bounded: it may never be)."""
+    deadline = time.monotonic() + timeout
+    while (pids := victims()) and time.monotonic() < deadline:
+        _kill(pids)
+        time.sleep(0.1)
 
 
 def _pids_mentioning(text: str) -> set[int]:
@@ -585,10 +597,7 @@ class Lab:
                 pids |= _pids_mentioning(str(self.root) + "/")
             return pids
 
-        deadline = time.monotonic() + 15
-        while (pids := victims()) and time.monotonic() < deadline:
-            _kill(pids)
-            time.sleep(0.1)
+        _kill_until_gone(victims)
         # Reap our own children so no zombies keep counting as "alive".
         for proc in [self.dns] + [p for n in self.nodes for p in (n.dockerd, n.holder)]:
             if proc is not None:
@@ -610,14 +619,17 @@ class Lab:
             if name.startswith(PREFIX):
                 run("ip", "link", "del", name, check=False)
 
-    def _remove_cgroups(self) -> None:
+    def _cgroup_tops(self) -> list[Path]:
+        """The lab's cgroup in each hierarchy that has one."""
         if self.cgroup is None:
-            return
+            return []
         # Containers went into every v1 hierarchy through --cgroup-parent.
-        tops = [self.cgroup] + [
+        return [self.cgroup] + [
             d / PREFIX for d in Path("/sys/fs/cgroup").iterdir() if (d / PREFIX).is_dir()
         ]
-        for top in tops:
+
+    def _remove_cgroups(self) -> None:
+        for top in self._cgroup_tops():
             for d in _cgroup_tree(top):
                 with contextlib.suppress(OSError):
                     d.rmdir()
@@ -940,6 +952,115 @@ class Lab:
         self._join(node)
         self.wait_swarm_ready()
         return node
+
+    def remove_node(self, node: Node) -> None:
+        """The reverse of :meth:`add_node`: out of the swarm, then torn down."""
+        with contextlib.suppress(Exception):
+            node_id = self.node_ids().get(node.name)
+            client = self.manager.docker()
+            try:
+                if node_id:
+                    client.nodes.get(node_id).remove(force=True)
+            finally:
+                client.close()
+
+        def victims() -> set[int]:
+            out = run("ip", "netns", "pids", node.netns, check=False).stdout.split()
+            pids = {int(p) for p in out}
+            if node.cgroup is not None:
+                pids |= _cgroup_pids(node.cgroup)
+            return pids
+
+        _kill_until_gone(victims)
+        for proc in (node.dockerd, node.holder):
+            if proc is not None:
+                with contextlib.suppress(Exception):
+                    proc.wait(5)
+        run("ip", "netns", "del", node.netns, check=False)
+        run("ip", "link", "del", node.veth, check=False)
+        for top in self._cgroup_tops():
+            for d in _cgroup_tree(top / node.name):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        shutil.rmtree(node.dir, ignore_errors=True)
+        self.nodes.remove(node)
+        self.cut.discard(node.name)
+        self.agents = [a for a in self.agents if a.node is not node]
+
+    def reset(self, nodes: int) -> None:
+        """Back to a lab as :meth:`start` leaves it, with ``nodes`` nodes.
+
+        No agents; links up; every node in DNS and active in the swarm; no
+        services, secrets, configs, containers, volumes or networks of
+        anyone's making; empty agent data folders. The engines, the swarm
+        and the images stay: that is what makes it cheaper than a new lab.
+        """
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                agent.stop(grace=2)
+        self.agents = []
+        for name in list(self.cut):
+            self.restore_link(self.node(name))
+        while len(self.nodes) > nodes:
+            self.remove_node(self.nodes[-1])
+        while len(self.nodes) < nodes:
+            self.add_node()
+        manager = self.manager.docker()
+        try:
+            for service in manager.services.list():
+                service.remove()
+            for node in manager.nodes.list():
+                if node.attrs["Spec"].get("Availability") != "active":
+                    node.update({**node.attrs["Spec"], "Availability": "active"})
+        finally:
+            manager.close()
+        _parallel(self._clear_engine, self.nodes)
+        manager = self.manager.docker()
+        try:
+            for secret in manager.secrets.list():
+                secret.remove()
+            for config in manager.configs.list():
+                config.remove()
+        finally:
+            manager.close()
+        for node in self.nodes:
+            data = node.dir / "agent-data"
+            shutil.rmtree(data, ignore_errors=True)
+            data.mkdir()
+        self.set_dns(self.nodes)
+
+    def _clear_engine(self, node: Node) -> None:
+        """Remove every container, volume and made network from ``node``'s engine."""
+        client = node.docker()
+
+        def cleared() -> bool:
+            # Tasks of removed services may still be going away: repeat.
+            for c in client.containers.list(all=True):
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    c.remove(force=True, v=True)
+            for v in client.volumes.list():
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    v.remove(force=True)
+            for n in made_networks():
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    n.remove()
+            return not (
+                client.containers.list(all=True) or client.volumes.list() or made_networks()
+            )
+
+        def made_networks() -> list[Any]:
+            # Overlay networks are the manager's to remove; workers follow.
+            return [
+                n
+                for n in client.networks.list()
+                if n.name not in _BUILTIN_NETWORKS
+                and (node is self.manager or n.attrs.get("Scope") != "swarm")
+            ]
+
+        try:
+            wait_until(cleared, 60, 0.5, f"{node.name}'s engine to be empty")
+        finally:
+            client.close()
 
     # -- agents ------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Shared fixture for tests that run real agents in a real swarm (:mod:`tests.lab`).
 
-Each test class shares one lab (engines start in ~2 s, but not for free):
-the first test of the class starts it, the last one stops it. Every test
-starts from the same baseline (all links up, every node in DNS, an agent with
-the default settings on every node that knows every other), which
+A test run starts one lab (engines start in ~2 s, a swarm in ~15, but not
+for free) and every test class uses it in turn: the first lab test starts it,
+the last one stops it, and a class coming after another gets it reset to a
+fresh lab of the size it asks for before its class fixture goes on. Every
+test starts from its class's baseline (all links up, every node in DNS, an
+agent with the class's settings on every node that knows every other), which
 :meth:`LabTestCase.setUp` restores, so a test can run alone or after any
 other. Without root, dockerd etc. the tests skip, except under ``CI=true``
 where they fail.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -95,59 +98,132 @@ def explain(test: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _SharedLab:
+    """The one lab of a test run, handed from test class to test class.
+
+    Started by the first lab test, stopped after the last one (and at exit,
+    if the run ends early). A test of another class than the last gets the
+    lab :meth:`~tests.lab.Lab.reset` to a fresh lab of its class's size, and
+    its class's :meth:`LabTestCase.setUpLab` run; classes with the same
+    :meth:`LabTestCase.fixture` share one (one stack deployment, say). Another
+    lab is started only for a class whose ``LAB`` or ``MANAGERS`` the running
+    one cannot serve.
+    """
+
+    def __init__(self) -> None:
+        self.lab: Lab | None = None
+        #: The fixture on the lab (see LabTestCase.fixture), None if none.
+        self.fixture: object = None
+        #: The class whose tests use the lab now.
+        self.user: type[LabTestCase] | None = None
+        #: ``LAB`` of every test trial created: the first lab is one serving all.
+        self.wanted: set[type[Lab]] = set()
+        #: Tests created and not finished yet; the lab stops at 0.
+        self.pending = 0
+        #: Labs this run started.
+        self.started = 0
+        self.error: BaseException | None = None
+
+    def acquire(self, cls: type[LabTestCase]) -> Lab:
+        """The lab, with ``cls``'s fixture on it."""
+        if self.user is not None and self.user is not cls:
+            agents = self.user.agents
+            self.user.lab, self.user.agents = None, {}
+            cls.agents = agents
+        self.user = None
+        lab = self.lab
+        if lab is not None and not (isinstance(lab, cls.LAB) and lab.n_managers == cls.MANAGERS):
+            self.stop()
+            lab = None
+        fresh = lab is None
+        if lab is None:
+            lab = self._start(cls)
+        if cls.__dict__.get("_lab_error") is not None:
+            raise RuntimeError(f"the lab fixture of {cls.__name__} failed earlier")
+        if cls.fixture() != self.fixture:
+            self.fixture = None
+            try:
+                if not fresh:
+                    lab.reset(cls.NODES)
+                cls.agents = {}
+                cls.setUpLab(lab)
+            except BaseException as e:
+                cls._lab_error = e
+                raise
+            self.fixture = cls.fixture()
+        cls.lab, self.user = lab, cls
+        return lab
+
+    def _start(self, cls: type[LabTestCase]) -> Lab:
+        if self.error is not None:
+            raise RuntimeError("the lab failed to start earlier in this run") from self.error
+        # The most derived lab class every test can use, if there is one.
+        kind = next(
+            (k for k in self.wanted if all(issubclass(k, w) for w in self.wanted | {cls.LAB})),
+            cls.LAB,
+        )
+        lab = kind(nodes=cls.NODES, managers=cls.MANAGERS)
+        self.lab, self.fixture = lab, None
+        self.started += 1
+        try:
+            lab.start()
+        except BaseException as e:
+            self.error = e
+            self.stop()
+            raise
+        return lab
+
+    def release(self) -> None:
+        """One test done; after the last, the lab goes."""
+        self.pending -= 1
+        if self.pending <= 0:
+            self.stop()
+
+    def stop(self) -> None:
+        lab, self.lab, self.fixture = self.lab, None, None
+        if self.user is not None:
+            self.user.lab, self.user.agents, self.user = None, {}, None
+        if lab is not None:
+            lab.stop()
+
+
+_shared = _SharedLab()
+
+
 class LabTestCase(unittest.TestCase):
-    """Tests sharing one :class:`Lab` per class, with agents on every node."""
+    """Tests on the run's one :class:`Lab`, with agents on every node.
+
+    A class says what lab it needs (``LAB``, ``NODES``, ``MANAGERS``) and
+    puts its fixture on it in :meth:`setUpLab`; :meth:`baseline` restores
+    that before each test.
+    """
 
     NODES: ClassVar[int] = 3
     MANAGERS: ClassVar[int] = 1
     LAB: ClassVar[type[Lab]] = Lab
 
-    # Trial has no setUpClass/tearDownClass: the lab is started by the first
-    # test's setUp and stopped by the cleanup of the last test of the class
-    # that trial instantiated (it creates every case before running any).
-    # An atexit hook covers runs that stop early (--exitfirst, ^C).
+    # Trial has no setUpClass/tearDownClass or session fixtures: the first
+    # test's setUp starts the lab, the cleanup of the last test that trial
+    # created (it creates every case before running any) stops it, and an
+    # atexit hook covers runs that stop early (--exitfirst, ^C, a signal).
+    #: The lab while this class's tests use it.
     lab: ClassVar[Lab | None] = None
     agents: ClassVar[dict[str, Agent]] = {}
-    _pending: ClassVar[int] = 0
     _lab_error: ClassVar[BaseException | None] = None
-    #: The class whose lab is up; labs share fixed names, so one at a time.
-    _active: ClassVar[type[LabTestCase] | None] = None
 
     def __init__(self, methodName: str = "runTest") -> None:
         super().__init__(methodName)
-        cls = type(self)
-        cls._pending = cls.__dict__.get("_pending", 0) + 1
-
-    # -- class-wide lab ----------------------------------------------------
+        _shared.pending += 1
+        _shared.wanted.add(type(self).LAB)
 
     @classmethod
-    def _start_lab(cls) -> Lab:
-        if LabTestCase._active is not None and LabTestCase._active is not cls:
-            LabTestCase._active._stop_lab()
-        if cls.__dict__.get("_lab_error") is not None:
-            raise RuntimeError(f"the lab of {cls.__name__} failed to start earlier")
-        lab = cls.LAB(nodes=cls.NODES, managers=cls.MANAGERS)
-        cls.lab, cls.agents, LabTestCase._active = lab, {}, cls
-        try:
-            lab.start()
-            cls.setUpLab(lab)
-        except BaseException as e:
-            cls._lab_error = e
-            cls._stop_lab()
-            raise
-        return lab
-
-    @classmethod
-    def _stop_lab(cls) -> None:
-        lab, cls.lab, cls.agents = cls.lab, None, {}
-        if LabTestCase._active is cls:
-            LabTestCase._active = None
-        if lab is not None:
-            lab.stop()
+    def fixture(cls) -> object:
+        """What :meth:`setUpLab` makes; classes that return the same share it."""
+        return cls
 
     @classmethod
     def setUpLab(cls, lab: Lab) -> None:
-        """Class fixture, run once after the lab is up; override to add to it."""
+        """Class fixture, run on a fresh lab; override to add to it."""
         cls.agents = {n.name: lab.start_agent(n) for n in lab.nodes}
         for agent in cls.agents.values():
             agent.wait_ready(20)
@@ -158,16 +234,9 @@ class LabTestCase(unittest.TestCase):
             if IN_CI:
                 raise AssertionError(f"CI=true but the lab cannot run here: {why}")
             raise unittest.SkipTest(why)
-        self.addCleanup(self._release)  # registered first, so it runs last
-        cls = type(self)
-        lab = cls.lab if cls.lab is not None else cls._start_lab()
-        self.baseline(lab)
-
-    def _release(self) -> None:
-        cls = type(self)
-        cls._pending -= 1
-        if cls._pending <= 0:
-            cls._stop_lab()
+        _install_signal_handlers()
+        self.addCleanup(_shared.release)  # registered first, so it runs last
+        self.baseline(_shared.acquire(type(self)))
 
     def baseline(self, lab: Lab) -> None:
         """Undo what earlier tests may have changed; cheap when nothing did."""
@@ -212,5 +281,27 @@ class LabTestCase(unittest.TestCase):
 
 @atexit.register
 def _stop_leftover_lab() -> None:
-    if LabTestCase._active is not None:
-        LabTestCase._active._stop_lab()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is _terminate:
+            signal.signal(sig, signal.SIG_IGN)  # let the teardown finish
+    _shared.stop()
+    if _shared.started:
+        sys.stderr.write(f"\nlab tests: {_shared.started} lab(s) started in this run\n")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # Unwinds like ^C: trial stops and exits, and atexit stops the lab.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _install_signal_handlers() -> None:
+    """^C, SIGTERM and SIGHUP stop the run at once, and atexit stops the lab.
+
+    The reactor trial runs each test in catches ^C only to stop itself,
+    which a test blocked in the lab does not notice; SIGTERM and SIGHUP
+    would end the process without running atexit.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _terminate)

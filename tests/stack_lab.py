@@ -329,17 +329,24 @@ class StackLab(Lab):
                 f"the agent on {node.name} to know {sorted(everyone)}",
             )
 
-    def start(self) -> None:
-        super().start()
-        self.build()
-        self.load()
+    def deploy_stack(self) -> None:
+        """Build and load the image (once per lab), deploy, wait for every agent.
+
+        Not part of :meth:`start`: the same lab serves the tests whose agents
+        the harness starts (see :mod:`tests.labcase`), and :meth:`reset`
+        removes the stack again.
+        """
+        if not self.image_tarball.exists():
+            self.build()
+            self.load()
         self.deploy()
         self.wait_whole()
 
     def add_node(self) -> Node:
-        """One more worker, with the image loaded; the global service lands on it."""
+        """One more worker, with the image loaded if built; the global service lands on it."""
         node = super().add_node()
-        self.load([node])
+        if self.image_tarball.exists():
+            self.load([node])
         return node
 
     # -- a lab that outlives the process that made it (scripts/lab) -------

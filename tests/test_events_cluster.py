@@ -7,6 +7,7 @@ leak check. Run as root: ``SALAB_ID=4 python -m twisted.trial tests.test_events_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -16,6 +17,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -24,9 +26,49 @@ import websocket
 from tests.lab import AGENT_PORT, IMAGE, Agent, Node, run, sdk_client, wait_until
 from tests.labcase import TARGET, LabTestCase, explain, knows_exactly
 
+#: Sockets that 100 open streams add to each agent, at least.
+EXTRA_SOCKETS = {"node1": 200, "node3": 100}
+
 
 def label() -> str:
     return f"events-test={time.monotonic_ns()}"
+
+
+def event_listeners(nodes: list[Node]) -> dict[str, int]:
+    """How many event streams each node's engine serves, by node name."""
+    out = {}
+    for node in nodes:
+        client = node.docker()
+        try:
+            out[node.name] = int(client.info()["NEventsListener"])
+        finally:
+            client.close()
+    return out
+
+
+def upstreams_open(nodes: list[Node], before: dict[str, int], timeout: float = 10) -> None:
+    """Wait until every node's engine serves one event stream more than ``before``.
+
+    The agent opens one upstream per node for a client's stream. The wait is
+    a bound, not a check: the tests' own assertions tell what went wrong.
+    """
+    with contextlib.suppress(TimeoutError):
+        wait_until(
+            lambda: all(n > before[name] for name, n in event_listeners(nodes).items()),
+            timeout,
+            0.05,
+            "the agent's upstream event streams",
+        )
+
+
+def take(seen: queue.Queue[dict[str, Any]], container: str) -> bool:
+    """Take ``container``'s event out of ``seen``, if it has arrived."""
+    with seen.mutex:
+        for event in seen.queue:
+            if event["id"] == container:
+                seen.queue.remove(event)
+                return True
+    return False
 
 
 def agent_usage(agent: Agent, node: Node) -> dict[str, int]:
@@ -85,6 +127,7 @@ class ClusterStreamTests(LabTestCase):
         """The SDK's `events(decode=True)` sees a start on each node, tagged with it."""
         tag = label()
         api = self.sdk()
+        listening = event_listeners(self.the_lab.nodes)
         stream = api.events(decode=True, filters={"event": "start", "label": tag})
         seen: queue.Queue[dict[str, Any]] = queue.Queue()
 
@@ -98,7 +141,7 @@ class ClusterStreamTests(LabTestCase):
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         self.addCleanup(stream.close)
-        time.sleep(1)  # the agent opens the three upstream streams
+        upstreams_open(self.the_lab.nodes, listening)
         started = self.run_on_each_node(tag, ["sleep", "3600"])
         got: dict[str, str] = {}
         deadline = time.monotonic() + 15
@@ -116,6 +159,8 @@ class ClusterStreamTests(LabTestCase):
         arrives, what it sent before does not arrive twice."""
         tag = label()
         key, value = tag.split("=")
+        lab = self.the_lab
+        listening = event_listeners(lab.nodes)
         stream = self.sdk().events(decode=True, filters={"event": "start", "label": tag})
         seen: queue.Queue[dict[str, Any]] = queue.Queue()
 
@@ -128,22 +173,32 @@ class ClusterStreamTests(LabTestCase):
 
         threading.Thread(target=read, daemon=True).start()
         self.addCleanup(stream.close)
-        time.sleep(1)
+        upstreams_open(lab.nodes, listening)
         node3 = self.node("node3").docker()
         self.addCleanup(node3.close)
         before = node3.containers.run(IMAGE, ["true"], labels={key: value}, detach=True).id
         self.assertEqual(seen.get(timeout=10)["id"], before)
 
-        lab, agent1 = self.the_lab, self.agent("node1")
+        agent1 = self.agent("node1")
         others = {"node1", "node2"}
         lab.set_dns([n for n in lab.nodes if n.name in others])
         wait_until(lambda: knows_exactly(agent1, others), 10, 0.1, "node3 to leave")
-        time.sleep(2)  # the stream follows the table each second
+        # The stream follows the table each second: it lets go of node3's.
+        with contextlib.suppress(TimeoutError):
+            wait_until(
+                lambda: event_listeners([self.node("node3")])["node3"] <= listening["node3"],
+                10,
+                0.05,
+                "the stream to let go of node3",
+            )
         meanwhile = node3.containers.run(IMAGE, ["true"], labels={key: value}, detach=True).id
         lab.set_dns(lab.nodes)
         wait_until(lambda: knows_exactly(agent1, others | {"node3"}), 10, 0.1, "node3 back")
         self.assertEqual(seen.get(timeout=10)["id"], meanwhile)
-        time.sleep(2)  # a replay of the first event would come now
+        # node3's events come in order: a replay of the first would come
+        # before this one, whose arrival ends the look.
+        end = node3.containers.run(IMAGE, ["true"], labels={key: value}, detach=True).id
+        wait_until(lambda: take(seen, end), 10, 0.05, "the closing event")
         self.assertTrue(seen.empty(), [e["id"] for e in list(seen.queue)])
 
     @explain
@@ -281,11 +336,31 @@ class ClusterStreamTests(LabTestCase):
         # Warm up (pooled connections, first imports), then measure.
         for path, target in kinds:
             open_stream(path, target).close()
-        time.sleep(2)
 
         def usage() -> dict[str, dict[str, int]]:
             return {"node1": agent_usage(agent1, node1), "node3": agent_usage(agent3, node3)}
 
+        def settle(enough: Callable[[dict[str, dict[str, int]]], bool], what: str) -> None:
+            """Until usage is ``enough`` and alike in two looks in a row (bounded:
+            the assertions below tell what went wrong)."""
+            looks = [usage()]
+
+            def still() -> bool:
+                looks.append(usage())
+                a, b = looks[-2:]
+                alike = all(a[n][k] == b[n][k] for n in a for k in ("sockets", "tcp", "fds"))
+                return alike and enough(b)
+
+            with contextlib.suppress(TimeoutError):
+                wait_until(still, 10, 0.5, what)
+
+        # Back to their usual: the warm-up streams gone, a pooled connection
+        # to every agent (between probes, one may be being replaced).
+        peers = len(self.the_lab.nodes)
+        settle(
+            lambda now: all(now[name]["tcp_to_peers"] >= peers for name in now),
+            "the agents to let go of the warm-up streams",
+        )
         before = usage()
 
         def settled() -> dict[str, dict[str, int]] | None:
@@ -300,7 +375,13 @@ class ClusterStreamTests(LabTestCase):
         rounds = []
         for _ in range(2):
             streams = [open_stream(*kinds[i % 4]) for i in range(100)]
-            time.sleep(1)
+            settle(
+                lambda now: all(
+                    now[name]["sockets"] > before[name]["sockets"] + extra
+                    for name, extra in EXTRA_SOCKETS.items()
+                ),
+                "the agents to hold every upstream",
+            )
             during = usage()
             for s in streams:
                 s.close()
@@ -308,7 +389,7 @@ class ClusterStreamTests(LabTestCase):
             rounds.append({"during": during, "after": after})
         sys.stderr.write(f"\nleak check: {json.dumps({'before': before, 'rounds': rounds})}\n")
         first, second = rounds[0]["after"], rounds[1]["after"]
-        for name, extra in (("node1", 200), ("node3", 100)):
+        for name, extra in EXTRA_SOCKETS.items():
             self.assertGreater(
                 rounds[0]["during"][name]["sockets"], before[name]["sockets"] + extra, name
             )

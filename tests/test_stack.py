@@ -38,11 +38,18 @@ class StackTestCase(LabTestCase):
     workloads: ClassVar[dict[str, str]] = {}
 
     @classmethod
+    def fixture(cls) -> object:
+        # Every stack test class uses the same deployment.
+        return StackTestCase
+
+    @classmethod
     def setUpLab(cls, lab: Lab) -> None:
-        # StackLab.start deployed the agents; give every node a workload.
-        cls.workloads = {}
+        # Deploy the agents, and give every node a workload.
+        assert isinstance(lab, StackLab)
+        lab.deploy_stack()
+        StackTestCase.workloads = {}
         for node in lab.nodes:
-            cls.workloads[node.name] = run_workload(node.docker(), f"work-{node.name}")
+            StackTestCase.workloads[node.name] = run_workload(node.docker(), f"work-{node.name}")
 
     def baseline(self, lab: Lab) -> None:
         assert isinstance(lab, StackLab)
@@ -143,8 +150,8 @@ def run_workload(client: docker.DockerClient, name: str) -> str:
         client.close()
 
 
-# Check groups are mixins of a StackTestCase; as test cases themselves,
-# trial would give each its own lab.
+# Check groups are mixins of a StackTestCase, for the type checker; trial
+# runs them once, in ClientTests.
 _Checks = StackTestCase if TYPE_CHECKING else object
 
 

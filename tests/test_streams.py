@@ -18,7 +18,7 @@ from typing import ClassVar
 import docker
 import pexpect
 
-from tests.lab import DOCKER_CLI, IMAGE, Lab, sdk_client, wait_until
+from tests.lab import DOCKER_CLI, IMAGE, Lab, Node, sdk_client, wait_until
 from tests.labcase import LabTestCase, explain
 
 
@@ -111,8 +111,15 @@ class StreamTests(LabTestCase):
             )
         finally:
             client.close()
+        since = time.time() - 1
         child = self.cli("attach", c.id)
-        time.sleep(0.5)  # the CLI attaches before it relays stdin
+        # The CLI relays stdin once attached; the engine says when it is.
+        wait_until(
+            lambda: attached(self.the_lab.node("node3"), c.id, since),
+            10,
+            0.1,
+            "the CLI to attach on node3",
+        )
         child.sendline("ping-from-node1")
         child.expect_exact("echo:ping-from-node1")
         child.sendcontrol("c")
@@ -151,7 +158,10 @@ class StreamTests(LabTestCase):
                 detach=True,
             )
             child = self.cli("logs", "-f", c.id)
-            time.sleep(1)
+            # A first line through is the sign that the CLI follows.
+            ready = f"ready-{time.monotonic_ns()}"
+            c.exec_run(["sh", "-c", f"echo {ready} > /proc/1/fd/1"])
+            child.expect_exact(ready, timeout=10)
             marker = f"marker-{time.monotonic_ns()}"
             c.exec_run(["sh", "-c", f"echo {marker} > /proc/1/fd/1"])
             written = time.monotonic()
@@ -175,3 +185,18 @@ class StreamTests(LabTestCase):
         self.assertNotEqual(samples[0]["read"], samples[1]["read"])
         self.assertEqual(samples[1]["id"], self.container)
         stats.close()
+
+
+def attached(node: Node, container: str, since: float) -> bool:
+    """Whether ``node``'s engine had a client attach to ``container`` since ``since``."""
+    client = node.docker()
+    try:
+        events = client.events(
+            since=since,
+            until=time.time(),
+            decode=True,
+            filters={"container": container, "event": "attach"},
+        )
+        return any(True for _ in events)
+    finally:
+        client.close()
