@@ -7,12 +7,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from twisted.logger import LogLevel
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from swarmagent import __version__
-from swarmagent.config import SETTINGS, EngineAddress
+from swarmagent.config import LOG_LEVELS, SETTINGS, EngineAddress
 from swarmagent.discovery import Discovery, ProbeRecord
 from swarmagent.peers import Peer
 
@@ -33,7 +32,7 @@ def _setting(value: Any) -> Any:
         if value.scheme == "unix":
             return f"unix://{value.path}"
         return f"tcp://{value.host}:{value.port}"
-    if isinstance(value, LogLevel):
+    if any(value is level for level in LOG_LEVELS.values()):
         return value.name.upper()
     return value
 
