@@ -106,7 +106,8 @@ def render(doc: Mapping[str, Any]) -> str:
         ),
         "",
         "Settings",
-        table(["SETTING", "VALUE"], sorted(doc["Settings"].items())),
+        # Settings as given (seconds stay seconds).
+        table(["SETTING", "VALUE"], [[k, str(v)] for k, v in sorted(doc["Settings"].items())]),
     ]
     return "\n".join(out)
 
