@@ -42,7 +42,7 @@ NODE_FAILURES = ("timeout", "refused", "tls", "connection", "http_status", "othe
 #: Why a request was refused (the ``reason`` label).
 AUTH_REFUSALS = ("no_credential", "bad_signature", "other_key", "pairing_closed", "untrusted_cert")
 #: Long-lived relays (the ``kind`` label).
-STREAMS = ("stream", "tunnel", "console")
+STREAMS = ("stream", "tunnel", "console", "events")
 #: Pairing states (``swarmagent_pairing``).
 PAIRING = ("secret", "paired", "open", "closed")
 #: Answers a node gives that count as its failure: server errors and agent refusals.
@@ -136,13 +136,13 @@ class Metrics:
         self.leaves = Counter("swarmagent_peer_leaves", "Agents that left the table.", registry=r)
         self.open = Gauge(
             "swarmagent_open_streams",
-            "Relays in progress: streamed answers (forwarded or local), tunnels, consoles.",
+            "Relays in progress: streamed answers, tunnels, consoles, event streams.",
             ["kind"],
             registry=r,
         )
         self.relayed = Counter(
             "swarmagent_relayed_bytes",
-            "Bytes relayed to and from clients by streamed answers, tunnels and consoles.",
+            "Bytes relayed by streamed answers, tunnels, consoles and event streams.",
             ["kind"],
             registry=r,
         )

@@ -8,26 +8,44 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from OpenSSL import SSL
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.task import Cooperator
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.resource import Resource
 
 from swarmagent.access import RequestLog
-from swarmagent.config import Options
+from swarmagent.clients import EngineEndpoints
+from swarmagent.config import EngineAddress, Options
 from swarmagent.discovery import Discovery, ProbeRecord
+from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
 from swarmagent.logs import json_observer, set_level
 from swarmagent.metrics import AUTH_REFUSALS, NODE_FAILURES, ROUTES, Metrics, failure_reason
 from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity
+from swarmagent.proxy import EngineProxy, Relay
 from swarmagent.signature import PUBLIC_KEY_HEADER, SIGNATURE_HEADER, Signer, Verifier
 from swarmagent.statuspage import status_document, why_agentless
 from swarmagent.tls import HTTP11Site
-from tests.helpers import ByHost, Client, FakeNode, make_site, make_table, manager, worker
+from swarmagent.tunnel import Tunnel, _UpstreamSide
+from tests.helpers import (
+    ByHost,
+    Client,
+    FakeAgent,
+    FakeNode,
+    make_site,
+    make_table,
+    manager,
+    worker,
+)
 from tests.test_api import SIGNER, AgentCase
 
 TIMEOUT = 2.0
@@ -106,9 +124,6 @@ class NodeCallTests(SynchronousTestCase):
             )
 
     def test_failure_reasons(self) -> None:
-        from OpenSSL import SSL
-        from twisted.python.failure import Failure
-        from twisted.web._newclient import ResponseNeverReceived
 
         self.assertEqual(failure_reason(TimeoutError("no answer within 2 s")), "timeout")
         self.assertEqual(failure_reason(ConnectionRefusedError()), "refused")
@@ -244,7 +259,6 @@ class RequestMetricsTests(AgentCase):
 class SiteTests(SynchronousTestCase):
     def test_no_twisted_web_access_log(self) -> None:
         """HTTP11Site writes no combined-log line (the agent logs requests itself)."""
-        from twisted.web.resource import Resource
 
         out = io.StringIO()
         site = HTTP11Site(Resource(), reactor=MemoryReactorClock())
@@ -411,3 +425,66 @@ class DiscoveryMetricsTests(SynchronousTestCase):
         self.assertEqual(why_agentless("id-y", "y", {"id-y": ("pending", "")}, {}), "task pending")
         self.assertEqual(why_agentless("id-z", "z", None, probes), "unreachable: refused")
         self.assertEqual(why_agentless("id-y", "y", None, probes), "no agent reachable")
+
+
+class StreamMetricsTests(SynchronousTestCase):
+    """Open relays counted while open, and their bytes."""
+
+    def open(self, metrics: Metrics, kind: str) -> float:
+        return sample(metrics, "swarmagent_open_streams", kind=kind)
+
+    def relayed(self, metrics: Metrics, kind: str) -> float:
+        return sample(metrics, "swarmagent_relayed_bytes_total", kind=kind)
+
+    def test_streamed_answer(self) -> None:
+
+        clock = MemoryReactorClock()
+        metrics = Metrics()
+        upstream = FakeAgent()
+        cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
+        self.addCleanup(cooperator.stop)
+        nodes = Nodes(make_table(manager("a")), upstream, upstream, clock, 5)
+        endpoints = EngineEndpoints(clock, EngineAddress("unix", path="/x.sock"), 5)
+        proxy = EngineProxy(Relay(upstream, endpoints, cooperator, metrics), nodes)
+        Client(make_site(proxy, clock)).send("GET", "/containers/abc/logs?follow=1")
+        self.assertEqual(self.open(metrics, "stream"), 0, "not before the answer")
+        response = upstream.calls[0].respond(200)
+        self.assertEqual(self.open(metrics, "stream"), 1)
+        response.deliver(b"twelve bytes")
+        response.deliver(b"+3 ")
+        self.assertEqual(self.relayed(metrics, "stream"), 15)
+        response.end()
+        self.assertEqual(self.open(metrics, "stream"), 0)
+
+    def test_tunnel(self) -> None:
+
+        metrics = Metrics()
+        codes: list[int] = []
+        tunnel = Tunnel(StringTransport(), b"POST /exec/e/start HTTP/1.1\r\n\r\n", (), metrics)
+        tunnel.answered = codes.append
+        self.assertEqual(self.open(metrics, "tunnel"), 1)
+        upstream = _UpstreamSide(tunnel)
+        upstream.makeConnection(StringTransport())
+        tunnel.from_client(b"stdin")
+        upstream.dataReceived(b"HTTP/1.1 101 UPGRADED\r\nUpgrade: tcp\r\n\r\noutput")
+        self.assertEqual(codes[0], 101)
+        self.assertEqual(self.relayed(metrics, "tunnel"), len(b"stdin") + len(b"output"))
+        upstream.connectionLost(Failure(ConnectionDone()))
+        tunnel.client_gone()
+        self.assertEqual(self.open(metrics, "tunnel"), 0, "closed once, not twice")
+
+    def test_events(self) -> None:
+
+        clock = MemoryReactorClock()
+        metrics = Metrics()
+        engine = FakeAgent()
+        nodes = Nodes(make_table(manager("a")), engine, FakeAgent(), clock, 2, metrics=metrics)
+        client = Client(make_site(ClusterEvents(nodes).resource(), clock))
+        client.send("GET", "/events")
+        self.assertEqual(self.open(metrics, "events"), 1)
+        stream = engine.calls[0].respond(200)
+        event = b'{"id":"a1","time":1,"timeNano":1000000000}\n'
+        stream.deliver(event)
+        self.assertGreater(self.relayed(metrics, "events"), len(event), "tagged with its node")
+        client.disconnect()
+        self.assertEqual(self.open(metrics, "events"), 0)
