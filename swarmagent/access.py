@@ -91,7 +91,7 @@ class RequestLog:
         missing = request.responseHeaders.getRawHeaders(MISSING_NODES, [b""])[0]
         log.info(
             "{method} {path} {route} nodes={nodes} {status} {bytes}B {ms:.1f}ms "
-            "client={client}{missing_text}",
+            "client={client} missing={missing}",
             method=request.method.decode("latin-1"),
             # request.path never holds the query.
             path=request.path.decode("latin-1"),
@@ -101,8 +101,7 @@ class RequestLog:
             bytes=sent,
             ms=seconds * 1000,
             client=self._who(request),
-            missing=missing.decode("utf-8", "replace"),
-            missing_text=" missing=" + missing.decode("utf-8", "replace") if missing else "",
+            missing=missing.decode("utf-8", "replace") or "-",
         )
 
 
