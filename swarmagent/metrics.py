@@ -152,6 +152,9 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Each request's two series, found once per (route, class): labels()
+        # validates and locks on every call.
+        self._request_series: dict[tuple[str, str], tuple[Any, Any]] = {}
         for route in ROUTES:
             self.request_seconds.labels(route)
         for reason in AUTH_REFUSALS:
@@ -164,8 +167,13 @@ class Metrics:
 
     def request_done(self, route: str, code: int, seconds: float) -> None:
         """One request answered (or abandoned by its client)."""
-        self.requests.labels(route, code_class(code)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        key = (route, code_class(code))
+        series = self._request_series.get(key)
+        if series is None:
+            series = (self.requests.labels(*key), self.request_seconds.labels(route))
+            self._request_series[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
 
     def refused(self, reason: str) -> None:
         """One request refused for its credentials (a reason of :data:`AUTH_REFUSALS`)."""
