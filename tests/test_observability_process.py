@@ -86,4 +86,37 @@ class ProcessTests(TestCase):
             self.assertNotIn(value, raw)
         self.assertNotIn("hunter2", raw)
         # twisted.web's own combined-log line is gone.
-        self.assertNotIn('"GET /agents', raw)
+        self.assertNotIn(' HTTP/1.1\\" ', raw)
+
+    def test_status_command_signs_with_the_secret(self) -> None:
+        """``python -m swarmagent.status`` proves itself as the agents do (here: the secret)."""
+        url, _ = self.start_agent(AGENT_SECRET="s3cret", AGENT_ACCESS_LOG="off")
+        port = url.rsplit(":", 1)[1]
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(REPO_ROOT),
+            "AGENT_HOST": "0.0.0.0",
+            "AGENT_PORT": port,
+        }
+
+        def status(**extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "swarmagent.status", *extra.pop("args", "").split()],
+                env={**env, **extra},
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+
+        refused = status()
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("answered 403", refused.stderr)
+        table = status(AGENT_SECRET="s3cret")
+        self.assertEqual(table.returncode, 0, table.stderr)
+        self.assertIn("Swarm nodes expected to run an agent", table.stdout)
+        self.assertRegex(table.stdout, r"secret +set")
+        self.assertNotIn("s3cret", table.stdout)
+        doc = json.loads(status(AGENT_SECRET="s3cret", args="--json").stdout)
+        self.assertEqual(doc["Settings"]["access-log"], False)
+        self.assertEqual(doc["Peers"], [])
