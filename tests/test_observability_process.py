@@ -30,7 +30,7 @@ class ProcessTests(TestCase):
             "PYTHONPATH": str(REPO_ROOT),
             "AGENT_HOST": "127.0.0.1",
             "AGENT_PORT": str(port),
-            "DATA_PATH": self.mktemp(),
+            "DATA_PATH": os.path.abspath(self.mktemp()),
             "DOCKER_HOST": "unix:///nonexistent/docker.sock",
             **env,
         }
@@ -40,7 +40,6 @@ class ProcessTests(TestCase):
                 env=full,
                 stdout=stdout,
                 stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
             )
         self.addCleanup(agent.wait, 10)
         self.addCleanup(agent.terminate)
