@@ -41,8 +41,8 @@ class Served:
     started: float
     route: str = "own"
     nodes: tuple[str, ...] = ()
-    #: Closes the record: the status sent and the bytes (set by :class:`RequestLog`).
-    close: Callable[[int, int], None] = field(default=lambda code, sent: None, repr=False)
+    #: Where the record is closed (no reference back to the request: no cycle).
+    log: RequestLog | None = field(default=None, repr=False)
     ended: bool = field(default=False, repr=False)
 
 
@@ -64,8 +64,7 @@ class RequestLog:
 
     def start(self, request: Request) -> Served:
         """Open ``request``'s record; it closes itself when the request ends."""
-        served = Served(self._clock.seconds())
-        served.close = lambda code, sent: self.end(request, served, code, sent)
+        served = Served(self._clock.seconds(), log=self)
         request.setComponent(IServed, served)
         request.notifyFinish().addBoth(self._finished, request, served)
         return served
@@ -137,5 +136,5 @@ def taken_over(request: Request, code: int) -> None:
     """``request``'s connection has left twisted.web (a tunnel, a console),
     which will not finish it: close its record now, with the status ``code``."""
     served = served_of(request)
-    if served is not None:
-        served.close(code, 0)
+    if served is not None and served.log is not None:
+        served.log.end(request, served, code, 0)

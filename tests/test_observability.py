@@ -178,6 +178,18 @@ class RequestMetricsTests(AgentCase):
         client.disconnect()
         self.assertEqual(self.count("forwarded", "none"), 1)
 
+    def test_tunnel_counted_when_upstream_answers(self) -> None:
+        """A hijacked exec leaves twisted.web: it is counted with the upstream's status."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        upgrade = [("Connection", "Upgrade"), ("Upgrade", "tcp"), ("X-PortainerAgent-Target", "c")]
+        self.request("POST", "/exec/e1/start", upgrade)
+        [(_, wire)] = self.peer_endpoints.connected
+        self.assertEqual(self.count("tunnel", "1xx"), 0, "not before the answer")
+        wire.protocol.dataReceived(b"HTTP/1.1 101 UPGRADED\r\nUpgrade: tcp\r\n\r\nout")
+        self.assertEqual(self.count("tunnel", "1xx"), 1)
+        [line] = [e for e in events if e.get("log_namespace") == "swarmagent.access"]
+        self.assertEqual((line["route"], line["nodes"], line["status"]), ("tunnel", "c", 101))
+
     def test_metrics_route_needs_credentials(self) -> None:
         self.assertEqual(Client(self.site).send("GET", "/metrics").response().code, 403)
         response = self.get("/metrics")
