@@ -50,7 +50,9 @@ class ProbeRecord:
     rtt: float | None = None
     #: Failed probes since the last success.
     failures: int = 0
+    #: The last failure's reason and time (kept after a success: it says what went wrong last).
     last_error: str = ""
+    last_error_at: float | None = None
 
 
 class HTTPProbe:
@@ -280,7 +282,7 @@ class Discovery:
             identity = await self._probe(address, port)
         except Exception as e:
             record.failures += 1
-            record.last_error = _why(e)
+            record.last_error, record.last_error_at = _why(e), self._clock.seconds()
             gone = self.table.failed(address)
             if gone is not None:
                 self.metrics.left(gone.name)

@@ -25,11 +25,11 @@ from swarmagent.healthcheck import LOOPBACK
 PATH = "/swarmagent/status"
 PEER_HEADINGS = (
     "NAME", "NODE ID", "ROLE", "ADDRESS", "VERSION", "IN TABLE", "LAST PROBE", "FAILS", "RTT",
-    "LAST ERROR",
+    "LAST ERROR AT", "LAST ERROR",
 )  # fmt: skip
 PEER_FIELDS = (
     "Name", "NodeID", "Role", "Address", "AgentVersion", "InTable", "LastProbe",
-    "ConsecutiveFailures", "ProbeRTT", "LastError",
+    "ConsecutiveFailures", "ProbeRTT", "LastErrorAt", "LastError",
 )  # fmt: skip
 
 

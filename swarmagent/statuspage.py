@@ -81,6 +81,7 @@ def _peer(peer: Peer | None, address: str, record: ProbeRecord | None) -> dict[s
         "ConsecutiveFailures": record.failures if record else 0,
         "ProbeRTT": record.rtt if record else None,
         "LastError": record.last_error if record else "",
+        "LastErrorAt": _when(record.last_error_at) if record else None,
     }
 
 

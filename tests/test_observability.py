@@ -422,6 +422,8 @@ class DiscoveryMetricsTests(SynchronousTestCase):
         self.assertFalse(peers["c"]["InTable"])
         self.assertEqual(peers["c"]["ConsecutiveFailures"], 2)
         self.assertEqual(peers["c"]["LastError"], "no answer within 5 s")
+        self.assertIsNotNone(peers["c"]["LastErrorAt"])
+        self.assertIsNone(peers["b"]["LastErrorAt"])
         self.assertIsNotNone(peers["c"]["LastProbe"])
         expected = {e["Name"]: e for e in doc["Expected"]}
         self.assertTrue(expected["b"]["HasAgent"])
