@@ -35,6 +35,7 @@ from bench.fanout import PATH as LIST_PATH
 from bench.fanout import FanoutPlan, run_fanout
 from bench.leaks import LeakPlan, run_leaks
 from bench.nginx import Nginx
+from bench.observability import ObservabilityPlan, run_observability
 from bench.passthrough import PassthroughPlan, run_passthrough
 from bench.streams import StreamPlan, run_streams
 from tests.lab import Lab
@@ -54,6 +55,7 @@ class Plan:
     discovery_reps: int
     profile: bool
     leaks: LeakPlan
+    observability: ObservabilityPlan
 
 
 FULL = Plan(
@@ -64,6 +66,7 @@ FULL = Plan(
     discovery_reps=5,
     profile=True,
     leaks=LeakPlan(),
+    observability=ObservabilityPlan(),
 )
 SMOKE = Plan(
     "smoke",
@@ -73,6 +76,7 @@ SMOKE = Plan(
     discovery_reps=1,
     profile=False,
     leaks=LeakPlan(rounds=2, streams=20),
+    observability=ObservabilityPlan(requests=500, repetitions=2),
 )
 
 
@@ -169,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default bench/results[/smoke])")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument(
-        "--parts", default="single,cluster", help="single (1,3,4), cluster (2,5), or both"
+        "--parts",
+        default="single,cluster,observability",
+        help="single (1,3,4), cluster (2,5,6), observability (7, in process), comma-separated",
     )
     parser.add_argument(
         "--render", type=Path, help="only re-write latest.md and the plot from JSON"
@@ -206,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             single_node(plan, results)
         if "cluster" in parts:
             cluster(plan, results)
+        if "observability" in parts:
+            log("part 7: metrics and access log, per request, in process")
+            results["observability"] = run_observability(plan.observability, log)
     except Exception:
         traceback.print_exc()
         status = 1

@@ -240,6 +240,28 @@ def markdown(results: dict[str, Any]) -> str:
             + " | ".join(f"{r['sockets']} ({r['during']})" for r in leaks["rounds"])
             + " |",
         ]
+    obs = results.get("observability")
+    if obs:
+        setups = ("none", "metrics", "metrics+text_log", "metrics+json_log")
+        lines += [
+            "",
+            "## 7. Metrics and the access log, CPU per request (in process)",
+            "",
+            "The agent's root on an in-memory connection and engine (`bench/observability.py`): "
+            "no accounting, metrics only (`--access-log off`), metrics and the access log as "
+            "text or JSON. µs of CPU per request (median), and what each adds; add it to "
+            "part 1's per-request CPU.",
+            "",
+            "| Request | " + " | ".join(setups) + " |",
+            "|---|" + "---|" * len(setups),
+        ]
+        for cell in obs["cells"]:
+            row = [
+                f"{cell[n]['cpu_us']:g} µs"
+                + (f" (+{cell[n]['added_us']:g})" if n != "none" else "")
+                for n in setups
+            ]
+            lines.append(f"| {cell['endpoint']} | " + " | ".join(row) + " |")
     prof = results.get("profile")
     if prof:
         lines += ["", "## Profile (py-spy, share of the agent's samples)", ""]

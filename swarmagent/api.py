@@ -13,6 +13,8 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.util import DeferredResource
 
+from swarmagent import __version__
+from swarmagent.access import RequestLog, mark
 from swarmagent.auth import OPEN_PATHS, Authorizer
 from swarmagent.browse import browse_paths, parse_browse_path, volume_of
 from swarmagent.clientgone import watch_gone
@@ -21,6 +23,7 @@ from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
 from swarmagent.locate import Locator
 from swarmagent.logs import logger
+from swarmagent.metrics import Metrics, MetricsResource
 from swarmagent.nodes import Nodes, name_missing
 from swarmagent.proxy import EngineProxy, PeerProxy, Relay
 from swarmagent.routing import (
@@ -41,12 +44,15 @@ from swarmagent.routing import (
     route,
     strip_version,
 )
+from swarmagent.tunnel import wants_upgrade
 from swarmagent.wire import (
     AGENT_HEADERS,
     CONSOLE_PATHS,
     DOCKERHUB_PATH,
     HOST_INFO_PATHS,
     IDENTITY_PATH,
+    METRICS_PATH,
+    STATUS_PATH,
 )
 
 log = logger(__name__)
@@ -110,8 +116,16 @@ class AgentRoot(Resource):
         browse: IResource | None = None,
         host_info: IResource | None = None,
         dockerhub: IResource | None = None,
+        metrics: Metrics | None = None,
+        requests: RequestLog | None = None,
+        status: IResource | None = None,
     ) -> None:
+        """``metrics`` counts refusals and serves ``/metrics``; ``requests``
+        closes each request into the metrics and the access log; ``status``
+        serves ``/swarmagent/status``."""
         super().__init__()
+        self._metrics = metrics
+        self._requests = requests
         self._locator = locator
         # Without them (unit tests of other routes), /events is one node's
         # and the other agent-only routes reach the engine.
@@ -138,6 +152,10 @@ class AgentRoot(Resource):
         }
         if dockerhub is not None:
             self._own[DOCKERHUB_PATH] = dockerhub
+        if metrics is not None:
+            self._own[METRICS_PATH] = MetricsResource(metrics)
+        if status is not None:
+            self._own[STATUS_PATH] = status
 
     def own_paths(self) -> frozenset[bytes]:
         """The paths the agent answers itself (everything else goes to an engine)."""
@@ -152,25 +170,34 @@ class AgentRoot(Resource):
         # The agent's own routes are matched without a Docker version prefix
         # (Portainer's UI sends /v1.41/ping and /v1.41/v2/dockerhub); Docker
         # requests keep theirs when forwarded.
+        if self._requests is not None:
+            self._requests.start(request)
         bare = strip_version(request.path.decode("latin-1")).encode("latin-1")
         if bare not in self._open:
             verdict = self._authorizer.check(request)
             if not verdict.accepted:
+                mark(request, "refused")
+                if self._metrics is not None:
+                    self._metrics.refused(verdict.reason or "bad_signature")
                 return ErrorResource(verdict.code, verdict.message, verdict.details)
         if not safe_path(request.path):
+            mark(request, "error")
             return ErrorResource(400, "Invalid request path", "Dot segments are not allowed")
         own = self._own.get(bare)
         if own is not None:
             return own
         # Consoles, host info and browsing are served where the target says,
         # like a Docker request; a browsed volume is found like a container.
-        local = self._consoles.get(bare) or self._host_info.get(bare)
+        console = self._consoles.get(bare)
+        if console is not None:
+            return self._docker(request, local=console, kind="console")
+        local = self._host_info.get(bare)
         if local is None and self._browse is not None:
             browsing = parse_browse_path(bare.decode("latin-1"))
             if browsing is not None:
                 volume = volume_of(request)
                 about = ("volumes", volume) if volume else None
-                return self._docker(request, local=self._browse, about=about)
+                return self._docker(request, local=self._browse, about=about, kind="browse")
         return self._docker(request, local=local)
 
     def _docker(
@@ -178,6 +205,7 @@ class AgentRoot(Resource):
         request: Request,
         local: IResource | None = None,
         about: tuple[str, str] | None = None,
+        kind: str | None = None,
     ) -> IResource:
         # Classified as the engine will read it (decoded); forwarded as sent.
         path = unquote(request.path.decode("latin-1"))
@@ -190,19 +218,26 @@ class AgentRoot(Resource):
             about=about,
             for_manager=creates_swarm_network(method, strip_version(path), _body(request)),
         )
-        return self._serve(decision, request, local)
+        return self._serve(decision, request, local, kind)
 
     def _serve(
-        self, decision: Route | Located, request: Request, local: IResource | None
+        self,
+        decision: Route | Located,
+        request: Request,
+        local: IResource | None,
+        served_as: str | None = None,
     ) -> IResource:
-        """The resource that serves a request routed (or located) to ``decision``."""
+        """The resource that serves a request routed (or located) to ``decision``;
+        ``served_as`` names its route kind when it is not the decision's."""
+        self._mark(decision, request, served_as)
         match decision:
             case Local():
                 return local or self._engine_proxy
             case Forward(peer):
                 return PeerProxy(self._peer_relay, self._nodes, peer)
             case Locate(kind, ident):
-                return DeferredResource(self._locate(request, kind, ident, local))
+                located_as = served_as or "locate"
+                return DeferredResource(self._locate(request, kind, ident, local, located_as))
             case ClusterList(kind):
                 return self._fanout.resource(kind)
             case MergedEvents():
@@ -242,8 +277,39 @@ class AgentRoot(Resource):
                 return ErrorResource(421, "A forwarded request reached the wrong agent", why)
         raise AssertionError(decision)
 
+    def _mark(self, decision: Route | Located, request: Request, served_as: str | None) -> None:
+        """Record how ``request`` is served, for its metrics and access log."""
+        nodes: tuple[str, ...] = ()
+        match decision:
+            case Local():
+                route, nodes = "local", (self._table.me.name,)
+            case Forward(peer):
+                route, nodes = "forwarded", (peer.name,)
+            case ClusterList():
+                route = "cluster_list"
+            case MergedEvents():
+                route = "events" if self._events else "local"
+            case Locate():
+                route = "locate"
+            case NotFound():
+                route = "locate"
+            case _:
+                route = "error"
+        if route in ("local", "forwarded"):
+            if served_as is None and wants_upgrade(request):
+                served_as = "tunnel"
+            route = served_as or route
+        elif route == "locate" and served_as is not None:
+            route = served_as
+        mark(request, route, nodes)
+
     def _locate(
-        self, request: Request, kind: str, ident: str, local: IResource | None
+        self,
+        request: Request,
+        kind: str,
+        ident: str,
+        local: IResource | None,
+        served_as: str | None,
     ) -> Deferred[IResource]:
         """The resource that serves ``request`` once its object is found.
 
@@ -260,7 +326,7 @@ class AgentRoot(Resource):
 
         def serve(found: Located) -> IResource:
             # Exactly as if the client had targeted that node.
-            return _Gone() if gone() else self._serve(found, request, local)
+            return _Gone() if gone() else self._serve(found, request, local, served_as)
 
         located = Deferred.fromCoroutine(self._locator.locate(request, kind, ident))
         return located.addErrback(failed).addCallback(serve)
@@ -287,7 +353,8 @@ class AgentRoot(Resource):
 
     def _identity(self, request: Request) -> bytes:
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        return json.dumps(self._table.me.identity.to_json()).encode("utf-8")
+        doc = {**self._table.me.identity.to_json(), "AgentVersion": __version__}
+        return json.dumps(doc).encode("utf-8")
 
 
 class _Gone(Resource):

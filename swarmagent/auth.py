@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.web.server import Request
 
-from swarmagent.signature import ACCEPTED, Verdict, Verifier
+from swarmagent.signature import (
+    ACCEPTED,
+    PUBLIC_KEY_HEADER,
+    SignatureError,
+    Verdict,
+    Verifier,
+    decode_public_key,
+    fingerprint,
+)
 from swarmagent.tls import ServerTLS
 
 # Portainer's handshake: the only routes served without credentials.
 OPEN_PATHS = frozenset({b"/ping", b"/v2/ping"})
+
+_KEY = PUBLIC_KEY_HEADER.encode("ascii")
 
 
 class Authorizer:
@@ -19,7 +31,29 @@ class Authorizer:
         self._tls = tls
 
     def check(self, request: Request) -> Verdict:
-        """ACCEPTED, or the reference agent's 403 answer."""
+        """ACCEPTED, or the reference agent's 403 answer (with its reason)."""
         if self._tls is not None and self._tls.verified_client(request):
             return ACCEPTED
-        return self._verifier.verify_request(request)
+        verdict = self._verifier.verify_request(request)
+        if (
+            verdict.reason == "no_credential"
+            and self._tls is not None
+            and self._tls.untrusted_client(request)
+        ):
+            return replace(verdict, reason="untrusted_cert")
+        return verdict
+
+    def who(self, request: Request) -> str:
+        """The client, for the access log: its certificate's subject, else its
+        signing key's fingerprint (never the key or the signature), else ``-``."""
+        if self._tls is not None:
+            cert = self._tls.verified_peer(request)
+            if cert is not None:
+                return cert.subject.rfc4514_string()
+        key = request.requestHeaders.getRawHeaders(_KEY)
+        if key:
+            try:
+                return "key:" + fingerprint(decode_public_key(key[0]))
+            except SignatureError:
+                return "key:invalid"
+        return "-"

@@ -84,6 +84,26 @@ SETTINGS: tuple[Setting, ...] = (
         "present --tls-cert to each other and verify each other against it.",
     ),
     Setting("log-level", "LOG_LEVEL", "INFO", "ERROR, WARN, INFO or DEBUG (any case)."),
+    Setting(
+        "log-format",
+        "LOG_FORMAT",
+        "text",
+        "text (twistd's lines) or json (one JSON object per line).",
+    ),
+    Setting(
+        "access-log",
+        "AGENT_ACCESS_LOG",
+        "on",
+        "on or off: one INFO line per request (method, path without query, route, nodes, "
+        "status, bytes, duration, client).",
+    ),
+    Setting(
+        "metrics-port",
+        "AGENT_METRICS_PORT",
+        "",
+        "Also serve /metrics on this port, plain HTTP and without credentials, on --host. "
+        "Default: only on the API port, behind its credentials.",
+    ),
     Setting("data-path", "DATA_PATH", "/data", "Folder for state kept across restarts."),
     Setting(
         "docker-host",
@@ -246,6 +266,24 @@ class Options(usage.Options):
                 "log-level", f"must be one of ERROR, WARN, INFO, DEBUG; got {self['log-level']!r}"
             )
         self["log-level"] = level
+        log_format = str(self["log-format"]).lower()
+        if log_format not in ("text", "json"):
+            raise bad("log-format", f"must be text or json; got {self['log-format']!r}")
+        self["log-format"] = log_format
+        access = str(self["access-log"]).lower()
+        if access not in ("on", "off"):
+            raise bad("access-log", f"must be on or off; got {self['access-log']!r}")
+        self["access-log"] = access == "on"
+        if self["metrics-port"]:
+            try:
+                metrics_port = int(self["metrics-port"])
+            except ValueError:
+                raise bad("metrics-port", f"not a port number: {self['metrics-port']!r}") from None
+            if not 1 <= metrics_port <= 65535 or metrics_port == port:
+                raise bad("metrics-port", f"must be 1-65535 and not --port, got {metrics_port}")
+            self["metrics-port"] = metrics_port
+        else:
+            self["metrics-port"] = None
         try:
             self["docker-host"] = parse_docker_host(self["docker-host"])
         except ValueError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -21,6 +22,7 @@ from swarmagent.clients import get_within, peer_url
 from swarmagent.engine import NODES_PATH, Engine, expected_nodes
 from swarmagent.errors import describe
 from swarmagent.logs import logger
+from swarmagent.metrics import Metrics
 from swarmagent.nodes import NodeFailed, Nodes
 from swarmagent.peers import MANAGER, NodeIdentity, Peer, PeerTable
 from swarmagent.wire import IDENTITY_PATH
@@ -35,6 +37,22 @@ Probe = Callable[[str, int], Awaitable[NodeIdentity]]
 #: Asks a manager's agent for the swarm's nodes that should run an agent:
 #: node ID → hostname.
 NodeList = Callable[[Peer], Awaitable[dict[str, str]]]
+
+
+@dataclass
+class ProbeRecord:
+    """What the probes of one address found, for the status document."""
+
+    #: The node last seen there ("" until a probe succeeds).
+    node: str = ""
+    #: When the last probe succeeded (the clock's seconds; None: never).
+    last_ok: float | None = None
+    rtt: float | None = None
+    #: Failed probes since the last success.
+    failures: int = 0
+    #: The last failure's reason and time (kept after a success: it says what went wrong last).
+    last_error: str = ""
+    last_error_at: float | None = None
 
 
 class HTTPProbe:
@@ -104,8 +122,16 @@ class Discovery:
         port: int,
         hostname: str,
         node_list: NodeList | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.table = table
+        self.metrics = metrics if metrics is not None else Metrics()
+        #: Each probed address's record, while DNS names it.
+        self.probes: dict[str, ProbeRecord] = {}
+        #: On a manager running as a service: the agent service's newest task
+        #: on each node (node ID → state, error); None when unknown.
+        self.tasks: dict[str, tuple[str, str]] | None = None
+        self.own_service: str | None = None
         self._engine = engine
         self._resolver = resolver
         self._probe = probe
@@ -128,6 +154,7 @@ class Discovery:
     async def tick(self) -> None:
         """One round: re-read this node, re-resolve, re-probe, then re-read
         the swarm's node list. Never raises."""
+        started = self._clock.seconds()
         try:
             await self._refresh_me()
             if self.name is not None:
@@ -135,11 +162,13 @@ class Discovery:
             await self._refresh_expected()
         except Exception:
             log.failure("Discovery tick failed")
+        self.metrics.tick(self._clock.seconds() - started)
 
     async def _discover(self, name: str) -> None:
         try:
             targets: list[Address] | None = await self.resolve(name)
         except Exception as e:
+            self.metrics.dns_failed()
             log.warn(
                 "DNS lookup of {name} failed ({why}); keeping the last peer set",
                 name=name,
@@ -147,7 +176,10 @@ class Discovery:
             )
             targets = None
         if targets is not None:
-            for peer in self.table.retain(a for a, _ in targets):
+            named = {a for a, _ in targets}
+            self.probes = {a: r for a, r in self.probes.items() if a in named}
+            for peer in self.table.retain(named):
+                self.metrics.left(peer.name)
                 log.info(
                     "Agent left: {node} at {address} (gone from DNS)",
                     node=peer.name,
@@ -179,6 +211,14 @@ class Discovery:
         if self._nodes_problem is not None:
             log.info("The swarm's node list can be read again")
             self._nodes_problem = None
+        if me.role == MANAGER and self.own_service is not None:
+            try:
+                self.tasks = await self._engine.service_tasks(self.own_service)
+            except Exception as e:
+                log.debug("Cannot read the agent service's tasks: {why}", why=_why(e))
+                self.tasks = None
+        else:
+            self.tasks = None
         old = self.table.expected
         if self.table.expect(nodes):
             log.info(
@@ -227,6 +267,7 @@ class Discovery:
             log.info("Not running as a swarm service task ({why}): no peer discovery", why=_why(e))
             return
         if service:
+            self.own_service = service
             self.name = f"tasks.{service}"
             log.info("Discovering agents at {name}", name=self.name)
 
@@ -235,11 +276,16 @@ class Discovery:
         await DeferredList(calls, consumeErrors=True)
 
     async def _probe_one(self, address: str, port: int) -> None:
+        record = self.probes.setdefault(address, ProbeRecord())
+        started = self._clock.seconds()
         try:
             identity = await self._probe(address, port)
         except Exception as e:
+            record.failures += 1
+            record.last_error, record.last_error_at = _why(e), self._clock.seconds()
             gone = self.table.failed(address)
             if gone is not None:
+                self.metrics.left(gone.name)
                 log.info(
                     "Agent left: {node} at {address} ({why})",
                     node=gone.name,
@@ -254,8 +300,13 @@ class Discovery:
                     why=_why(e),
                 )
             return
+        rtt = self._clock.seconds() - started
+        record.node, record.last_ok, record.rtt, record.failures = identity.name, started, rtt, 0
+        if identity.key != self.table.me.identity.key:
+            self.metrics.probed(identity.name, rtt)
         news = self.table.seen(address, port, identity)
         if news == "join":
+            self.metrics.joined()
             log.info(
                 "Agent joined: {node} ({role}) at {address}:{port}",
                 node=identity.name,

@@ -96,6 +96,22 @@ class Engine:
         except ValueError as e:
             raise EngineError(f"engine sent a bad node list: {e}") from e
 
+    async def service_tasks(self, service: str) -> dict[str, tuple[str, str]]:
+        """Node ID → (state, error) of the newest task of ``service`` on each
+        node (``GET /tasks``, a manager's engine only)."""
+        query = quote(json.dumps({"service": [service]}), safe="")
+        doc = await self.get_json(f"/tasks?filters={query}")
+        newest: dict[str, tuple[str, str, str]] = {}
+        for task in doc if isinstance(doc, list) else []:
+            node = task.get("NodeID") if isinstance(task, dict) else None
+            if not isinstance(node, str) or not node:
+                continue
+            status = task.get("Status") or {}
+            when = str(status.get("Timestamp") or task.get("UpdatedAt") or "")
+            if node not in newest or when > newest[node][0]:
+                newest[node] = (when, str(status.get("State", "")), str(status.get("Err", "")))
+        return {node: (state, err) for node, (_, state, err) in newest.items()}
+
     async def service_name(self, container: str) -> str | None:
         """The swarm service a container belongs to, from its label."""
         doc = await self.get_json(f"/containers/{quote(container, safe='')}/json")

@@ -130,6 +130,10 @@ class ClusterEvents:
     def render(self, request: Request) -> Any:
         """Open every node's stream; the answer ends when they all have."""
         request.defaultContentType = None
+        metrics = self.nodes.metrics
+        metrics.stream_opened("events")
+        # Fires when the stream ends and when its client leaves.
+        request.notifyFinish().addBoth(lambda _: metrics.stream_closed("events"))
         MergedStream(self, request).start()
         return NOT_DONE_YET
 
@@ -248,6 +252,7 @@ class MergedStream:
                 log.debug("events: node {node} sent a non-event line", node=node.peer.name)
                 continue
             event, time_nano = tagged
+            self._events.nodes.metrics.relayed_bytes("events", len(event))
             self._request.write(event)
             if time_nano:
                 self._last_sent[node.peer.identity.key] = time_nano

@@ -23,6 +23,7 @@ from twisted.web.server import Request
 
 from swarmagent.clients import ENGINE_BASE, get_within, peer_url
 from swarmagent.errors import describe, write_error
+from swarmagent.metrics import Metrics, failure_reason, status_failed
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import request_headers
 from swarmagent.wire import HOP, MISSING_NODES, TARGET
@@ -88,10 +89,13 @@ class Nodes:
         clock: IReactorTime,
         timeout: float,
         credentials: Mapping[str, str] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``timeout`` bounds :meth:`get`; ``credentials`` are the headers
-        that prove this agent to the others when it asks on its own behalf."""
+        that prove this agent to the others when it asks on its own behalf;
+        ``metrics`` times each call and counts each node's failures."""
         self.table = table
+        self.metrics = metrics if metrics is not None else Metrics()
         self.clock = clock
         self._engine_client = engine_client
         self._peer_client = peer_client
@@ -130,7 +134,12 @@ class Nodes:
     def send(self, node: Peer, path: bytes, request: Request | None = None) -> Deferred[IResponse]:
         """GET ``node``'s copy, with no deadline: the answer's body is the caller's to read."""
         client, url, headers = self.copy(node, path, request)
-        return client.request(b"GET", url, headers, None)
+
+        def failed(reason: Failure) -> Failure:
+            self.metrics.node_failed(node.name, failure_reason(reason.value))
+            return reason
+
+        return client.request(b"GET", url, headers, None).addErrback(failed)
 
     def get(
         self,
@@ -147,11 +156,17 @@ class Nodes:
         """
         client, url, headers = self.copy(node, path, request)
         within = self._timeout if timeout is None else timeout
+        started = self.clock.seconds()
 
         def answered(result: tuple[int, bytes]) -> Outcome:
+            self.metrics.node_call(node.name, self.clock.seconds() - started)
+            if status_failed(result[0]):
+                self.metrics.node_failed(node.name, "http_status")
             return Answered(node, *result)
 
         def failed(reason: Failure) -> Outcome:
+            self.metrics.node_call(node.name, self.clock.seconds() - started)
+            self.metrics.node_failed(node.name, failure_reason(reason.value))
             return NodeFailed(describe(reason.value), node=node.name)
 
         call = get_within(client, url, headers, self.clock, within)

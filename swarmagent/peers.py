@@ -19,6 +19,8 @@ class NodeIdentity:
     role: str = MANAGER
     leader: bool = False
     engine_version: str = ""
+    #: The agent's version, as its identity document says (not part of what the node is).
+    agent_version: str = field(default="", compare=False)
 
     @property
     def swarm(self) -> bool:
@@ -57,6 +59,7 @@ class NodeIdentity:
             role=role,
             leader=bool(doc.get("Leader", False)),
             engine_version=str(doc.get("EngineVersion", "")),
+            agent_version=str(doc.get("AgentVersion", "")),
         )
 
 

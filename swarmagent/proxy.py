@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from swarmagent.clientgone import watch_gone
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
+from swarmagent.metrics import Metrics
 from swarmagent.peers import Peer
 from swarmagent.tunnel import hijack, wants_upgrade
 from swarmagent.wire import AGENT_HEADERS
@@ -92,15 +93,17 @@ class _BodyRelay(Protocol):
     leaves closes the upstream connection at once.
     """
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, metrics: Metrics) -> None:
         self.request = request
         self.reason: Failure | None = None
         self.done: Deferred[None] = Deferred()
+        self._metrics = metrics
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
+        self._metrics.relayed_bytes("stream", len(data))
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -115,11 +118,16 @@ class Relay:
     """Sends one client request upstream and streams the answer back."""
 
     def __init__(
-        self, client: IAgent, endpoints: IAgentEndpointFactory, cooperator: Cooperator
+        self,
+        client: IAgent,
+        endpoints: IAgentEndpointFactory,
+        cooperator: Cooperator,
+        metrics: Metrics | None = None,
     ) -> None:
         self._client = client
         self._endpoints = endpoints
         self._cooperator = cooperator
+        self._metrics = metrics if metrics is not None else Metrics()
 
     def _body(self, request: Request) -> IBodyProducer | None:
         content = request.content
@@ -135,7 +143,7 @@ class Relay:
         """Relay ``request`` to ``url``; ``unreachable`` names the upstream in errors."""
         if wants_upgrade(request):
             endpoint = self._endpoints.endpointForURI(URI.fromBytes(url))
-            hijack(request, endpoint, headers, AGENT_HEADERS, unreachable)
+            hijack(request, endpoint, headers, AGENT_HEADERS, unreachable, self._metrics)
             return
         Deferred.fromCoroutine(self._relay(request, url, headers, unreachable))
 
@@ -160,9 +168,13 @@ class Relay:
         # (the CLI's `wait?condition=next-exit` answers only its head until
         # the container exits, and `docker run` starts it only after).
         request.write(b"")
-        relay = _BodyRelay(request)
-        response.deliverBody(relay)
-        await relay.done
+        relay = _BodyRelay(request, self._metrics)
+        self._metrics.stream_opened("stream")
+        try:
+            response.deliverBody(relay)
+            await relay.done
+        finally:
+            self._metrics.stream_closed("stream")
         if gone():
             return
         reason = relay.reason

@@ -172,6 +172,8 @@ class Verdict:
     message: str = ""
     details: str = ""
     code: int = 403
+    #: Why it was refused, for the metrics (a reason of ``metrics.AUTH_REFUSALS``).
+    reason: str = ""
 
     def body(self) -> bytes:
         """The JSON error body (meaningless when accepted)."""
@@ -179,16 +181,19 @@ class Verdict:
 
 
 ACCEPTED = Verdict(True, code=200)
-MISSING = Verdict(False, "Missing request signature headers", "Unauthorized")
+MISSING = Verdict(
+    False, "Missing request signature headers", "Unauthorized", reason="no_credential"
+)
 # Portainer reads "Invalid request signature" in a snapshot error as "agent already paired
 # with another Portainer instance", so the refusals below keep that message and say in
 # ``details`` what the operator can do.
-UNAUTHORIZED = Verdict(False, "Invalid request signature", "Unauthorized")
+UNAUTHORIZED = Verdict(False, "Invalid request signature", "Unauthorized", reason="bad_signature")
 PAIRING_CLOSED = Verdict(
     False,
     "Invalid request signature",
     "Pairing is closed: no Portainer instance paired within AGENT_SECRET_TIMEOUT. "
     f"To re-open it, restart the agents or run: {REPAIR_COMMAND}",
+    reason="pairing_closed",
 )
 
 
@@ -199,12 +204,15 @@ def paired_elsewhere(der: bytes) -> Verdict:
         "Invalid request signature",
         f"This agent is paired with another Portainer instance (key {fingerprint(der)}). "
         f"To pair again, re-open pairing on every agent: {REPAIR_COMMAND}",
+        reason="other_key",
     )
 
 
 def _invalid(reason: SignatureError) -> Verdict:
     text = str(reason)
-    return Verdict(False, "Invalid request signature", text[:1].upper() + text[1:])
+    return Verdict(
+        False, "Invalid request signature", text[:1].upper() + text[1:], reason="bad_signature"
+    )
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -329,6 +337,15 @@ class Verifier:
     def associated(self) -> bool:
         """True once requests can be accepted only from someone known: paired, or a secret."""
         return self._secret or self._paired_der is not None
+
+    @property
+    def state(self) -> str:
+        """``secret``, ``paired``, ``open`` (a first key may pair) or ``closed``."""
+        if self._secret:
+            return "secret"
+        if self._paired_der is not None:
+            return "paired"
+        return "open" if self._pairing_open else "closed"
 
     def verify_request(self, request: IRequest) -> Verdict:
         """Check the signature headers of a request (header names are case-insensitive)."""

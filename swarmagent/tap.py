@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 from treq.client import HTTPClient
@@ -11,13 +12,16 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.task import Cooperator
+from twisted.logger import ILogObserver
 from twisted.names import client as dns_client
 from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
+from twisted.python.components import Componentized
 from twisted.web.client import Agent
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from swarmagent.access import RequestLog, taken_over
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
 from swarmagent.browse import BrowseResource, threaded
@@ -31,11 +35,13 @@ from swarmagent.fanout import FanOut
 from swarmagent.halfclose import HalfCloseTLSFactory
 from swarmagent.hostinfo import HostInfoResource
 from swarmagent.locate import Locator
-from swarmagent.logs import set_level
+from swarmagent.logs import json_observer, set_level
+from swarmagent.metrics import Metrics, MetricsResource
 from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
+from swarmagent.statuspage import StatusResource
 from swarmagent.tls import HTTP11Site, from_settings
 
 __all__ = ["Options", "makeService"]
@@ -45,11 +51,19 @@ IDLE_TIMEOUT = 120
 
 
 class _PoolService(MultiService):
-    """Closes the pooled connections when the agent stops."""
+    """Closes the pooled connections when the agent stops; sets twistd's log
+    observer when the agent has its own (``--log-format json``)."""
 
-    def __init__(self, pools: list[Any]) -> None:
+    def __init__(self, pools: list[Any], log_observer: ILogObserver | None = None) -> None:
         super().__init__()
         self._pools = pools
+        self._log_observer = log_observer
+
+    def setServiceParent(self, parent: Any) -> Any:
+        # twistd reads the application's ILogObserver once it holds its services.
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer)
+        return super().setServiceParent(parent)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -64,19 +78,25 @@ class LazyConsoles(Resource):
 
     isLeaf = True
 
-    def __init__(self, endpoints: EngineEndpoints, reactor: Any) -> None:
+    def __init__(self, endpoints: EngineEndpoints, reactor: Any, metrics: Metrics) -> None:
         super().__init__()
         self._endpoints = endpoints
         self._reactor = reactor
+        self._metrics = metrics
         self._resource: IResource | None = None
 
     def render(self, request: Request) -> Any:
         if self._resource is None:
             from swarmagent.websocket import ConsoleFactory, ConsoleResource
 
-            self._resource = ConsoleResource(ConsoleFactory(self._endpoints, self._reactor))
+            factory = ConsoleFactory(self._endpoints, self._reactor, metrics=self._metrics)
+            self._resource = ConsoleResource(factory)
         resource: IResource = self._resource
-        return resource.render(request)
+        result = resource.render(request)
+        if request.channel is not None and request.channel.transport is None:
+            # The WebSocket took the connection: twisted.web will not finish it.
+            taken_over(request, 101)
+        return result
 
 
 def makeService(
@@ -127,6 +147,7 @@ def makeService(
     engine_client = Agent.usingEndpointFactory(reactor, engine_endpoints, pool=engine_pool)
     peer_client = Agent.usingEndpointFactory(reactor, peer_endpoints, pool=peer_pool)
     cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    metrics = Metrics(process=True)
 
     port = options["port"]
     me = Peer(advertise, port, NodeIdentity(name=name), is_self=True)
@@ -140,6 +161,7 @@ def makeService(
         reactor,
         options["fanout-timeout"],
         credentials=probe_headers,
+        metrics=metrics,
     )
     engine = Engine(HTTPClient(engine_client), reactor, timeout=max(connect_timeout, 10.0))
     discovery = Discovery(
@@ -153,17 +175,21 @@ def makeService(
         hostname=name,
         # A worker asks a manager's agent, bounded like a probe.
         node_list=ManagerNodeList(nodes, timeout=connect_timeout),
+        metrics=metrics,
     )
+    metrics.watch_table(lambda: len(table.nodes()) - 1, lambda: len(table.agentless()))
+    metrics.watch_pairing(lambda: verifier.state)
+    authorizer = Authorizer(verifier, server_tls)
     root = AgentRoot(
         nodes,
-        Relay(engine_client, engine_endpoints, cooperator),
-        Relay(peer_client, peer_endpoints, cooperator),
+        Relay(engine_client, engine_endpoints, cooperator, metrics),
+        Relay(peer_client, peer_endpoints, cooperator, metrics),
         FanOut(nodes),
-        Authorizer(verifier, server_tls),
+        authorizer,
         Locator(nodes),
         identity_open=not agents_authenticate,
         events=ClusterEvents(nodes),
-        consoles=LazyConsoles(engine_endpoints, reactor),
+        consoles=LazyConsoles(engine_endpoints, reactor, metrics),
         browse=BrowseResource(
             engine_client,
             host_root=options["host-root"] or None,
@@ -178,6 +204,9 @@ def makeService(
             options["dockerhub-auth-url"],
             options["dockerhub-registry-url"],
         ),
+        metrics=metrics,
+        requests=RequestLog(metrics, reactor, authorizer.who, access_log=options["access-log"]),
+        status=StatusResource(discovery, options),
     )
     # The idle timeout also closes connections that never send a request.
     # Bodies are relayed or streamed to disk, never parsed into request.args:
@@ -188,10 +217,18 @@ def makeService(
     endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
     endpoint = endpoint_class(reactor, port, interface=host)
 
-    service = _PoolService([engine_pool, peer_pool])
+    observer = json_observer(sys.stdout) if options["log-format"] == "json" else None
+    service = _PoolService([engine_pool, peer_pool], observer)
     # Half-closeable TLS: a hijacked stream's end of input is a close_notify.
     https = HalfCloseTLSFactory(server_tls, False, site)
     StreamServerEndpointService(endpoint, https).setServiceParent(service)
     discovery.service(options["refresh-interval"]).setServiceParent(service)
     PairingWindow(verifier, reactor, options["secret-timeout"]).setServiceParent(service)
+    if options["metrics-port"]:
+        # For a scraper inside the cluster: plain HTTP, no credentials, /metrics only.
+        page = Resource()
+        page.putChild(b"metrics", MetricsResource(metrics))
+        plain = HTTP11Site(page, reactor=reactor, timeout=IDLE_TIMEOUT)
+        metrics_endpoint = endpoint_class(reactor, options["metrics-port"], interface=host)
+        StreamServerEndpointService(metrics_endpoint, plain).setServiceParent(service)
     return service

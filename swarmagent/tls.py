@@ -224,6 +224,16 @@ class ServerTLS:
             return None
         return conn.get_peer_certificate(as_cryptography=True)
 
+    def untrusted_client(self, request: IRequest) -> bool:
+        """Whether the client presented a certificate that did not chain to the CA."""
+        conn = getattr(getattr(request, "transport", None), "getHandle", lambda: None)()
+        if not isinstance(conn, SSL.Connection):
+            return False
+        check = self._checks.get(conn)
+        if check is None or (not check.failed and check.leaf_ok):
+            return False
+        return conn.get_peer_certificate() is not None
+
     def verified_client(self, request: IRequest) -> bool:
         """Whether the request came over a connection with a CA-verified client certificate."""
         return self.verified_peer(request) is not None
@@ -237,7 +247,20 @@ class HTTP11Site(Site):
     protocols (h2 too, with the h2 package installed) on :class:`ServerTLS`'s context at each
     connection, which pyOpenSSL 26.2 and later refuse (a used context is immutable). Hijacked
     streams and upgrades need HTTP/1.1 anyway.
+
+    twisted.web's access log is off (it wrote a line per request to twistd's
+    log whatever LOG_LEVEL said, and re-dated its lines every second): the
+    agent writes its own (``swarmagent.access``).
     """
+
+    def startFactory(self) -> None:
+        pass
+
+    def stopFactory(self) -> None:
+        pass
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 @implementer(IOpenSSLClientConnectionCreator, IPolicyForHTTPS)

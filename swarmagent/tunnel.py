@@ -10,6 +10,7 @@ and splices the two.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
@@ -20,8 +21,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from swarmagent.access import taken_over
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
+from swarmagent.metrics import Metrics
 from swarmagent.upgrade import Answer, UpgradeClient, upgrade_request
 
 log = logger(__name__)
@@ -57,7 +60,11 @@ class Tunnel:
     """Two connections spliced: the client's, taken from twisted.web, and the upstream's."""
 
     def __init__(
-        self, client: Any, request: bytes, extra_headers: tuple[tuple[bytes, bytes], ...]
+        self,
+        client: Any,
+        request: bytes,
+        extra_headers: tuple[tuple[bytes, bytes], ...],
+        metrics: Metrics | None = None,
     ) -> None:
         self.client = client
         self.request = request
@@ -66,9 +73,22 @@ class Tunnel:
         self._early: list[bytes] = []
         self._client_eof = False
         self.closed = False
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.stream_opened("tunnel")
+        self._counted = True
+        #: Told the status the client got (0: none), once the upstream answers or fails.
+        self.answered: Callable[[int], object] = lambda code: None
+
+    def ended(self) -> None:
+        """One side closed: the tunnel no longer counts as open."""
+        if self._counted:
+            self._counted = False
+            self.metrics.stream_closed("tunnel")
+            self.answered(0)
 
     # client side
     def from_client(self, data: bytes) -> None:
+        self.metrics.relayed_bytes("tunnel", len(data))
         if self.upstream is None:
             self._early.append(data)
         else:
@@ -81,6 +101,7 @@ class Tunnel:
 
     def client_gone(self) -> None:
         self.closed = True
+        self.ended()
         if self.upstream is not None:
             self.upstream.loseConnection()
 
@@ -100,12 +121,15 @@ class Tunnel:
     def upstream_answered(self, answer: Answer) -> None:
         """Pass the upstream's answer head on, whatever its status, marked as the agent's."""
         line, _, rest = answer.raw.partition(b"\r\n")
+        status = line.split(b" ", 2)[1:2]
+        self.answered(int(status[0]) if status and status[0].isdigit() else 0)
         marks = b"".join(n + b": " + v + b"\r\n" for n, v in self._extra)
         self.client.write(line + b"\r\n" + marks + rest)
 
     def upstream_failed(self, reason: Failure, what: str) -> None:
         log.warn("{what}: {why}", what=what, why=reason.getErrorMessage())
         body = error_body(what, reason.getErrorMessage())
+        self.answered(502)
         self.client.write(error_response(502, b"Bad Gateway", body, self._extra))
         self.client.loseConnection()
 
@@ -147,6 +171,7 @@ class _UpstreamSide(UpgradeClient):
         self.tunnel.upstream_answered(answer)
 
     def streamReceived(self, data: bytes) -> None:
+        self.tunnel.metrics.relayed_bytes("tunnel", len(data))
         self.tunnel.client.write(data)
 
     def readConnectionLost(self) -> None:
@@ -160,6 +185,7 @@ class _UpstreamSide(UpgradeClient):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Also when no usable answer head came: the client gets none either.
         super().connectionLost(reason)
+        self.tunnel.ended()
         self.tunnel.client.loseConnection()
 
 
@@ -196,6 +222,7 @@ def hijack(
     headers: Headers,
     extra_headers: tuple[tuple[bytes, bytes], ...],
     what: str,
+    metrics: Metrics | None = None,
 ) -> Any:
     """Serve an upgrade request by splicing the client to ``endpoint``."""
     content = request.content
@@ -205,7 +232,8 @@ def hijack(
         body = content.read()
     fields = [(name, v) for name, values in headers.getAllRawHeaders() for v in values]
     sent = upgrade_request(request.method, request.uri, fields, _upgrade(request) or b"tcp", body)
-    tunnel = take_over(request, lambda transport: Tunnel(transport, sent, extra_headers))
+    tunnel = take_over(request, lambda transport: Tunnel(transport, sent, extra_headers, metrics))
+    tunnel.answered = lambda code: taken_over(request, code)
     factory = Factory.forProtocol(lambda: _UpstreamSide(tunnel))
     factory.noisy = False
     d = endpoint.connect(factory)

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from swarmagent.errors import describe, error_body, write_error
 from swarmagent.logs import logger
+from swarmagent.metrics import Metrics
 from swarmagent.routing import strip_version
 from swarmagent.tunnel import error_response
 from swarmagent.upgrade import MAX_HEAD, Answer, UpgradeClient, upgrade_request
@@ -174,6 +175,8 @@ class ConsoleProtocol(WebSocketServerProtocol):
         self._early: list[bytes] = []
         self._engine_done = False
         self._refusal: bytes | None = None
+        # Whether this console counts as open in the metrics.
+        self._counted = False
 
     # -- handshake ------------------------------------------------------------
 
@@ -224,6 +227,8 @@ class ConsoleProtocol(WebSocketServerProtocol):
         self._close_engine()
 
     def onOpen(self) -> None:
+        self.factory.metrics.stream_opened("console")
+        self._counted = True
         transport = self._engine_transport()
         client = self._client()
         # Each side is the other's producer: a slow reader pauses the writer.
@@ -240,6 +245,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
     # -- relay ----------------------------------------------------------------
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.metrics.relayed_bytes("console", len(payload))
         if self._engine is not None and self._engine.transport is not None:
             self._engine.transport.write(payload)
 
@@ -247,6 +253,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             self._early.append(data)
             return
+        self.factory.metrics.relayed_bytes("console", len(data))
         for payload, binary in self._utf8.feed(data):
             self.sendMessage(payload, isBinary=binary)
 
@@ -265,6 +272,9 @@ class ConsoleProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        if self._counted:
+            self._counted = False
+            self.factory.metrics.stream_closed("console")
         self._close_engine()
 
     def _close_engine(self) -> None:
@@ -335,9 +345,11 @@ class ConsoleFactory(WebSocketServerFactory):
         max_message: int = MAX_MESSAGE,
         ping_interval: float = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(server=None, reactor=reactor)
         self.engine_endpoints = engine_endpoints
+        self.metrics = metrics if metrics is not None else Metrics()
         self.setProtocolOptions(
             maxFramePayloadSize=max_message,
             maxMessagePayloadSize=max_message,

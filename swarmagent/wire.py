@@ -22,6 +22,9 @@ MISSING_NODES = b"X-SwarmAgent-Missing-Nodes"
 
 # The agent-to-agent identity document.
 IDENTITY_PATH = b"/swarmagent/identity"
+# The operator's status document, and the Prometheus metrics.
+STATUS_PATH = b"/swarmagent/status"
+METRICS_PATH = b"/metrics"
 
 # Portainer's console routes, and what each attaches to.
 CONSOLE_PATHS = {

@@ -25,7 +25,7 @@ from swarmagent.config import EngineAddress
 from swarmagent.fanout import FanOut
 from swarmagent.locate import Locator
 from swarmagent.nodes import Nodes
-from swarmagent.peers import PeerTable
+from swarmagent.peers import NodeIdentity, PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import Signer, Verifier
 from swarmagent.tap import IDLE_TIMEOUT
@@ -197,8 +197,11 @@ class OwnRoutesTests(AgentCase):
         self.assertEqual(self.get("/agents").json(), before)
 
     def test_identity(self) -> None:
+        """The node's identity document, with the agent's version, which the
+        other agents read back."""
         response = self.get("/swarmagent/identity")
-        self.assertEqual(response.json(), manager("a").to_json())
+        self.assertEqual(response.json(), {**manager("a").to_json(), "AgentVersion": __version__})
+        self.assertEqual(NodeIdentity.from_json(response.json()).agent_version, __version__)
 
     def test_own_routes_answer_get_only(self) -> None:
         response = self.request("POST", "/ping").response()

@@ -1,0 +1,140 @@
+"""Each request, once it ends: its metrics and its access log line.
+
+``AgentRoot`` opens a :class:`Served` record when a request arrives and says
+how it was routed (:func:`mark`); the record closes when the answer's last
+byte is written, when the client leaves, or when the connection is taken
+over for a tunnel or console (:func:`taken_over`). The log line holds the
+method, the path without its query, the route, the node(s), the status, the
+bytes, the duration, the client's identity and the missing nodes: never a
+header value, a query or a body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import LogLevel
+from twisted.web.server import Request
+from zope.interface import Interface
+
+from swarmagent.logs import logger, shows
+from swarmagent.metrics import Metrics
+from swarmagent.wire import MISSING_NODES
+
+#: The access log's namespace (filtered by LOG_LEVEL like every other: its lines are INFO).
+NAMESPACE = "swarmagent.access"
+
+log = logger(NAMESPACE)
+
+
+class IServed(Interface):
+    """The :class:`Served` record of a request (a component of it)."""
+
+
+@dataclass
+class Served:
+    """What the agent did with one request."""
+
+    started: float
+    route: str = "own"
+    nodes: tuple[str, ...] = ()
+    #: Where the record is closed (no reference back to the request: no cycle).
+    log: RequestLog | None = field(default=None, repr=False)
+    ended: bool = field(default=False, repr=False)
+
+
+class RequestLog:
+    """Closes each request's record into the metrics and, if on, the access log."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        clock: IReactorTime,
+        who: Callable[[Request], str],
+        access_log: bool = True,
+    ) -> None:
+        """``who`` names a request's client (certificate subject, key fingerprint)."""
+        self._metrics = metrics
+        self._clock = clock
+        self._who = who
+        self._access_log = access_log
+
+    def start(self, request: Request) -> Served:
+        """Open ``request``'s record; it closes itself when the request ends."""
+        served = Served(self._clock.seconds(), log=self)
+        request.setComponent(IServed, served)
+        request.notifyFinish().addBoth(self._finished, request, served)
+        return served
+
+    def _finished(self, result: Any, request: Request, served: Served) -> None:
+        # A client that left before the status line went out got none.
+        code = request.code if request.startedWriting else 0
+        self.end(request, served, code, request.sentLength)
+
+    def end(self, request: Request, served: Served, code: int, sent: int) -> None:
+        """Close ``served`` once (later calls do nothing)."""
+        if served.ended:
+            return
+        served.ended = True
+        seconds = self._clock.seconds() - served.started
+        self._metrics.request_done(served.route, code, seconds)
+        if self._access_log and shows(NAMESPACE, LogLevel.info):
+            self._write(request, served, code, sent, seconds)
+
+    def _write(
+        self, request: Request, served: Served, code: int, sent: int, seconds: float
+    ) -> None:
+        missing = request.responseHeaders.getRawHeaders(MISSING_NODES, [b""])[0]
+        method = request.method.decode("latin-1")
+        # request.path never holds the query.
+        path = request.path.decode("latin-1")
+        nodes = ",".join(served.nodes) or "-"
+        client = self._who(request)
+        missed = missing.decode("utf-8", "replace") or "-"
+        ms = round(seconds * 1000, 1)
+        # The line is made here, once: twisted.logger's own formatting of a
+        # many-field format string costs more than the rest of the request.
+        # The fields are in the event too, for --log-format json.
+        line = (
+            f"{method} {path} {served.route} nodes={nodes} {code} {sent}B {ms}ms "
+            f"client={client} missing={missed}"
+        )
+        log.info(
+            "{line}",
+            line=line,
+            method=method,
+            path=path,
+            route=served.route,
+            nodes=nodes,
+            status=code,
+            bytes=sent,
+            ms=ms,
+            client=client,
+            missing=missed,
+        )
+
+
+def served_of(request: Any) -> Served | None:
+    """``request``'s record, if it has one."""
+    getter = getattr(request, "getComponent", None)
+    return getter(IServed) if getter is not None else None
+
+
+def mark(request: Request, route: str, nodes: tuple[str, ...] = ()) -> None:
+    """Say how ``request`` is served (a route of ``metrics.ROUTES``) and by which node(s)."""
+    served = served_of(request)
+    if served is not None:
+        served.route = route
+        if nodes:
+            served.nodes = nodes
+
+
+def taken_over(request: Request, code: int) -> None:
+    """``request``'s connection has left twisted.web (a tunnel, a console),
+    which will not finish it: close its record now, with the status ``code``."""
+    served = served_of(request)
+    if served is not None and served.log is not None:
+        served.log.end(request, served, code, 0)
