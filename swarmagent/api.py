@@ -14,11 +14,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 from twisted.web.util import DeferredResource
 
 from swarmagent.auth import OPEN_PATHS, Authorizer
+from swarmagent.broadcaster import Broadcaster
 from swarmagent.browse import parse_browse_path, volume_of
 from swarmagent.clientgone import watch_gone
+from swarmagent.diskusage import ClusterDiskUsage
 from swarmagent.errors import ErrorResource, error_body
 from swarmagent.events import ClusterEvents
-from swarmagent.fanout import FanOut
+from swarmagent.fanout import FanOut, Selection
 from swarmagent.locate import Locator
 from swarmagent.logs import logger
 from swarmagent.nodes import Nodes, name_missing
@@ -26,6 +28,9 @@ from swarmagent.proxy import EngineProxy, PeerProxy, Relay
 from swarmagent.routing import (
     AmbiguousNode,
     AmbiguousObject,
+    BadBroadcast,
+    Broadcast,
+    ClusterDF,
     ClusterList,
     Forward,
     Local,
@@ -104,6 +109,8 @@ class AgentRoot(Resource):
         fanout: FanOut,
         authorizer: Authorizer,
         locator: Locator,
+        broadcaster: Broadcaster,
+        disk_usage: ClusterDiskUsage,
         identity_open: bool = False,
         events: ClusterEvents | None = None,
         consoles: IResource | None = None,
@@ -126,6 +133,8 @@ class AgentRoot(Resource):
         self._engine_proxy = EngineProxy(engine_relay, nodes)
         self._peer_relay = peer_relay
         self._fanout = fanout
+        self._broadcaster = broadcaster
+        self._disk_usage = disk_usage
         ping = _Leaf(self._ping)
         agents = _Leaf(self._agents)
         self._own: dict[bytes, IResource] = {
@@ -186,6 +195,7 @@ class AgentRoot(Resource):
             self._table,
             about=about,
             for_manager=creates_swarm_network(method, strip_version(path), _body(request)),
+            query=request.uri.partition(b"?")[2].decode("latin-1"),
         )
         return self._serve(decision, request, local)
 
@@ -200,8 +210,14 @@ class AgentRoot(Resource):
                 return PeerProxy(self._peer_relay, self._nodes, peer)
             case Locate(kind, ident):
                 return DeferredResource(self._locate(request, kind, ident, local))
-            case ClusterList(kind):
-                return self._fanout.resource(kind)
+            case ClusterList(kind, nodes, absent, query):
+                return self._fanout.resource(kind, Selection(nodes, absent, query))
+            case ClusterDF():
+                return self._disk_usage.resource()
+            case Broadcast(operation, nodes, absent):
+                return self._broadcaster.resource(operation, nodes, absent)
+            case BadBroadcast(why):
+                return ErrorResource(400, "This request cannot be broadcast", why)
             case MergedEvents():
                 return self._events.resource() if self._events else self._engine_proxy
             case NotFound(body, missing):

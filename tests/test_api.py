@@ -20,8 +20,10 @@ from zope.interface import implementer
 from swarmagent import __version__
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
+from swarmagent.broadcaster import Broadcaster
 from swarmagent.clients import EngineEndpoints
 from swarmagent.config import EngineAddress
+from swarmagent.diskusage import ClusterDiskUsage
 from swarmagent.fanout import FanOut
 from swarmagent.locate import Locator
 from swarmagent.nodes import Nodes
@@ -125,6 +127,8 @@ class AgentCase(SynchronousTestCase):
             FanOut(lists),
             Authorizer(Verifier(secret=SECRET), None),
             Locator(node_calls),
+            Broadcaster(lists, cooperator),
+            ClusterDiskUsage(lists),
             **self.agent_routes(),
         )
         self.site = make_site(root, self.clock)
