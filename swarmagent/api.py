@@ -242,7 +242,9 @@ class AgentRoot(Resource):
             case UnknownNode(target, known):
                 return ErrorResource(
                     404,
-                    f"No agent known for node {target!r}",
+                    # The docker CLI shows only the message.
+                    f"No agent known for node {target!r}; known nodes: "
+                    + (", ".join(known) or "none"),
                     "Known nodes: " + (", ".join(known) or "none"),
                 )
             case AmbiguousNode(target, node_ids):

@@ -234,8 +234,10 @@ def route(
     target = headers.get(TARGET, "").strip()
     targets_me = target in ("", me.name, me.identity.node_id)
 
-    # A forwarded copy never broadcasts again (the copies do not carry the header).
-    if BROADCAST in headers and not forwarded:
+    # A forwarded copy never broadcasts again (the copies do not carry the
+    # header). The docker CLI pings before every command, with its config's
+    # headers: that is answered as usual.
+    if BROADCAST in headers and not forwarded and bare != "/_ping":
         return _broadcast(method, bare, headers[BROADCAST], table)
 
     if not me.identity.swarm:

@@ -260,7 +260,10 @@ class ErrorTests(AgentCase):
     def test_unknown_target(self) -> None:
         response = self.get("/containers/x/json", [("X-PortainerAgent-Target", "zz")])
         self.assertError(
-            response, 404, "No agent known for node 'zz'", "Known nodes: a, b, c, dup, dup"
+            response,
+            404,
+            "No agent known for node 'zz'; known nodes: a, b, c, dup, dup",
+            "Known nodes: a, b, c, dup, dup",
         )
 
     def test_ambiguous_target(self) -> None:

@@ -661,6 +661,11 @@ class BroadcastTests(SynchronousTestCase):
         )
         self.assertIsInstance(broadcast(table, "POST", "/build", "all"), BadBroadcast)
 
+    def test_the_clis_ping_is_answered(self) -> None:
+        for method in ("HEAD", "GET"):
+            with self.subTest(method=method):
+                self.assertEqual(broadcast(cluster(), method, "/_ping", "all"), Local())
+
     def test_a_forwarded_copy_is_not_broadcast_again(self) -> None:
         self.assertEqual(
             broadcast(cluster(), "POST", "/images/load", "all", target="a", hop="id-b"), Local()
