@@ -127,7 +127,7 @@ class AgentCase(SynchronousTestCase):
             FanOut(lists),
             Authorizer(Verifier(secret=SECRET), None),
             Locator(node_calls),
-            Broadcaster(lists, cooperator),
+            Broadcaster(node_calls, cooperator),
             ClusterDiskUsage(lists),
             **self.agent_routes(),
         )
@@ -246,6 +246,48 @@ class DockerRoutesTests(AgentCase):
             [("a1", "a"), ("x2", "b"), ("x3", "c"), ("x4", "dup"), ("x5", "dup")],
         )
         self.assertEqual(self.own_list.seen[0].uri, b"/v1.41/containers/json?all=1")
+
+    def test_node_filter(self) -> None:
+        """The agent takes the ``node`` filter: only c is asked, without it."""
+        response = self.get(
+            "/v1.41/containers/json?all=1&filters=%7B%22node%22%3A%7B%22c%22%3Atrue%7D%7D"
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            [(i["Id"], i["Labels"]["swarmagent.node"]) for i in response.json()], [("x3", "c")]
+        )
+        self.assertEqual(self.own_list.seen, [])
+
+    def test_node_filter_unknown_node(self) -> None:
+        response = self.get("/images/json?filters=%7B%22node%22%3A%5B%22zz%22%5D%7D")
+        self.assertError(
+            response,
+            404,
+            "No agent known for node 'zz'; known nodes: a, b, c, dup, dup",
+            "Known nodes: a, b, c, dup, dup",
+        )
+
+    def test_broadcast_refused(self) -> None:
+        response = self.get("/containers/json", [("X-SwarmAgent-Broadcast", "all")])
+        self.assertError(
+            response,
+            400,
+            "This request cannot be broadcast",
+            "GET /containers/json cannot be sent to several nodes: only image load, pull "
+            "(or import), tag and the prunes can",
+        )
+
+    def test_broadcast(self) -> None:
+        client = self.request("POST", "/v1.41/images/prune", [("X-SwarmAgent-Broadcast", "c")])
+        self.assertEqual(self.engine.calls, [])
+        [call] = self.peers.calls
+        self.assertEqual(call.url, b"https://10.0.0.3:9001/v1.41/images/prune")
+        answer = call.respond(200, {b"content-type": [b"application/json"]})
+        answer.deliver(b'{"ImagesDeleted":null,"SpaceReclaimed":0}')
+        answer.end()
+        response = client.response()
+        self.assertEqual(response.json(), {"ImagesDeleted": None, "SpaceReclaimed": 0})
+        self.assertAgentHeaders(response)
 
     def test_engine_unreachable(self) -> None:
         client = self.request("GET", "/version")
