@@ -42,7 +42,7 @@ from swarmagent.nodes import (
     name_missing,
 )
 from swarmagent.peers import Peer
-from swarmagent.progress import MergedProgress, refusal
+from swarmagent.progress import MergedProgress, failed_on, refusal
 
 log = logger(__name__)
 
@@ -166,7 +166,7 @@ class Broadcaster:
                 why=failure.why,
             )
         if not done:
-            answer_all_failed(request, failures, f"No node could {operation.name}")
+            answer_all_failed(request, failures, f"{operation.name} {failed_on(failures)}")
             return
         if operation is TAG:
             _answer_tag(request, done, failures)

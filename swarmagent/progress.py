@@ -81,9 +81,14 @@ def failure_line(failure: NodeFailed) -> bytes:
     return _encode(tag([doc], failure.node)[0])
 
 
+def failed_on(failures: Sequence[NodeFailed]) -> str:
+    """``failed on node3: why; node4: why``."""
+    return "failed on " + "; ".join(f"{f.node}: {f.why}" for f in failures)
+
+
 def final_error(failures: Sequence[NodeFailed]) -> bytes:
     """The last line when nodes failed: an error line the docker CLI reports."""
-    message = "failed on " + "; ".join(f"{f.node}: {f.why}" for f in failures)
+    message = failed_on(failures)
     return _encode({"errorDetail": {"message": message}, "error": message})
 
 
@@ -229,7 +234,9 @@ class MergedProgress:
         self._done = True
         request = self._request
         if not self._head_sent:
-            answer_all_failed(request, self._failures, "No node could do it")
+            # The docker CLI shows the message only: it names every node.
+            message = failed_on(self._failures)
+            answer_all_failed(request, self._failures, message[:1].upper() + message[1:])
             return
         if self._failures:
             request.write(final_error(self._failures))

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tests.lab import DOCKER_CLI, IMAGE, Lab, Node, sdk_client
+from tests.lab import DOCKER_CLI, IMAGE, Lab, Node, sdk_client, wait_until
 from tests.labcase import LabTestCase, explain
 from tests.test_parity_cluster import rss_kib
 
@@ -223,7 +223,7 @@ class ClusterCLITests(LabTestCase):
     def forget(self, tag: str) -> None:
         def remove(client: Any) -> None:
             if any(tag in i.tags for i in client.images.list()):
-                client.images.remove(tag)
+                client.images.remove(tag, force=True)
 
         self.each_engine(remove)
 
@@ -337,6 +337,52 @@ class ClusterCLITests(LabTestCase):
                 )
                 self.assertEqual(left, {n: [] for n in NODES})
                 self.assertIn("Total reclaimed space", out)
+
+    @explain
+    def test_loaded_image_deploys_everywhere(self) -> None:
+        """A stack whose image was loaded this way (no registry) runs a task
+        on every node with ``--resolve-image never``."""
+        folder = Path(tempfile.mkdtemp(prefix="stack-"))
+        self.addCleanup(shutil.rmtree, folder, True)
+        tag = "salab/app:1"
+        self.addCleanup(self.forget, tag)
+        tarball = self.save_as(tag, folder)
+        self.ok(self.cli(CLIS[-1], "load", "-i", str(tarball), headers={BROADCAST: "all"}))
+        (folder / "stack.yml").write_text(
+            f'version: "3.8"\nservices:\n  app:\n    image: {tag}\n'
+            '    command: ["sleep", "3600"]\n    deploy:\n      mode: global\n'
+        )
+        self.addCleanup(self.cli, CLIS[-1], "stack", "rm", "loaded")
+        self.ok(
+            self.cli(
+                CLIS[-1], "stack", "deploy", "-c", str(folder / "stack.yml"),
+                "--resolve-image", "never", "--detach=true", "loaded", via="node2",
+            )
+        )  # fmt: skip
+
+        def running() -> set[str]:
+            client = engine(self.node("node1"))
+            try:
+                names = {n.id: n.attrs["Description"]["Hostname"] for n in client.nodes.list()}
+                service = client.services.get("loaded_app")
+                return {
+                    names[t["NodeID"]] for t in service.tasks() if t["Status"]["State"] == "running"
+                }
+            finally:
+                client.close()
+
+        wait_until(lambda: running() == set(NODES), 60, 0.5, "a running task on every node")
+        self.ok(self.cli(CLIS[-1], "stack", "rm", "loaded"))
+
+    @explain
+    def test_pull_failing_everywhere(self) -> None:
+        """No registry in the lab: every node's failure is named and the CLI fails."""
+        for cli in CLIS:
+            with self.subTest(cli=cli):
+                r = self.cli(cli, "pull", "salab/nowhere:1", headers={BROADCAST: "all"})
+                self.assertNotEqual(r.returncode, 0, r.stdout)
+                for node in NODES:
+                    self.assertIn(f"{node}: ", r.stdout + r.stderr)
 
     @explain
     def test_tag_everywhere(self) -> None:
