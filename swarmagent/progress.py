@@ -31,6 +31,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from swarmagent.clientgone import watch_gone
+from swarmagent.errors import describe
 from swarmagent.events import MAX_ERROR_BODY, MAX_LINE, Discard, LineSplitter
 from swarmagent.logs import logger
 from swarmagent.nodes import NodeFailed, Nodes, answer_all_failed, tag
@@ -170,7 +171,7 @@ class MergedProgress:
     def _unreachable(self, reason: Failure, node: _Node) -> None:
         node.pending = None
         if not self._done:
-            self.node_failed(node, NodeFailed(reason.getErrorMessage(), node=node.peer.name))
+            self.node_failed(node, NodeFailed(describe(reason.value), node=node.peer.name))
 
     def node_failed(self, node: _Node, failure: NodeFailed) -> None:
         node.ended = True
@@ -209,7 +210,7 @@ class MergedProgress:
 
     def node_ended(self, node: _Node, reason: Failure) -> None:
         if not node.ended and not reason.check(ResponseDone, PotentialDataLoss):
-            why = f"stream broken: {reason.getErrorMessage()}"
+            why = f"stream broken: {describe(reason.value)}"
             self.node_failed(node, NodeFailed(why, node=node.peer.name))
             return
         node.ended = True

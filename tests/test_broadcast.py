@@ -11,10 +11,12 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Cooperator
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
 
 from swarmagent.broadcast import LOAD, PRUNE, PULL, TAG, Operation, operation, parse_broadcast
 from swarmagent.broadcaster import Broadcaster, SpooledReader
@@ -314,6 +316,18 @@ class ProgressTests(BroadcastCase):
         self.assertEqual([d.get("status") for d in lines[1:3]], ["done a", "done b"])
         self.assertEqual(set(lines[-1]), {"errorDetail", "error"})
         self.assertTrue(lines[-1]["error"].startswith("failed on c: Connection was refused"))
+
+    def test_a_wrapped_failure_said_plainly(self) -> None:
+        """twisted.web's client wraps why a request failed; the reason shown is inside."""
+        client, calls = self.start()
+        lost = Failure(ConnectionLost("link cut"))
+        calls["c"].result.errback(ResponseNeverReceived([lost]))
+        for name in ("a", "b"):
+            calls[name].respond(200, JSON).end()
+        lines = self.lines(client.response())
+        why = "Connection to the other side was lost in a non-clean fashion: link cut."
+        self.assertEqual(lines[0]["status"], f"failed: {why}")
+        self.assertEqual(lines[-1]["error"], f"failed on c: {why}")
 
     def test_a_nodes_own_error_line(self) -> None:
         client, calls = self.start()
