@@ -217,7 +217,12 @@ class AgentRoot(Resource):
             case Broadcast(operation, nodes, absent):
                 return self._broadcaster.resource(operation, nodes, absent)
             case BadBroadcast(why):
-                return ErrorResource(400, "This request cannot be broadcast", why)
+                # The docker CLI shows the message only.
+                return ErrorResource(
+                    400,
+                    f"This request cannot be broadcast: {why}",
+                    "Drop the X-SwarmAgent-Broadcast header (the CLI's config.json HttpHeaders)",
+                )
             case MergedEvents():
                 return self._events.resource() if self._events else self._engine_proxy
             case NotFound(body, missing):

@@ -272,9 +272,9 @@ class DockerRoutesTests(AgentCase):
         self.assertError(
             response,
             400,
-            "This request cannot be broadcast",
-            "GET /containers/json cannot be sent to several nodes: only image load, pull "
-            "(or import), tag and the prunes can",
+            "This request cannot be broadcast: GET /containers/json cannot be sent to several "
+            "nodes: only image load, pull (or import), tag and the prunes can",
+            "Drop the X-SwarmAgent-Broadcast header (the CLI's config.json HttpHeaders)",
         )
 
     def test_broadcast(self) -> None:
