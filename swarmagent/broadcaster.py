@@ -65,15 +65,17 @@ class SpooledReader:
             self._fd: int | None = content.fileno()
         except (OSError, io.UnsupportedOperation):
             self._fd = None
+        #: The whole body's length in bytes.
+        self.size: int
         if self._fd is not None:
             content.flush()
-            self._size = os.fstat(self._fd).st_size
+            self.size = os.fstat(self._fd).st_size
         else:
-            self._size = content.seek(0, os.SEEK_END)
+            self.size = content.seek(0, os.SEEK_END)
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
-            size = self._size - self._pos
+            size = self.size - self._pos
         if self._fd is not None:
             data = os.pread(self._fd, size, self._pos)
         else:
@@ -83,7 +85,7 @@ class SpooledReader:
         return data
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self.size}[whence]
         self._pos = base + offset
         return self._pos
 
@@ -99,8 +101,7 @@ def body_copies(request: Request, cooperator: Cooperator) -> Callable[[], IBodyP
     content = request.content
     if content is None:
         return lambda: None
-    size = SpooledReader(content).seek(0, os.SEEK_END)
-    if size == 0:
+    if SpooledReader(content).size == 0:
         return lambda: None
 
     def copy() -> IBodyProducer:

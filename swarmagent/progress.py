@@ -34,7 +34,7 @@ from swarmagent.clientgone import watch_gone
 from swarmagent.errors import describe
 from swarmagent.events import MAX_ERROR_BODY, MAX_LINE, Discard, LineSplitter
 from swarmagent.logs import logger
-from swarmagent.nodes import NodeFailed, Nodes, answer_all_failed, tag
+from swarmagent.nodes import NO_AGENT, NodeFailed, Nodes, answer_all_failed, tag
 from swarmagent.peers import Peer
 
 log = logger(__name__)
@@ -137,7 +137,7 @@ class MergedProgress:
         self._body = body
         self._max_line = max_line
         self._streams: list[_Node] = []
-        self._failures = [NodeFailed("no agent reachable", node=name) for name in absent]
+        self._failures = [NodeFailed(NO_AGENT, node=name) for name in absent]
         self._paused = False
         self._head_sent = False
         self._done = False
