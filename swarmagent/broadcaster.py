@@ -18,8 +18,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import weakref
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Cooperator
@@ -51,36 +52,30 @@ READ_SIZE = 64 * 1024
 
 
 class SpooledReader:
-    """One reader of a spooled request body, at its own offset.
+    """One node's reader of a spooled request body: a file-like object for
+    ``FileBodyProducer``.
 
-    A file-like object for ``FileBodyProducer``: positional reads leave the
-    shared file's own offset alone, and closing it leaves the file open (the
-    request owns it).
+    It reads through its own duplicate of the spool file's descriptor, with
+    positional reads: the shared offset is left alone, and the file stays
+    readable until every reader is done with it, even once the request has
+    finished and twisted.web has closed its own handle (a node may answer
+    before it has read the whole body). Closing it (at the end of the body,
+    or when its producer is stopped) closes only its own descriptor; one that
+    is never started is closed when it is collected.
     """
 
-    def __init__(self, content: IO[bytes]) -> None:
-        self._content = content
-        self._pos = 0
-        try:
-            self._fd: int | None = content.fileno()
-        except (OSError, io.UnsupportedOperation):
-            self._fd = None
+    def __init__(self, fd: int) -> None:
+        own = os.dup(fd)
+        self._fd = own
+        self._close = weakref.finalize(self, os.close, own)
         #: The whole body's length in bytes.
-        self.size: int
-        if self._fd is not None:
-            content.flush()
-            self.size = os.fstat(self._fd).st_size
-        else:
-            self.size = content.seek(0, os.SEEK_END)
+        self.size = os.fstat(own).st_size
+        self._pos = 0
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
             size = self.size - self._pos
-        if self._fd is not None:
-            data = os.pread(self._fd, size, self._pos)
-        else:
-            self._content.seek(self._pos)
-            data = self._content.read(size)
+        data = os.pread(self._fd, size, self._pos)
         self._pos += len(data)
         return data
 
@@ -93,21 +88,32 @@ class SpooledReader:
         return self._pos
 
     def close(self) -> None:
-        """Nothing: the request's file outlives each node's reading of it."""
+        self._close()
 
 
 def body_copies(request: Request, cooperator: Cooperator) -> Callable[[], IBodyProducer | None]:
-    """A maker of body producers, one per node, each reading the spooled body anew."""
+    """A maker of body producers, one per node, each reading the body anew.
+
+    twisted.web keeps a small body in memory (under 100 kB): each copy then
+    reads the same bytes; a larger one is a temporary file, which each copy
+    reads with its own :class:`SpooledReader`.
+    """
     content = request.content
     if content is None:
         return lambda: None
-    if SpooledReader(content).size == 0:
+    try:
+        fd = content.fileno()
+    except (OSError, io.UnsupportedOperation):
+        content.seek(0)
+        data = content.read()
+        content.seek(0)
+        if not data:
+            return lambda: None
+        return lambda: FileBodyProducer(io.BytesIO(data), cooperator, READ_SIZE)
+    content.flush()
+    if os.fstat(fd).st_size == 0:
         return lambda: None
-
-    def copy() -> IBodyProducer:
-        return FileBodyProducer(SpooledReader(content), cooperator=cooperator, readSize=READ_SIZE)
-
-    return copy
+    return lambda: FileBodyProducer(SpooledReader(fd), cooperator, READ_SIZE)
 
 
 class Broadcaster:

@@ -179,13 +179,19 @@ class AddUpTests(SynchronousTestCase):
 
 
 class SpooledReaderTests(SynchronousTestCase):
-    def test_readers_of_a_file_each_at_their_own_offset(self) -> None:
+    def spool(self, data: bytes) -> Any:
         content = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the cleanup)
         self.addCleanup(content.close)
-        data = os.urandom(300_000)
         content.write(data)
         content.seek(17)
-        one, two = SpooledReader(content), SpooledReader(content)
+        return content
+
+    def test_readers_of_a_file_each_at_their_own_offset(self) -> None:
+        data = os.urandom(300_000)
+        content = self.spool(data)
+        one, two = SpooledReader(content.fileno()), SpooledReader(content.fileno())
+        self.addCleanup(one.close)
+        self.addCleanup(two.close)
         self.assertEqual(one.read(1000), data[:1000])
         self.assertEqual(two.read(10), data[:10])
         self.assertEqual(one.read(), data[1000:])
@@ -194,15 +200,27 @@ class SpooledReaderTests(SynchronousTestCase):
         self.assertEqual(two.seek(5), 5)
         self.assertEqual(two.read(5), data[5:10])
         one.close()
-        self.assertFalse(content.closed)
+        self.assertEqual(two.read(5), data[10:15])
         self.assertEqual(content.tell(), 17)
 
-    def test_in_memory_body(self) -> None:
-        from io import BytesIO
+    def test_readable_after_the_request_closed_its_file(self) -> None:
+        """A node may answer before it has read the body: the request can
+        finish, and twisted.web close its file, while another still reads."""
+        data = os.urandom(200_000)
+        content = self.spool(data)
+        reader = SpooledReader(content.fileno())
+        self.addCleanup(reader.close)
+        content.close()
+        self.assertEqual(reader.read(), data)
 
-        content = BytesIO(b"0123456789")
-        one, two = SpooledReader(content), SpooledReader(content)
-        self.assertEqual((one.read(4), two.read(2), one.read(100)), (b"0123", b"01", b"456789"))
+    def test_own_descriptor_closed(self) -> None:
+        content = self.spool(b"x" * 10)
+        reader = SpooledReader(content.fileno())
+        reader.close()
+        reader.close()  # a producer stopped after its end closes it again
+        self.assertRaises(OSError, reader.read, 1)
+        content.seek(0)
+        self.assertEqual(content.read(), b"x" * 10)
 
 
 class BroadcastCase(SynchronousTestCase):
@@ -260,6 +278,13 @@ class CopiesTests(BroadcastCase):
                 self.assertIsNone(call.header(b"x-swarmagent-broadcast"))
         self.assertEqual(calls["b"].header(b"x-portaineragent-target"), [b"id-b"])
         self.assertEqual(calls["c"].header(b"x-swarmagent-hop"), [b"id-a"])
+
+    def test_each_node_its_copy_of_a_small_body(self) -> None:
+        """twisted.web keeps a small body in memory: each node reads it whole too."""
+        self.send(PULL, "/images/create?fromSrc=-", b"small tarball")
+        self.assertEqual(
+            [body_of(c.body, self.clock) for c in self.calls().values()], [b"small tarball"] * 3
+        )
 
     def test_no_body(self) -> None:
         self.send(PULL, "/images/create?fromImage=busybox&tag=1")
