@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import threading
 from pathlib import Path
@@ -373,6 +374,28 @@ class ClusterCLITests(LabTestCase):
 
         wait_until(lambda: running() == set(NODES), 60, 0.5, "a running task on every node")
         self.ok(self.cli(CLIS[-1], "stack", "rm", "loaded"))
+
+    @explain
+    def test_import_on_every_node(self) -> None:
+        """``docker import`` (``POST /images/create?fromSrc=-``, a pull's
+        route, with a body) reaches every node; each node's status line is named."""
+        folder = Path(tempfile.mkdtemp(prefix="import-"))
+        self.addCleanup(shutil.rmtree, folder, True)
+        (folder / "hello.txt").write_text("hello\n")
+        tarball = folder / "rootfs.tar"
+        with tarfile.open(tarball, "w") as tar:
+            tar.add(folder / "hello.txt", "hello.txt")
+        for i, cli in enumerate(CLIS):
+            tag = f"salab/imported:{i}"
+            self.addCleanup(self.forget, tag)
+            with self.subTest(cli=cli):
+                out = self.ok(
+                    self.cli(cli, "import", str(tarball), tag, headers={BROADCAST: "all"})
+                )
+                self.assertEqual(self.holders(tag), set(NODES))
+                ids = self.each_engine(lambda c, tag=tag: c.images.get(tag).id)
+                for node, image_id in ids.items():
+                    self.assertIn(f"{node}: {image_id}", out)
 
     @explain
     def test_pull_failing_everywhere(self) -> None:
