@@ -16,11 +16,13 @@ from twisted.web.util import DeferredResource
 from swarmagent import __version__
 from swarmagent.access import RequestLog, mark
 from swarmagent.auth import OPEN_PATHS, Authorizer
+from swarmagent.broadcaster import Broadcaster
 from swarmagent.browse import browse_paths, parse_browse_path, volume_of
 from swarmagent.clientgone import watch_gone
+from swarmagent.diskusage import ClusterDiskUsage
 from swarmagent.errors import ErrorResource, error_body
 from swarmagent.events import ClusterEvents
-from swarmagent.fanout import FanOut
+from swarmagent.fanout import FanOut, Selection
 from swarmagent.locate import Locator
 from swarmagent.logs import logger
 from swarmagent.metrics import Metrics, MetricsResource
@@ -29,6 +31,9 @@ from swarmagent.proxy import EngineProxy, PeerProxy, Relay
 from swarmagent.routing import (
     AmbiguousNode,
     AmbiguousObject,
+    BadBroadcast,
+    Broadcast,
+    ClusterDF,
     ClusterList,
     Forward,
     Local,
@@ -110,6 +115,8 @@ class AgentRoot(Resource):
         fanout: FanOut,
         authorizer: Authorizer,
         locator: Locator,
+        broadcaster: Broadcaster,
+        disk_usage: ClusterDiskUsage,
         identity_open: bool = False,
         events: ClusterEvents | None = None,
         consoles: IResource | None = None,
@@ -140,6 +147,8 @@ class AgentRoot(Resource):
         self._engine_proxy = EngineProxy(engine_relay, nodes)
         self._peer_relay = peer_relay
         self._fanout = fanout
+        self._broadcaster = broadcaster
+        self._disk_usage = disk_usage
         ping = _Leaf(self._ping)
         agents = _Leaf(self._agents)
         self._own: dict[bytes, IResource] = {
@@ -217,6 +226,7 @@ class AgentRoot(Resource):
             self._table,
             about=about,
             for_manager=creates_swarm_network(method, strip_version(path), _body(request)),
+            query=request.uri.partition(b"?")[2].decode("latin-1"),
         )
         return self._serve(decision, request, local, kind)
 
@@ -238,8 +248,19 @@ class AgentRoot(Resource):
             case Locate(kind, ident):
                 located_as = served_as or "locate"
                 return DeferredResource(self._locate(request, kind, ident, local, located_as))
-            case ClusterList(kind):
-                return self._fanout.resource(kind)
+            case ClusterList(kind, nodes, absent, query):
+                return self._fanout.resource(kind, Selection(nodes, absent, query))
+            case ClusterDF():
+                return self._disk_usage.resource()
+            case Broadcast(operation, nodes, absent):
+                return self._broadcaster.resource(operation, nodes, absent)
+            case BadBroadcast(why):
+                # The docker CLI shows the message only.
+                return ErrorResource(
+                    400,
+                    f"This request cannot be broadcast: {why}",
+                    "Drop the X-SwarmAgent-Broadcast header (the CLI's config.json HttpHeaders)",
+                )
             case MergedEvents():
                 return self._events.resource() if self._events else self._engine_proxy
             case NotFound(body, missing):
@@ -264,7 +285,9 @@ class AgentRoot(Resource):
             case UnknownNode(target, known):
                 return ErrorResource(
                     404,
-                    f"No agent known for node {target!r}",
+                    # The docker CLI shows only the message.
+                    f"No agent known for node {target!r}; known nodes: "
+                    + (", ".join(known) or "none"),
                     "Known nodes: " + (", ".join(known) or "none"),
                 )
             case AmbiguousNode(target, node_ids):
@@ -285,8 +308,10 @@ class AgentRoot(Resource):
                 route, nodes = "local", (self._table.me.name,)
             case Forward(peer):
                 route, nodes = "forwarded", (peer.name,)
-            case ClusterList():
+            case ClusterList() | ClusterDF():
                 route = "cluster_list"
+            case Broadcast():
+                route = "broadcast"
             case MergedEvents():
                 route = "events" if self._events else "local"
             case Locate():

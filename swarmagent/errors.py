@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -17,7 +18,15 @@ def error_body(message: str, details: str = "") -> bytes:
 
 
 def describe(e: BaseException) -> str:
-    """An exception as a short reason: its message, else its type's name."""
+    """An exception as a short reason: its message, else its type's name.
+
+    twisted.web's client wraps what went wrong (``ResponseNeverReceived``,
+    ``ResponseFailed``, ``RequestTransmissionFailed``) in a list of failures
+    whose ``str`` is their reprs: their own messages are the reason.
+    """
+    reasons = getattr(e, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        return "; ".join(describe(r.value) if isinstance(r, Failure) else str(r) for r in reasons)
     return str(e) or type(e).__name__
 
 

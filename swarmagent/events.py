@@ -218,7 +218,7 @@ class MergedStream:
     def _answered(self, response: IResponse, node: _Node) -> None:
         node.pending = None
         if self._done or self._nodes.get(node.peer.identity.key) is not node:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             return
         if response.code != 200:
             response.deliverBody(_ErrorBody(self, node, response.code))
@@ -372,7 +372,7 @@ class _ErrorBody(Protocol):
         self._stream.node_failed(self._node, failure)
 
 
-class _Discard(Protocol):
+class Discard(Protocol):
     """Reads an answer nobody wants any more, and hangs up."""
 
     def connectionMade(self) -> None:

@@ -1,4 +1,9 @@
-"""Cluster-wide lists: ask every node in parallel, tag each item, merge, name the missing."""
+"""Cluster-wide lists: ask every node in parallel, tag each item, merge, name the missing.
+
+Each item is marked with its node twice: the Portainer tag the UI reads,
+and a label (``swarmagent.node``) that the docker CLI can show
+(``docker ps --format '{{.Label "swarmagent.node"}}'``).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,18 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.clientgone import watch_gone
 from swarmagent.logs import logger
-from swarmagent.nodes import Answered, NodeFailed, Nodes, answer_all_failed, name_missing, tag
+from swarmagent.nodes import (
+    NO_AGENT,
+    Answered,
+    NodeFailed,
+    Nodes,
+    answer_all_failed,
+    name_missing,
+    tag,
+)
 from swarmagent.peers import MANAGER, Peer
 from swarmagent.signature import SIGNATURE_HEADER
+from swarmagent.wire import NODE_LABEL
 
 log = logger(__name__)
 
@@ -55,6 +69,31 @@ def once_per_swarm(request: Request, kind: str) -> bool:
     return kind == "networks" and not request.requestHeaders.hasHeader(SIGNATURE_HEADER)
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The nodes a list asks, and what: a ``node`` filter's choice.
+
+    ``nodes`` None is every node in the table when the list starts.
+    """
+
+    nodes: tuple[Peer, ...] | None = None
+    #: Chosen nodes that have no agent, named missing.
+    absent: tuple[str, ...] = ()
+    #: The query sent to each (None: the client's own).
+    query: str | None = None
+
+
+def label(items: list[Any], node_name: str) -> list[Any]:
+    """Add the node label to each item; ``Labels`` may be null or absent."""
+    for item in items:
+        if isinstance(item, dict):
+            labels = item.get("Labels")
+            if not isinstance(labels, dict):
+                labels = item["Labels"] = {}
+            labels[NODE_LABEL] = node_name
+    return items
+
+
 def parse_list(kind: str, body: bytes) -> tuple[list[Any], list[str]]:
     """The items and engine warnings of one node's list answer."""
     try:
@@ -80,27 +119,36 @@ class FanOut:
     def __init__(self, nodes: Nodes) -> None:
         self._nodes = nodes
 
-    def resource(self, kind: str) -> IResource:
+    def resource(self, kind: str, selection: Selection | None = None) -> IResource:
         """A leaf that serves a GET as the cluster-wide list of ``kind``."""
-        return _ListResource(self, kind)
+        return _ListResource(self, kind, selection or Selection())
 
-    def render(self, request: Request, kind: str) -> Any:
+    def render(self, request: Request, kind: str, selection: Selection | None = None) -> Any:
         """Start the calls; the answer is written when the last one ends."""
-        Deferred.fromCoroutine(self._serve(request, kind))
+        Deferred.fromCoroutine(self._serve(request, kind, selection or Selection()))
         return NOT_DONE_YET
 
-    async def _collect(self, request: Request, kind: str) -> Merged:
-        """Ask every known node for its list, each bounded by the deadline.
+    async def _collect(self, request: Request, kind: str, selection: Selection) -> Merged:
+        """Ask every known node (or the selected ones) for its list, each
+        bounded by the deadline.
 
         A swarm node expected to run an agent but with none in the table is
         named missing too (taken with the same snapshot as the nodes asked).
         """
-        nodes = self._nodes.table.nodes()
-        agentless = self._nodes.agentless()
+        if selection.nodes is None:
+            nodes = self._nodes.table.nodes()
+            agentless = self._nodes.agentless()
+        else:
+            nodes = list(selection.nodes)
+            agentless = [NodeFailed(NO_AGENT, node=name) for name in selection.absent]
+        uri = request.uri
+        if selection.query is not None:
+            uri = request.path + (
+                b"?" + selection.query.encode("latin-1") if selection.query else b""
+            )
         once = once_per_swarm(request, kind)
         calls: list[Deferred[_List | NodeFailed]] = [
-            self._nodes.get(node, request.uri, request).addCallback(_list_of, kind, once)
-            for node in nodes
+            self._nodes.get(node, uri, request).addCallback(_list_of, kind, once) for node in nodes
         ]
         merged = Merged()
         lists: list[_List] = []
@@ -120,9 +168,9 @@ class FanOut:
                 merged.swarm.setdefault(key, item)
         return merged
 
-    async def _serve(self, request: Request, kind: str) -> None:
+    async def _serve(self, request: Request, kind: str, selection: Selection) -> None:
         gone = watch_gone(request)
-        merged = await self._collect(request, kind)
+        merged = await self._collect(request, kind, selection)
         if gone():
             return
         for failure in merged.missing:
@@ -164,7 +212,7 @@ def _list_of(outcome: Answered | NodeFailed, kind: str, once: bool) -> _List | N
         items, warnings = parse_list(kind, outcome.body)
     except NodeFailed as e:
         return e.of(node.name)
-    items = tag(items, node.name)
+    items = label(tag(items, node.name), node.name)
     swarm: dict[str, bytes] = {}
     if once:
         swarm = {str(i.get("Id")): _encode_items([i]) for i in items if _swarm_scoped(i)}
@@ -175,13 +223,14 @@ def _list_of(outcome: Answered | NodeFailed, kind: str, once: bool) -> _List | N
 class _ListResource(Resource):
     isLeaf = True
 
-    def __init__(self, fanout: FanOut, kind: str) -> None:
+    def __init__(self, fanout: FanOut, kind: str, selection: Selection) -> None:
         super().__init__()
         self._fanout = fanout
         self._kind = kind
+        self._selection = selection
 
     def render_GET(self, request: Request) -> Any:
-        return self._fanout.render(request, self._kind)
+        return self._fanout.render(request, self._kind, self._selection)
 
 
 def _swarm_scoped(item: Any) -> bool:

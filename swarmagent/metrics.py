@@ -28,7 +28,8 @@ ROUTES = (
     "own",  # the agent's own routes: /ping, /agents, /metrics, /swarmagent/status, ...
     "local",  # this node's engine
     "forwarded",  # another node's agent, by target
-    "cluster_list",  # a cluster-wide list
+    "cluster_list",  # a cluster-wide list (system df too)
+    "broadcast",  # an image load, pull, tag or prune sent to every node
     "locate",  # looked up, then served where found
     "events",  # the merged event stream
     "console",  # a Portainer console

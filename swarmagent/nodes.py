@@ -17,8 +17,9 @@ from typing import Any, NamedTuple
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 
 from swarmagent.clients import ENGINE_BASE, get_within, peer_url
@@ -26,7 +27,7 @@ from swarmagent.errors import describe, write_error
 from swarmagent.metrics import Metrics, failure_reason, status_failed
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import request_headers
-from swarmagent.wire import HOP, MISSING_NODES, TARGET
+from swarmagent.wire import BROADCAST, HOP, MISSING_NODES, TARGET
 
 #: Why a swarm node with no agent in the peer table is left out.
 NO_AGENT = "no agent reachable"
@@ -127,19 +128,52 @@ class Nodes:
             headers = Headers({k: [v] for k, v in self._credentials.items()})
         else:
             headers = request_headers(request, keep_agent_headers=True)
+            # A broadcast is the receiving agent's to make, once.
+            headers.removeHeader(BROADCAST)
         headers.setRawHeaders(TARGET, [node.identity.key.encode("utf-8")])
         headers.setRawHeaders(HOP, [self.me.identity.key.encode("utf-8")])
         return Copy(self._peer_client, peer_url(node.address, node.port, path), headers)
 
-    def send(self, node: Peer, path: bytes, request: Request | None = None) -> Deferred[IResponse]:
-        """GET ``node``'s copy, with no deadline: the answer's body is the caller's to read."""
+    def send(
+        self,
+        node: Peer,
+        path: bytes,
+        request: Request | None = None,
+        *,
+        method: bytes = b"GET",
+        body: IBodyProducer | None = None,
+    ) -> Deferred[IResponse]:
+        """Send ``node``'s copy (a GET unless told), with no deadline: the
+        answer's body is the caller's to read."""
         client, url, headers = self.copy(node, path, request)
 
         def failed(reason: Failure) -> Failure:
             self.metrics.node_failed(node.name, failure_reason(reason.value))
             return reason
 
-        return client.request(b"GET", url, headers, None).addErrback(failed)
+        return client.request(method, url, headers, body).addErrback(failed)
+
+    def call(
+        self,
+        node: Peer,
+        path: bytes,
+        request: Request,
+        *,
+        method: bytes,
+        body: IBodyProducer | None = None,
+    ) -> Deferred[Outcome]:
+        """Send ``node``'s copy and read its answer whole, with no deadline
+        (a write may take long); never fails, like :meth:`get`."""
+
+        async def whole() -> Outcome:
+            try:
+                response = await self.send(node, path, request, method=method, body=body)
+                content: bytes = await readBody(response)
+            except Exception as e:
+                return NodeFailed(describe(e), node=node.name)
+            return Answered(node, response.code, content)
+
+        return Deferred.fromCoroutine(whole())
 
     def get(
         self,
@@ -184,6 +218,28 @@ def tag(items: list[Any], node_name: str) -> list[Any]:
         if isinstance(item, dict):
             item["Portainer"] = mark
     return items
+
+
+def add_up(answers: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """Several nodes' JSON objects as one (each given with its node's name).
+
+    Lists are concatenated, their items tagged; numbers (sizes, counts) are
+    summed; anything else is the first node's. A null is kept only where no
+    node gave more.
+    """
+    out: dict[str, Any] = {}
+    for node_name, doc in answers:
+        if not isinstance(doc, dict):
+            continue
+        for key, value in doc.items():
+            current = out.get(key)
+            if isinstance(value, list):
+                out[key] = (current if isinstance(current, list) else []) + tag(value, node_name)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = (current if isinstance(current, int | float) else 0) + value
+            elif current is None:
+                out[key] = value
+    return out
 
 
 def name_missing(request: Request, names: Sequence[str]) -> None:

@@ -7,8 +7,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from swarmagent.broadcast import Operation, operation, parse_broadcast
+from swarmagent.nodefilter import take_node_filter
 from swarmagent.peers import MANAGER, Ambiguous, Peer, PeerTable
-from swarmagent.wire import HOP, MANAGER_OPERATION, TARGET
+from swarmagent.wire import BROADCAST, HOP, MANAGER_OPERATION, TARGET
 
 _VERSION = re.compile(r"^/v\d+\.\d+(?=/|$)")
 MANAGER_PREFIXES = ("/services", "/tasks", "/secrets", "/configs", "/swarm", "/nodes", "/info")
@@ -97,9 +99,37 @@ class Forward:
 
 @dataclass(frozen=True)
 class ClusterList:
-    """Ask every node and merge the lists."""
+    """Ask every node (or those a ``node`` filter names) and merge the lists."""
 
     kind: str
+    #: The nodes to ask; None: every node in the table, as the list starts.
+    nodes: tuple[Peer, ...] | None = None
+    #: Named nodes that have no agent, left out and named.
+    absent: tuple[str, ...] = ()
+    #: The query to send them (the ``node`` filter taken out); None: the client's.
+    query: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterDF:
+    """Ask every node for its disk usage and add the answers up."""
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Send the request to each of these nodes and merge their answers."""
+
+    operation: Operation
+    nodes: tuple[Peer, ...]
+    #: Nodes meant to be reached that have no agent, named as failed.
+    absent: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BadBroadcast:
+    """A broadcast the agent refuses: the operation or the header value."""
+
+    why: str
 
 
 @dataclass(frozen=True)
@@ -168,6 +198,9 @@ Route = (
     Local
     | Forward
     | ClusterList
+    | ClusterDF
+    | Broadcast
+    | BadBroadcast
     | MergedEvents
     | Locate
     | NoManager
@@ -185,19 +218,27 @@ def route(
     *,
     about: tuple[str, str] | None = None,
     for_manager: bool = False,
+    query: str = "",
 ) -> Route:
     """Decide where a Docker API request is served.
 
-    ``path`` is the request path with its ``/vX.Y`` prefix; ``headers`` maps
-    lower-case names to values. ``about`` names the object a request is about
-    when its path does not (a browse request's volume); ``for_manager`` says
-    its body asks for what only a manager can do (an overlay network).
+    ``path`` is the request path with its ``/vX.Y`` prefix, ``query`` its raw
+    query string; ``headers`` maps lower-case names to values. ``about``
+    names the object a request is about when its path does not (a browse
+    request's volume); ``for_manager`` says its body asks for what only a
+    manager can do (an overlay network).
     """
     me = table.me
     bare = strip_version(path)
     forwarded = bool(headers.get(HOP))
     target = headers.get(TARGET, "").strip()
     targets_me = target in ("", me.name, me.identity.node_id)
+
+    # A forwarded copy never broadcasts again (the copies do not carry the
+    # header). The docker CLI pings before every command, with its config's
+    # headers: that is answered as usual.
+    if BROADCAST in headers and not forwarded and bare != "/_ping":
+        return _broadcast(method, bare, headers[BROADCAST], table)
 
     if not me.identity.swarm:
         return Local()
@@ -218,7 +259,16 @@ def route(
     if kind and method == "GET" and not (target and targets_me):
         if forwarded:
             return Misdirected(f"fan-out reached {me.name} with target {target!r}")
-        return ClusterList(kind)
+        only = take_node_filter(query)
+        if only is None:
+            return ClusterList(kind)
+        chosen = select(only.names, table)
+        if not isinstance(chosen, tuple):
+            return chosen
+        return ClusterList(kind, *chosen, query=only.query)
+
+    if bare == "/system/df" and method == "GET" and not target and not forwarded:
+        return ClusterDF()
 
     # A forwarded request always names its node, so only a client's own
     # untargeted request is merged.
@@ -249,3 +299,45 @@ def route(
     if found is None:
         return UnknownNode(target, tuple(p.name for p in table.nodes()))
     return Forward(found)
+
+
+def select(
+    names: tuple[str, ...], table: PeerTable
+) -> tuple[tuple[Peer, ...], tuple[str, ...]] | UnknownNode | AmbiguousNode:
+    """The nodes ``names`` (names or node IDs; none: every node) pick, and
+    those of them that have no agent (by name)."""
+    agentless = table.agentless()
+    if not names:
+        return tuple(table.nodes()), tuple(name for _, name in agentless)
+    chosen: dict[str, Peer] = {}
+    absent: dict[str, None] = {}
+    for name in names:
+        found = table.find(name)
+        if isinstance(found, Ambiguous):
+            return AmbiguousNode(name, found.node_ids)
+        if found is not None:
+            chosen.setdefault(found.identity.key, found)
+            continue
+        without = [hostname for node_id, hostname in agentless if name in (node_id, hostname)]
+        if not without:
+            return UnknownNode(name, tuple(p.name for p in table.nodes()))
+        absent[without[0]] = None
+    return tuple(chosen.values()), tuple(absent)
+
+
+def _broadcast(method: str, bare: str, value: str, table: PeerTable) -> Route:
+    """A request carrying the broadcast header: its nodes, or why not."""
+    op = operation(method, bare)
+    if op is None:
+        return BadBroadcast(
+            f"{method} {bare} cannot be sent to several nodes: only image load, pull "
+            "(or import), tag and the prunes can"
+        )
+    try:
+        names = parse_broadcast(value)
+    except ValueError as e:
+        return BadBroadcast(f"the broadcast header {e}")
+    chosen = select(names, table)
+    if not isinstance(chosen, tuple):
+        return chosen
+    return Broadcast(op, *chosen)

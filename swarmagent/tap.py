@@ -24,10 +24,12 @@ from twisted.web.server import Request
 from swarmagent.access import RequestLog, taken_over
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
+from swarmagent.broadcaster import Broadcaster
 from swarmagent.browse import BrowseResource, threaded
 from swarmagent.clients import EngineEndpoints, PeerEndpoints, make_pool
 from swarmagent.config import Options
 from swarmagent.discovery import Discovery, HTTPProbe, ManagerNodeList
+from swarmagent.diskusage import ClusterDiskUsage
 from swarmagent.dockerhub import DockerHubResource, make_hub_client
 from swarmagent.engine import Engine
 from swarmagent.events import ClusterEvents
@@ -187,6 +189,8 @@ def makeService(
         FanOut(nodes),
         authorizer,
         Locator(nodes),
+        Broadcaster(nodes, cooperator),
+        ClusterDiskUsage(nodes),
         identity_open=not agents_authenticate,
         events=ClusterEvents(nodes),
         consoles=LazyConsoles(engine_endpoints, reactor, metrics),

@@ -19,6 +19,11 @@ AGENT_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 )
 # Names the nodes a cluster-wide list left out.
 MISSING_NODES = b"X-SwarmAgent-Missing-Nodes"
+# Sends an image load, pull, tag or prune to every node ("all") or to the
+# nodes it lists (names or IDs, comma-separated); consumed by the agent.
+BROADCAST = "x-swarmagent-broadcast"
+# The label naming its node on every item of a cluster-wide list.
+NODE_LABEL = "swarmagent.node"
 
 # The agent-to-agent identity document.
 IDENTITY_PATH = b"/swarmagent/identity"

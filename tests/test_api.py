@@ -20,8 +20,10 @@ from zope.interface import implementer
 from swarmagent import __version__
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
+from swarmagent.broadcaster import Broadcaster
 from swarmagent.clients import EngineEndpoints
 from swarmagent.config import EngineAddress
+from swarmagent.diskusage import ClusterDiskUsage
 from swarmagent.fanout import FanOut
 from swarmagent.locate import Locator
 from swarmagent.nodes import Nodes
@@ -125,6 +127,8 @@ class AgentCase(SynchronousTestCase):
             FanOut(lists),
             Authorizer(Verifier(secret=SECRET), None),
             Locator(node_calls),
+            Broadcaster(node_calls, cooperator),
+            ClusterDiskUsage(lists),
             **self.agent_routes(),
         )
         self.site = make_site(root, self.clock)
@@ -246,6 +250,48 @@ class DockerRoutesTests(AgentCase):
         )
         self.assertEqual(self.own_list.seen[0].uri, b"/v1.41/containers/json?all=1")
 
+    def test_node_filter(self) -> None:
+        """The agent takes the ``node`` filter: only c is asked, without it."""
+        response = self.get(
+            "/v1.41/containers/json?all=1&filters=%7B%22node%22%3A%7B%22c%22%3Atrue%7D%7D"
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            [(i["Id"], i["Labels"]["swarmagent.node"]) for i in response.json()], [("x3", "c")]
+        )
+        self.assertEqual(self.own_list.seen, [])
+
+    def test_node_filter_unknown_node(self) -> None:
+        response = self.get("/images/json?filters=%7B%22node%22%3A%5B%22zz%22%5D%7D")
+        self.assertError(
+            response,
+            404,
+            "No agent known for node 'zz'; known nodes: a, b, c, dup, dup",
+            "Known nodes: a, b, c, dup, dup",
+        )
+
+    def test_broadcast_refused(self) -> None:
+        response = self.get("/containers/json", [("X-SwarmAgent-Broadcast", "all")])
+        self.assertError(
+            response,
+            400,
+            "This request cannot be broadcast: GET /containers/json cannot be sent to several "
+            "nodes: only image load, pull (or import), tag and the prunes can",
+            "Drop the X-SwarmAgent-Broadcast header (the CLI's config.json HttpHeaders)",
+        )
+
+    def test_broadcast(self) -> None:
+        client = self.request("POST", "/v1.41/images/prune", [("X-SwarmAgent-Broadcast", "c")])
+        self.assertEqual(self.engine.calls, [])
+        [call] = self.peers.calls
+        self.assertEqual(call.url, b"https://10.0.0.3:9001/v1.41/images/prune")
+        answer = call.respond(200, {b"content-type": [b"application/json"]})
+        answer.deliver(b'{"ImagesDeleted":null,"SpaceReclaimed":0}')
+        answer.end()
+        response = client.response()
+        self.assertEqual(response.json(), {"ImagesDeleted": None, "SpaceReclaimed": 0})
+        self.assertAgentHeaders(response)
+
     def test_engine_unreachable(self) -> None:
         client = self.request("GET", "/version")
         self.engine.calls[0].result.errback(ConnectionRefusedError())
@@ -259,7 +305,10 @@ class ErrorTests(AgentCase):
     def test_unknown_target(self) -> None:
         response = self.get("/containers/x/json", [("X-PortainerAgent-Target", "zz")])
         self.assertError(
-            response, 404, "No agent known for node 'zz'", "Known nodes: a, b, c, dup, dup"
+            response,
+            404,
+            "No agent known for node 'zz'; known nodes: a, b, c, dup, dup",
+            "Known nodes: a, b, c, dup, dup",
         )
 
     def test_ambiguous_target(self) -> None:

@@ -11,9 +11,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent
 
-from swarmagent.fanout import FanOut, parse_list
+from swarmagent.fanout import FanOut, Selection, label, parse_list
 from swarmagent.nodes import Nodes, tag
-from swarmagent.peers import PeerTable
+from swarmagent.peers import Ambiguous, PeerTable
 from tests.helpers import (
     ByHost,
     Client,
@@ -84,7 +84,13 @@ class MergeTests(FanOutCase):
         ]
         doc = self.get("containers", "/containers/json").response().json()
         self.assertEqual(
-            doc[1], {"Id": "b1", "Names": ["/x"], "Portainer": {"Agent": {"NodeName": "b"}}}
+            doc[1],
+            {
+                "Id": "b1",
+                "Names": ["/x"],
+                "Labels": {"swarmagent.node": "b"},
+                "Portainer": {"Agent": {"NodeName": "b"}},
+            },
         )
 
     def test_empty_lists(self) -> None:
@@ -102,8 +108,16 @@ class MergeTests(FanOutCase):
             response.json(),
             {
                 "Volumes": [
-                    {"Name": "va", "Portainer": {"Agent": {"NodeName": "a"}}},
-                    {"Name": "vc", "Portainer": {"Agent": {"NodeName": "c"}}},
+                    {
+                        "Name": "va",
+                        "Labels": {"swarmagent.node": "a"},
+                        "Portainer": {"Agent": {"NodeName": "a"}},
+                    },
+                    {
+                        "Name": "vc",
+                        "Labels": {"swarmagent.node": "c"},
+                        "Portainer": {"Agent": {"NodeName": "c"}},
+                    },
                 ],
                 "Warnings": ["b: disk nearly full"],
             },
@@ -352,3 +366,66 @@ class SwarmNetworkTests(FanOutCase):
     def test_other_lists_keep_every_item(self) -> None:
         response = self.get("containers", "/containers/json").response()
         self.assertEqual(len(response.json()), 5)
+
+
+class NodeLabelTests(FanOutCase):
+    def test_label_beside_the_tag(self) -> None:
+        """``Labels`` null, absent or set: the node's label is added, the others kept."""
+        self.a.answer = [{"Id": "a1", "Labels": None}]
+        self.b.answer = [{"Id": "b1", "Labels": {"com.docker.compose.project": "p"}}]
+        self.c.answer = [{"Id": "c1"}]
+        for kind, path in [("containers", "/containers/json"), ("images", "/images/json")]:
+            with self.subTest(kind=kind):
+                doc = self.get(kind, path).response().json()
+                self.assertEqual(
+                    [(i["Id"], i["Labels"]) for i in doc],
+                    [
+                        ("a1", {"swarmagent.node": "a"}),
+                        ("b1", {"com.docker.compose.project": "p", "swarmagent.node": "b"}),
+                        ("c1", {"swarmagent.node": "c"}),
+                    ],
+                )
+
+    def test_a_label_of_that_name_is_replaced(self) -> None:
+        self.b.answer = [{"Id": "b1", "Labels": {"swarmagent.node": "liar"}}]
+        doc = self.get("networks", "/networks").response().json()
+        self.assertEqual(doc[1]["Labels"], {"swarmagent.node": "b"})
+
+    def test_label_function(self) -> None:
+        items = [{"Labels": None}, {"Labels": {"x": "1"}}, "not an item", {}]
+        self.assertEqual(
+            label(items, "n"),
+            [
+                {"Labels": {"swarmagent.node": "n"}},
+                {"Labels": {"x": "1", "swarmagent.node": "n"}},
+                "not an item",
+                {"Labels": {"swarmagent.node": "n"}},
+            ],
+        )
+
+
+class SelectionTests(FanOutCase):
+    def get_only(self, uri: str, selection: Selection) -> Response:
+        site = make_site(self.fanout.resource("containers", selection))
+        return Client(site).send("GET", uri).response()
+
+    def test_only_the_chosen_nodes_asked_with_the_query_given(self) -> None:
+        c = self.table.find("c")
+        assert c is not None and not isinstance(c, Ambiguous)
+        response = self.get_only(
+            "/v1.41/containers/json?all=1&filters=x", Selection((c,), (), "all=1")
+        )
+        self.assertEqual(self.items(response), [("c1", "c")])
+        self.assertEqual((self.a.seen, self.b.seen), ([], []))
+        self.assertEqual([s.uri for s in self.c.seen], [b"/v1.41/containers/json?all=1"])
+        self.assertIsNone(response.header(MISSING))
+
+    def test_empty_query(self) -> None:
+        self.get_only("/containers/json?filters=x", Selection((self.table.me,), (), ""))
+        self.assertEqual([s.uri for s in self.a.seen], [b"/containers/json"])
+
+    def test_chosen_nodes_without_an_agent_named(self) -> None:
+        response = self.get_only("/containers/json", Selection((self.table.me,), ("z",), ""))
+        self.assertEqual(self.items(response), [("a1", "a")])
+        self.assertEqual(response.header(MISSING), "z")
+        self.assertEqual((self.b.seen, self.c.seen), ([], []))

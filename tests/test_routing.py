@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from itertools import product
+from urllib.parse import urlencode
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from swarmagent.broadcast import LOAD, PRUNE, PULL, TAG
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.routing import (
     FANOUT_PATHS,
@@ -14,6 +16,9 @@ from swarmagent.routing import (
     MANAGER_PREFIXES,
     TARGET,
     AmbiguousNode,
+    BadBroadcast,
+    Broadcast,
+    ClusterDF,
     ClusterList,
     Forward,
     Local,
@@ -29,6 +34,7 @@ from swarmagent.routing import (
     strip_version,
     swarm_network,
 )
+from swarmagent.wire import BROADCAST
 from tests.helpers import make_table, manager, standalone, worker
 
 LIST_KINDS = {
@@ -475,3 +481,192 @@ class SwarmNetworkTests(SynchronousTestCase):
         self.assertEqual(decision, Locate("volumes", "data"))
         targeted = route("GET", "/v2/browse/ls", {TARGET: "c"}, table, about=("volumes", "data"))
         self.assertEqual(targeted, Forward(peer(table, "c")))
+
+
+def filters(doc: str, extra: str = "") -> str:
+    return extra + urlencode({"filters": doc})
+
+
+class NodeFilterTests(SynchronousTestCase):
+    def test_only_the_named_nodes(self) -> None:
+        table = cluster()
+        for path, kind in LIST_KINDS.items():
+            with self.subTest(path=path):
+                decision = route(
+                    "GET", path, {}, table, query=filters('{"node":["c"],"status":["running"]}')
+                )
+                self.assertEqual(
+                    decision,
+                    ClusterList(
+                        kind,
+                        (peer(table, "c"),),
+                        (),
+                        urlencode({"filters": '{"status":["running"]}'}),
+                    ),
+                )
+
+    def test_by_name_or_id_each_once(self) -> None:
+        table = cluster()
+        decision = route("GET", "/containers/json", {}, table, query=filters(
+            '{"node":{"id-b":true,"a":true,"b":true}}', "all=1&"
+        ))  # fmt: skip
+        self.assertEqual(
+            decision, ClusterList("containers", (peer(table, "b"), table.me), (), "all=1")
+        )
+
+    def test_unknown_node(self) -> None:
+        decision = route("GET", "/images/json", {}, cluster(), query=filters('{"node":["zz"]}'))
+        self.assertEqual(decision, UnknownNode("zz", ("a", "b", "c")))
+
+    def test_ambiguous_node(self) -> None:
+        table = make_table(
+            manager("a"), {"10.0.0.4": worker("dup", "n4"), "10.0.0.5": worker("dup", "n5")}
+        )
+        decision = route("GET", "/networks", {}, table, query=filters('{"node":["dup"]}'))
+        self.assertEqual(decision, AmbiguousNode("dup", ("n4", "n5")))
+
+    def test_named_node_without_an_agent(self) -> None:
+        table = cluster()
+        table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-z": "z"})
+        decision = route("GET", "/volumes", {}, table, query=filters('{"node":["c","id-z"]}'))
+        self.assertEqual(decision, ClusterList("volumes", (peer(table, "c"),), ("z",), ""))
+
+    def test_empty_node_filter_is_every_node(self) -> None:
+        table = cluster()
+        decision = route("GET", "/volumes", {}, table, query=filters('{"node":[]}'))
+        self.assertEqual(decision, ClusterList("volumes", tuple(table.nodes()), (), ""))
+
+    def test_unreadable_filters_go_to_the_engines(self) -> None:
+        for doc in ['{"node":', '{"node":"c"}', "[1]"]:
+            with self.subTest(doc=doc):
+                decision = route("GET", "/containers/json", {}, cluster(), query=filters(doc))
+                self.assertEqual(decision, ClusterList("containers"))
+
+    def test_not_on_one_node(self) -> None:
+        """With this node's target the list is this node's: the engine judges the filter."""
+        decision = route(
+            "GET", "/containers/json", {TARGET: "a"}, cluster(), query=filters('{"node":["c"]}')
+        )
+        self.assertEqual(decision, Local())
+
+
+class DiskUsageTests(SynchronousTestCase):
+    def test_untargeted_is_the_cluster(self) -> None:
+        for path in versions("/system/df"):
+            with self.subTest(path=path):
+                self.assertEqual(go(cluster("worker"), path), ClusterDF())
+
+    def test_targeted_is_one_node(self) -> None:
+        table = cluster()
+        self.assertEqual(go(table, "/system/df", target="a"), Local())
+        self.assertEqual(go(table, "/system/df", target="c"), Forward(peer(table, "c")))
+        self.assertEqual(go(table, "/system/df", target="c", hop="id-b"), Misdirected(
+            "a was sent a request for 'c'"
+        ))  # fmt: skip
+
+    def test_only_get(self) -> None:
+        self.assertEqual(go(cluster(), "/system/df", "POST"), Local())
+
+
+ALLOWED = [
+    ("/images/load", LOAD),
+    ("/images/create", PULL),
+    ("/images/busybox:latest/tag", TAG),
+    ("/images/registry:5000/team/app:1/tag", TAG),
+    ("/containers/prune", PRUNE),
+    ("/images/prune", PRUNE),
+    ("/volumes/prune", PRUNE),
+    ("/networks/prune", PRUNE),
+    ("/build/prune", PRUNE),
+]
+REFUSED = [
+    ("POST", "/containers/create"),
+    ("POST", "/containers/abc/start"),
+    ("DELETE", "/images/busybox"),
+    ("GET", "/images/json"),
+    ("GET", "/images/load"),
+    ("POST", "/images/busybox/push"),
+    ("POST", "/images/busybox/tag/x"),
+    ("POST", "/volumes/create"),
+    ("POST", "/swarm/init"),
+    ("POST", "/build"),
+    ("GET", "/containers/prune"),
+    ("POST", "/system/prune"),
+]
+
+
+def broadcast(table: PeerTable, method: str, path: str, value: str, **more: str) -> Route:
+    headers = {BROADCAST: value, **{HOP if k == "hop" else TARGET: v for k, v in more.items()}}
+    return route(method, path, headers, table)
+
+
+class BroadcastTests(SynchronousTestCase):
+    def test_allowed_operations_to_every_node(self) -> None:
+        table = cluster("worker")
+        for (_path, op), versioned in [(a, v) for a in ALLOWED for v in versions(a[0])]:
+            with self.subTest(path=versioned):
+                self.assertEqual(
+                    broadcast(table, "POST", versioned, "all"),
+                    Broadcast(op, tuple(table.nodes())),
+                )
+
+    def test_listed_nodes(self) -> None:
+        table = cluster()
+        self.assertEqual(
+            broadcast(table, "POST", "/images/load", " c, id-b ,c,"),
+            Broadcast(LOAD, (peer(table, "c"), peer(table, "b"))),
+        )
+
+    def test_target_does_not_matter(self) -> None:
+        table = cluster()
+        self.assertEqual(
+            broadcast(table, "POST", "/images/prune", "all", target="c"),
+            Broadcast(PRUNE, tuple(table.nodes())),
+        )
+
+    def test_nodes_without_an_agent(self) -> None:
+        table = cluster()
+        table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-z": "z"})
+        self.assertEqual(
+            broadcast(table, "POST", "/images/load", "all"),
+            Broadcast(LOAD, tuple(table.nodes()), ("z",)),
+        )
+        self.assertEqual(broadcast(table, "POST", "/images/load", "z"), Broadcast(LOAD, (), ("z",)))
+
+    def test_other_requests_refused(self) -> None:
+        for method, path in REFUSED:
+            with self.subTest(method=method, path=path):
+                decision = broadcast(cluster(), method, path, "all")
+                self.assertIsInstance(decision, BadBroadcast)
+                assert isinstance(decision, BadBroadcast)
+                self.assertIn(f"{method} {path} cannot be sent to several nodes", decision.why)
+
+    def test_bad_values(self) -> None:
+        for value in ["", " , ", "all,b"]:
+            with self.subTest(value=value):
+                self.assertIsInstance(
+                    broadcast(cluster(), "POST", "/images/load", value), BadBroadcast
+                )
+
+    def test_unknown_node(self) -> None:
+        self.assertEqual(
+            broadcast(cluster(), "POST", "/images/load", "b,zz"),
+            UnknownNode("zz", ("a", "b", "c")),
+        )
+
+    def test_outside_a_swarm(self) -> None:
+        table = make_table(standalone("solo"))
+        self.assertEqual(
+            broadcast(table, "POST", "/images/load", "all"), Broadcast(LOAD, (table.me,))
+        )
+        self.assertIsInstance(broadcast(table, "POST", "/build", "all"), BadBroadcast)
+
+    def test_the_clis_ping_is_answered(self) -> None:
+        for method in ("HEAD", "GET"):
+            with self.subTest(method=method):
+                self.assertEqual(broadcast(cluster(), method, "/_ping", "all"), Local())
+
+    def test_a_forwarded_copy_is_not_broadcast_again(self) -> None:
+        self.assertEqual(
+            broadcast(cluster(), "POST", "/images/load", "all", target="a", hop="id-b"), Local()
+        )
