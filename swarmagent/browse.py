@@ -39,6 +39,7 @@ from swarmagent.clients import ENGINE_BASE, get_within
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
 from swarmagent.routing import strip_version
+from swarmagent.twisted_types import Rendered, request_body
 
 log = logger(__name__)
 
@@ -415,7 +416,7 @@ def rename(root: Root, current: list[str], new: list[str]) -> None:
 def _body_of(request: Request) -> IO[bytes]:
     """The request body as a file of our own: the request closes its
     ``content`` if the client goes away, while a thread may be reading it."""
-    content = request.content
+    content = request_body(request)
     assert content is not None
     try:
         fd = content.fileno()
@@ -805,7 +806,7 @@ class BrowseResource(Resource):
         self._timeout = timeout
         self._run = run
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         parsed = parse_browse_path(bare_path(request.path))
         if parsed is None:
             return write_error(request, 404, "Not found", "no such browse operation")
@@ -918,7 +919,7 @@ class BrowseResource(Resource):
 
 
 def _rename_payload(request: Request) -> tuple[str, str]:
-    content = request.content
+    content = request_body(request)
     raw = content.read(MAX_JSON + 1) if content is not None else b""
     if len(raw) > MAX_JSON:
         raise Refused(400, "the payload is too large", BAD_PAYLOAD)

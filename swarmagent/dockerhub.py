@@ -36,6 +36,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from swarmagent import __version__
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
+from swarmagent.twisted_types import ClientReactor, Rendered, request_body
 
 log = logger(__name__)
 
@@ -259,7 +260,8 @@ class DockerHub:
         await readBody(response)
         if response.code != 200:
             raise ValueError(f"failed fetching dockerhub limits: HTTP {response.code}")
-        return response.headers
+        answered: Headers = response.headers  # IResponse's attribute is untyped
+        return answered
 
 
 class DockerHubResource(Resource):
@@ -278,10 +280,11 @@ class DockerHubResource(Resource):
         super().__init__()
         self._hub = DockerHub(client, clock, auth_url, registry_url, timeout)
 
-    def render_POST(self, request: Request) -> Any:
-        assert request.content is not None
+    def render_POST(self, request: Request) -> Rendered:
+        content = request_body(request)
+        assert content is not None
         try:
-            credentials = parse_payload(request.content.read())
+            credentials = parse_payload(content.read())
         except BadPayload as e:
             return write_error(request, 400, BAD_PAYLOAD, str(e))
         Deferred.fromCoroutine(self._serve(request, credentials))
@@ -305,7 +308,7 @@ class DockerHubResource(Resource):
             request.finish()
 
 
-def make_hub_client(reactor: Any, tls: IPolicyForHTTPS | None = None) -> IAgent:
+def make_hub_client(reactor: ClientReactor, tls: IPolicyForHTTPS | None = None) -> IAgent:
     """The HTTP client for Docker Hub: by default the system's CAs; a new connection per call.
 
     Calls are rare (Portainer asks when a pull form opens), so no pool.

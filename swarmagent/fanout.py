@@ -15,6 +15,7 @@ from swarmagent.logs import logger
 from swarmagent.nodes import Answered, NodeFailed, Nodes, answer_all_failed, name_missing, tag
 from swarmagent.peers import MANAGER, Peer
 from swarmagent.signature import SIGNATURE_HEADER
+from swarmagent.twisted_types import Rendered
 
 log = logger(__name__)
 
@@ -84,7 +85,7 @@ class FanOut:
         """A leaf that serves a GET as the cluster-wide list of ``kind``."""
         return _ListResource(self, kind)
 
-    def render(self, request: Request, kind: str) -> Any:
+    def render(self, request: Request, kind: str) -> Rendered:
         """Start the calls; the answer is written when the last one ends."""
         Deferred.fromCoroutine(self._serve(request, kind))
         return NOT_DONE_YET
@@ -180,7 +181,7 @@ class _ListResource(Resource):
         self._fanout = fanout
         self._kind = kind
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> Rendered:
         return self._fanout.render(request, self._kind)
 
 

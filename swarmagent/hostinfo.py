@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
+from swarmagent.twisted_types import Rendered
 
 log = logger(__name__)
 
@@ -239,7 +240,7 @@ class HostInfoResource(Resource):
         self._root = root
         self._reactor = reactor
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> Rendered:
         Deferred.fromCoroutine(self._serve(request))
         return NOT_DONE_YET
 

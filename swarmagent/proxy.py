@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
@@ -21,6 +21,7 @@ from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
 from swarmagent.peers import Peer
 from swarmagent.tunnel import hijack, wants_upgrade
+from swarmagent.twisted_types import Rendered, request_body
 from swarmagent.wire import AGENT_HEADERS
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class Relay:
         self._cooperator = cooperator
 
     def _body(self, request: Request) -> IBodyProducer | None:
-        content = request.content
+        content = request_body(request)
         if content is None:
             return None
         content.seek(0, 2)
@@ -193,7 +194,7 @@ class EngineProxy(ReverseProxyResource):
         self._relay = relay
         self._nodes = nodes
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         request.defaultContentType = None
         _, url, headers = self._nodes.copy(self._nodes.me, request.uri, request)
         self._relay(request, url, headers, "Unable to reach the Docker engine")
@@ -214,7 +215,7 @@ class PeerProxy(ReverseProxyResource):
         self._nodes = nodes
         self._peer = peer
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         request.defaultContentType = None
         _, url, headers = self._nodes.copy(self._peer, request.uri, request)
         self._relay(request, url, headers, f"Unable to reach the agent of node {self._peer.name}")

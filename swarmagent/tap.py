@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.internet.task import Cooperator
 from twisted.names import client as dns_client
 from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
-from twisted.web.client import Agent
-from twisted.web.resource import IResource, Resource
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from swarmagent.api import AgentRoot
@@ -37,6 +38,10 @@ from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
 from swarmagent.tls import HTTP11Site, from_settings
+from swarmagent.twisted_types import IAgentReactor, Rendered
+
+if TYPE_CHECKING:
+    from swarmagent.websocket import ConsoleResource
 
 __all__ = ["Options", "makeService"]
 
@@ -47,11 +52,11 @@ IDLE_TIMEOUT = 120
 class _PoolService(MultiService):
     """Closes the pooled connections when the agent stops."""
 
-    def __init__(self, pools: list[Any]) -> None:
+    def __init__(self, pools: list[HTTPConnectionPool]) -> None:
         super().__init__()
         self._pools = pools
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[list[None]]:
         super().stopService()
         return gatherResults([p.closeCachedConnections() for p in self._pools])
 
@@ -64,32 +69,33 @@ class LazyConsoles(Resource):
 
     isLeaf = True
 
-    def __init__(self, endpoints: EngineEndpoints, reactor: Any) -> None:
+    def __init__(self, endpoints: EngineEndpoints, reactor: IReactorTime) -> None:
         super().__init__()
         self._endpoints = endpoints
         self._reactor = reactor
-        self._resource: IResource | None = None
+        self._resource: ConsoleResource | None = None
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         if self._resource is None:
             from swarmagent.websocket import ConsoleFactory, ConsoleResource
 
             self._resource = ConsoleResource(ConsoleFactory(self._endpoints, self._reactor))
-        resource: IResource = self._resource
-        return resource.render(request)
+        return self._resource.render(request)
 
 
 def makeService(
     options: Options,
-    reactor: Any = None,
-    resolver: Any = None,
+    reactor: IAgentReactor | None = None,
+    resolver: IResolver | None = None,
     hostname: str | None = None,
 ) -> MultiService:
     """Build the agent: the API listener and the discovery timer."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor
+        # Typed with the common interfaces only; the POSIX reactors twistd
+        # installs also run threads, UNIX sockets and the name resolver.
+        reactor = cast(IAgentReactor, default_reactor)
     if resolver is None:
         resolver = ResolverChain(
             [

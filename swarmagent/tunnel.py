@@ -10,9 +10,11 @@ and splices the two.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
+from typing import cast
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -22,6 +24,7 @@ from zope.interface import implementer
 
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
+from swarmagent.twisted_types import StreamTransport, request_body
 from swarmagent.upgrade import Answer, UpgradeClient, upgrade_request
 
 log = logger(__name__)
@@ -57,12 +60,15 @@ class Tunnel:
     """Two connections spliced: the client's, taken from twisted.web, and the upstream's."""
 
     def __init__(
-        self, client: Any, request: bytes, extra_headers: tuple[tuple[bytes, bytes], ...]
+        self,
+        client: StreamTransport,
+        request: bytes,
+        extra_headers: tuple[tuple[bytes, bytes], ...],
     ) -> None:
         self.client = client
         self.request = request
         self._extra = extra_headers
-        self.upstream: Any = None
+        self.upstream: StreamTransport | None = None
         self._early: list[bytes] = []
         self._client_eof = False
         self.closed = False
@@ -85,7 +91,7 @@ class Tunnel:
             self.upstream.loseConnection()
 
     # upstream side
-    def upstream_connected(self, transport: Any) -> None:
+    def upstream_connected(self, transport: StreamTransport) -> None:
         """The request is sent: what the client sent since follows."""
         self.upstream = transport
         for data in self._early:
@@ -141,7 +147,8 @@ class _UpstreamSide(UpgradeClient):
             self.transport.loseConnection()
             return
         super().connectionMade()
-        self.tunnel.upstream_connected(self.transport)
+        # TCP's or HalfCloseTLS's: ``Protocol`` types it ITransport only.
+        self.tunnel.upstream_connected(cast(StreamTransport, self.transport))
 
     def answerReceived(self, answer: Answer) -> None:
         self.tunnel.upstream_answered(answer)
@@ -163,10 +170,17 @@ class _UpstreamSide(UpgradeClient):
         self.tunnel.client.loseConnection()
 
 
-def take_over(request: Request, tunnel_for: Any) -> Any:
+class _Delivers(TypingProtocol):
+    """A bare transport (TCP's): what it reads goes to its ``protocol``."""
+
+    protocol: IProtocol
+
+
+def take_over(request: Request, tunnel_for: Callable[[StreamTransport], Tunnel]) -> Tunnel:
     """Detach the client's connection from twisted.web and hand it to a tunnel."""
     channel = request.channel
-    transport: Any = channel.transport
+    # The listener's HalfCloseTLS (over TCP): ``HTTPChannel`` types it ITransport only.
+    transport = cast(StreamTransport, channel.transport)
     channel.transport = None
     transport.unregisterProducer()
     tunnel: Tunnel = tunnel_for(transport)
@@ -174,7 +188,7 @@ def take_over(request: Request, tunnel_for: Any) -> Any:
     if isinstance(transport, ProtocolWrapper):
         transport.wrappedProtocol = client_side
     else:
-        transport.protocol = client_side
+        cast(_Delivers, transport).protocol = client_side
     client_side.makeConnection(transport)
     # Served after a wait (the container's node looked up first), the
     # channel may hold bytes the client sent after its request: the stream's.
@@ -196,9 +210,9 @@ def hijack(
     headers: Headers,
     extra_headers: tuple[tuple[bytes, bytes], ...],
     what: str,
-) -> Any:
+) -> int:
     """Serve an upgrade request by splicing the client to ``endpoint``."""
-    content = request.content
+    content = request_body(request)
     body = b""
     if content is not None:
         content.seek(0)
