@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from io import BytesIO
-from typing import IO, Any
+from typing import IO, Protocol, TypeVar
 from urllib.parse import quote, unquote
 
 from twisted.internet.defer import Deferred
@@ -80,14 +80,19 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # right after, by fstat).
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
-#: Runs a blocking call and gives its result: in the reactor's thread pool.
-Runner = Callable[..., Deferred[Any]]
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    """Runs a blocking call and gives its result: in the reactor's thread pool."""
+
+    def __call__(self, f: Callable[..., T], /, *args: object) -> Deferred[T]: ...
 
 
 def threaded(reactor: IReactorThreads) -> Runner:
     """A runner for the disk work: the reactor's thread pool."""
 
-    def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    def run(f: Callable[..., T], /, *args: object) -> Deferred[T]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     return run
@@ -323,7 +328,7 @@ def parent_of(root: Root, root_fd: int, parts: Sequence[str]) -> Iterator[tuple[
 # --- the operations (blocking: run by the Runner) ----------------------------
 
 
-def list_dir(root: Root, parts: list[str]) -> list[dict[str, Any]]:
+def list_dir(root: Root, parts: list[str]) -> list[dict[str, object]]:
     """``ls``: the folder's entries, links listed as themselves (not as Dir)."""
     with root.opened() as root_fd:
         fd = open_dir(root, root_fd, parts)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, cast
 
-from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
@@ -147,7 +146,7 @@ def makeService(
         options["fanout-timeout"],
         credentials=probe_headers,
     )
-    engine = Engine(HTTPClient(engine_client), reactor, timeout=max(connect_timeout, 10.0))
+    engine = Engine(engine_client, reactor, timeout=max(connect_timeout, 10.0))
     discovery = Discovery(
         table,
         engine,

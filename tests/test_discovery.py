@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -57,7 +57,7 @@ class DiscoveryCase(SynchronousTestCase):
         self.table = self.make_table(me)
         self.discovery = Discovery(
             self.table,
-            Engine(StubTreq(self.engine), self.clock, timeout=10),  # type: ignore[arg-type]
+            Engine(RequestTraversalAgent(self.engine), self.clock, timeout=10),
             self.resolver,
             callable_probe(self.answers),
             self.clock,

@@ -21,7 +21,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.test.requesthelper import DummyChannel
 from zope.interface import implementer
 
 from swarmagent import certs, tls
@@ -269,7 +269,8 @@ class HandshakeTests(unittest.TestCase):
 class VerifiedClientTests(unittest.SynchronousTestCase):
     def test_plain_request(self) -> None:
         server = ServerTLS(tls.generated_identity("node1", "127.0.0.1"))
-        request: Any = DummyRequest([b""])
+        # A request on a plain TCP connection: no TLS handle to ask.
+        request = Request(DummyChannel())
         self.assertFalse(server.verified_client(request))
         self.assertIsNone(server.verified_peer(request))
 
