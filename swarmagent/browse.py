@@ -39,7 +39,7 @@ from swarmagent.clients import ENGINE_BASE, get_within
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
 from swarmagent.routing import strip_version
-from swarmagent.twisted_types import Rendered, request_body
+from swarmagent.twisted_types import Rendered, request_args, request_body
 
 log = logger(__name__)
 
@@ -134,7 +134,7 @@ def volume_of(request: Request) -> str | None:
 
 
 def _arg(request: Request, name: bytes) -> str | None:
-    args: dict[bytes, list[bytes]] = request.args or {}
+    args = request_args(request)
     values = args.get(name)
     if not values or not values[0]:
         return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -37,7 +37,7 @@ from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
 from swarmagent.tls import HTTP11Site, from_settings
-from swarmagent.twisted_types import IAgentReactor, Rendered
+from swarmagent.twisted_types import IAgentReactor, Rendered, installed_reactor
 
 if TYPE_CHECKING:
     from swarmagent.websocket import ConsoleResource
@@ -90,11 +90,7 @@ def makeService(
 ) -> MultiService:
     """Build the agent: the API listener and the discovery timer."""
     if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        # Typed with the common interfaces only; the POSIX reactors twistd
-        # installs also run threads, UNIX sockets and the name resolver.
-        reactor = cast(IAgentReactor, default_reactor)
+        reactor = installed_reactor()
     if resolver is None:
         resolver = ResolverChain(
             [

@@ -2,7 +2,7 @@
 
 The agent's reactor (an intersection of reactor interfaces) and the part of
 it a client needs, a connection's transport as a tunnel drives it, what a
-resource's ``render`` returns, and a request's body file.
+resource's ``render`` returns, and a request's body file and arguments.
 """
 
 from __future__ import annotations
@@ -40,6 +40,15 @@ class IAgentReactor(
     A type for the checker only: no reactor declares it, so the caller casts
     one that provides each part (every POSIX reactor does).
     """
+
+
+def installed_reactor() -> IAgentReactor:
+    """The installed (global) reactor, as an :class:`IAgentReactor`."""
+    from twisted.internet import reactor
+
+    # Typed with the common interfaces only; the POSIX reactors twistd
+    # installs also run threads, UNIX sockets and the name resolver.
+    return cast(IAgentReactor, reactor)
 
 
 class ClientReactor(Protocol):
@@ -93,3 +102,11 @@ def request_body(request: Request) -> IO[bytes] | None:
     reads as always None; it is a ``BinaryIO`` once the body is being read.
     """
     return cast("IO[bytes] | None", request.content)
+
+
+def request_args(request: Request) -> dict[bytes, list[bytes]]:
+    """The request's query arguments (empty before twisted.web parsed any).
+
+    ``Request`` declares ``args = None`` at class level, as it does ``content``.
+    """
+    return cast("dict[bytes, list[bytes]] | None", request.args) or {}

@@ -41,7 +41,7 @@ from swarmagent.errors import describe, error_body, write_error
 from swarmagent.logs import logger
 from swarmagent.routing import strip_version
 from swarmagent.tunnel import error_response
-from swarmagent.twisted_types import Rendered, StreamTransport
+from swarmagent.twisted_types import Rendered, StreamTransport, request_args
 from swarmagent.upgrade import MAX_HEAD, Answer, UpgradeClient, upgrade_request
 from swarmagent.wire import AGENT_HEADERS, CONSOLE_PATHS, HOP
 
@@ -369,7 +369,7 @@ class ConsoleResource(WebSocketResource):
     """Checks a console request, then takes its connection over for the WebSocket."""
 
     def render(self, request: Request) -> Rendered:
-        args: dict[bytes, list[bytes]] = request.args or {}
+        args = request_args(request)
         ident = args.get(b"id", [b""])[0]
         if not _HEX.fullmatch(ident):
             return write_error(

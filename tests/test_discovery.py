@@ -7,7 +7,7 @@ from typing import Any
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.names.error import DNSNameError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,6 +25,7 @@ from tests.helpers import (
     callable_probe,
     manager,
     node_doc,
+    observe_logs,
     srv_record,
     worker,
 )
@@ -356,7 +357,7 @@ class ManagerNodeListTests(DiscoveryCase):
         super().setUp()
         self.engine.nodes = [node_doc(ME), node_doc(B), node_doc(D)]
         self.asked: list[tuple[Peer, str]] = []
-        self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logs = observe_logs(self)
 
     def make_node_list(self) -> NodeList:
         async def node_list(manager: Peer) -> dict[str, str]:
@@ -465,7 +466,7 @@ class WorkerNodeListTests(DiscoveryCase):
             }
         )
         self.resolver.names[NAME].append("10.0.0.3")
-        self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logs = observe_logs(self)
 
     def make_node_list(self) -> NodeList:
         hosts = {b"10.0.0.2:9001": self.b_agent, b"10.0.0.3:9001": self.c_agent}
