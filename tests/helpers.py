@@ -14,7 +14,7 @@ from typing import Any, cast
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -162,8 +162,11 @@ class FakeEngineResource(Resource):
             return b'{"message":"engine is down"}'
         me = self.identity
         if request.path == b"/info":
-            swarm = {"NodeID": me.node_id, "LocalNodeState": "active" if me.swarm else "inactive"}
-            swarm["ControlAvailable"] = me.swarm and me.role == MANAGER  # type: ignore[assignment]
+            swarm: dict[str, object] = {
+                "NodeID": me.node_id,
+                "LocalNodeState": "active" if me.swarm else "inactive",
+                "ControlAvailable": me.swarm and me.role == MANAGER,
+            }
             return _json({"Name": me.name, "ServerVersion": me.engine_version, "Swarm": swarm})
         if request.path == b"/nodes":
             if self.nodes is None:
@@ -292,6 +295,13 @@ def parse_response(raw: bytes) -> Response:
     return Response(code, headers, rest[:length], len(rest) >= length)
 
 
+class ClientTransport(StringTransport):
+    """A client connection's transport: like TCP's, it hands what it reads to
+    its ``protocol``, which a tunnel sets when it takes the connection over."""
+
+    protocol: IProtocol | None = None
+
+
 class HalfCloseTransport(StringTransport):
     """A StringTransport that half-closes too, as TCP's and TLS's transports do."""
 
@@ -305,7 +315,7 @@ class Client:
     """One client connection to a Site, driven by hand."""
 
     def __init__(self, site: Site) -> None:
-        self.transport = StringTransport(peerAddress=CLIENT)
+        self.transport = ClientTransport(peerAddress=CLIENT)
         self.channel = site.buildProtocol(CLIENT)
         self.channel.makeConnection(self.transport)
 

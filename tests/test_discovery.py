@@ -399,7 +399,8 @@ class ManagerNodeListTests(DiscoveryCase):
 
     def test_node_added_to_the_swarm(self) -> None:
         self.start()
-        self.engine.nodes.append(node_doc(C))  # type: ignore[union-attr]
+        assert self.engine.nodes is not None
+        self.engine.nodes.append(node_doc(C))
         self.tick()
         self.assertEqual(self.table.agentless(), [("id-c", "c"), ("id-d", "d")])
 

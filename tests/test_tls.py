@@ -14,8 +14,8 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, ISystemHandle
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
@@ -59,15 +59,17 @@ class _OneRequest(Protocol):
         self.tls_version: str | None = None
 
     def connectionMade(self) -> None:
-        self.transport.write(b"GET / HTTP/1.0\r\nHost: agent\r\n\r\n")  # type: ignore[union-attr]
+        assert self.transport is not None
+        self.transport.write(b"GET / HTTP/1.0\r\nHost: agent\r\n\r\n")
 
     def dataReceived(self, data: bytes) -> None:
         if self.tls_version is None:
-            handle = self.transport.getHandle()  # type: ignore[union-attr]
+            handle = ISystemHandle(self.transport).getHandle()  # TLS's: its SSL.Connection
+            assert isinstance(handle, SSL.Connection)
             self.tls_version = handle.get_protocol_version_name()
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if reason.check(ConnectionDone):
             self.done.callback(b"".join(self.chunks))
         else:

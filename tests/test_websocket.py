@@ -101,11 +101,12 @@ class FakeEngineEndpoint:
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         if self.refuse:
             return fail(ConnectionRefusedError("engine down"))
-        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2375))
-        assert protocol is not None
+        # As an object: mypy-zope would narrow the IProtocol to nothing.
+        protocol: object = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2375))
+        assert isinstance(protocol, Protocol)
         transport = Wire()
         protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))  # type: ignore[arg-type]
+        self.connections.append((protocol, transport))
         return succeed(protocol)
 
 
