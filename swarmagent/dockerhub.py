@@ -82,7 +82,7 @@ class HubError(Exception):
         self.details = details
 
 
-class _Object(list[tuple[str, Any]]):
+class _Object(list[tuple[str, object]]):
     """A JSON object's members in order (duplicates kept), as Go's decoder sees them."""
 
 
@@ -93,7 +93,7 @@ def _reject_constant(name: str) -> NoReturn:
 _DECODER = json.JSONDecoder(object_pairs_hook=_Object, parse_constant=_reject_constant)
 
 
-def _json_kind(value: Any) -> str:
+def _json_kind(value: object) -> str:
     """A JSON value's type in Go's words."""
     if value is None:
         return "null"
@@ -106,7 +106,7 @@ def _json_kind(value: Any) -> str:
     return "object" if isinstance(value, _Object) else "array"
 
 
-def _decode_first(body: bytes) -> Any:
+def _decode_first(body: bytes) -> object:
     """The first JSON value of ``body``, as Go's ``json.Decoder.Decode`` reads it.
 
     What follows that value is not read, so it is not checked; invalid UTF-8
@@ -122,7 +122,7 @@ def _decode_first(body: bytes) -> Any:
         raise ValueError(f"not JSON: {e}") from None
 
 
-def _members(doc: Any, names: dict[str, type], what: str) -> dict[str, Any]:
+def _members(doc: object, names: dict[str, type], what: str) -> dict[str, Any]:
     """The fields of a Go struct (``what``) decoded from ``doc``, by lower-case name.
 
     As encoding/json does: a ``null`` document or member leaves fields unset,
@@ -231,7 +231,7 @@ class DockerHub:
             return None
         return {"remaining": remaining, "limit": limit}
 
-    def _within(self, call: Coroutine[Any, Any, T], deadline: float) -> Deferred[T]:
+    def _within(self, call: Coroutine[Deferred[object], object, T], deadline: float) -> Deferred[T]:
         def timed_out(result: object, timeout: float) -> NoReturn:
             raise TimeoutError(f"no answer within {self._timeout:g} s")
 

@@ -23,7 +23,7 @@ class EngineError(Exception):
     """The engine could not be reached or answered with an error."""
 
 
-def expected_nodes(doc: Any) -> dict[str, str]:
+def expected_nodes(doc: object) -> dict[str, str]:
     """Node ID → hostname of the nodes in a ``GET /nodes`` answer that should
     run an agent: every node but the drained ones (whose tasks, the agent's
     included, are moved off on purpose). Raise ValueError if it is not a list."""

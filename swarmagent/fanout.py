@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeGuard
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.resource import IResource, Resource
@@ -56,7 +56,7 @@ def once_per_swarm(request: Request, kind: str) -> bool:
     return kind == "networks" and not request.requestHeaders.hasHeader(SIGNATURE_HEADER)
 
 
-def parse_list(kind: str, body: bytes) -> tuple[list[Any], list[str]]:
+def parse_list(kind: str, body: bytes) -> tuple[list[object], list[str]]:
     """The items and engine warnings of one node's list answer."""
     try:
         doc = json.loads(body)
@@ -185,10 +185,10 @@ class _ListResource(Resource):
         return self._fanout.render(request, self._kind)
 
 
-def _swarm_scoped(item: Any) -> bool:
+def _swarm_scoped(item: object) -> TypeGuard[dict[str, object]]:
     return isinstance(item, dict) and item.get("Scope") == "swarm"
 
 
-def _encode_items(items: list[Any]) -> bytes:
+def _encode_items(items: list[object]) -> bytes:
     """``items`` as JSON without the enclosing brackets (b"" for none)."""
     return json.dumps(items, separators=(",", ":"))[1:-1].encode("utf-8")

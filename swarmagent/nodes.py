@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -162,7 +162,7 @@ class Nodes:
         return [NodeFailed(NO_AGENT, node=name) for _, name in self.table.agentless()]
 
 
-def tag(items: list[Any], node_name: str) -> list[Any]:
+def tag(items: list[object], node_name: str) -> list[object]:
     """Mark each item (list item or event) with its node, where the Portainer UI looks for it."""
     mark = {"Agent": {"NodeName": node_name}}
     for item in items:
