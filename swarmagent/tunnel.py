@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
-from swarmagent.twisted_types import StreamTransport, request_body
+from swarmagent.twisted_types import StreamTransport, request_body, stream_transport
 from swarmagent.upgrade import Answer, UpgradeClient, upgrade_request
 
 log = logger(__name__)
@@ -147,8 +147,7 @@ class _UpstreamSide(UpgradeClient):
             self.transport.loseConnection()
             return
         super().connectionMade()
-        # TCP's or HalfCloseTLS's: ``Protocol`` types it ITransport only.
-        self.tunnel.upstream_connected(cast(StreamTransport, self.transport))
+        self.tunnel.upstream_connected(stream_transport(self.transport))
 
     def answerReceived(self, answer: Answer) -> None:
         self.tunnel.upstream_answered(answer)
@@ -179,8 +178,7 @@ class _Delivers(TypingProtocol):
 def take_over(request: Request, tunnel_for: Callable[[StreamTransport], Tunnel]) -> Tunnel:
     """Detach the client's connection from twisted.web and hand it to a tunnel."""
     channel = request.channel
-    # The listener's HalfCloseTLS (over TCP): ``HTTPChannel`` types it ITransport only.
-    transport = cast(StreamTransport, channel.transport)
+    transport = stream_transport(channel.transport)  # the listener's HalfCloseTLS
     channel.transport = None
     transport.unregisterProducer()
     tunnel: Tunnel = tunnel_for(transport)

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import (
     IReactorThreads,
     IReactorTime,
     IReactorUNIX,
+    ITransport,
 )
 from twisted.internet.protocol import ClientFactory
 from twisted.web.server import Request
@@ -93,6 +94,15 @@ class StreamTransport(Protocol):
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
     def stopProducing(self) -> None: ...
+
+
+def stream_transport(transport: ITransport | None) -> StreamTransport:
+    """A connection's transport as the TCP or TLS one it is.
+
+    ``Protocol.transport`` and ``HTTPChannel.transport`` are typed
+    ``ITransport`` (or None) only.
+    """
+    return cast(StreamTransport, transport)
 
 
 def request_body(request: Request) -> IO[bytes] | None:

@@ -21,7 +21,6 @@ import codecs
 import json
 import re
 from collections.abc import Callable, Sequence
-from typing import cast
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -41,7 +40,7 @@ from swarmagent.errors import describe, error_body, write_error
 from swarmagent.logs import logger
 from swarmagent.routing import strip_version
 from swarmagent.tunnel import error_response
-from swarmagent.twisted_types import Rendered, StreamTransport, request_args
+from swarmagent.twisted_types import Rendered, StreamTransport, request_args, stream_transport
 from swarmagent.upgrade import MAX_HEAD, Answer, UpgradeClient, upgrade_request
 from swarmagent.wire import AGENT_HEADERS, CONSOLE_PATHS, HOP
 
@@ -289,13 +288,11 @@ class ConsoleProtocol(WebSocketServerProtocol):
             self._engine.transport.loseConnection()
 
     def _client(self) -> StreamTransport:
-        # The listener's HalfCloseTLS: ``Protocol`` types it ITransport only.
-        return cast(StreamTransport, self.transport)
+        return stream_transport(self.transport)  # the listener's HalfCloseTLS
 
     def _engine_transport(self) -> StreamTransport:
         assert self._engine is not None and self._engine.transport is not None
-        # The engine connection's (UNIX or TCP): typed ITransport only, as above.
-        return cast(StreamTransport, self._engine.transport)
+        return stream_transport(self._engine.transport)  # UNIX's or TCP's
 
 
 @implementer(IPushProducer)
@@ -382,7 +379,6 @@ class ConsoleResource(WebSocketResource):
             )
         # twisted.web's channel is the connection's producer; the console
         # registers its own, so the channel lets go first (as tunnel.take_over).
-        # HalfCloseTLS, typed ITransport only: see ``ConsoleProtocol._client``.
-        cast(StreamTransport, request.channel.transport).unregisterProducer()
+        stream_transport(request.channel.transport).unregisterProducer()
         rendered: Rendered = super().render(request)  # autobahn's is untyped
         return rendered

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from OpenSSL.SSL import SENT_SHUTDOWN
 from twisted.internet.defer import Deferred, succeed
@@ -11,7 +11,6 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
-    ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
@@ -25,7 +24,7 @@ from zope.interface import implementer
 from swarmagent import tls
 from swarmagent.halfclose import HalfCloseTLS, HalfCloseTLSEndpoint, HalfCloseTLSFactory
 from swarmagent.tunnel import Tunnel, _ClientSide, _UpstreamSide
-from swarmagent.twisted_types import StreamTransport
+from swarmagent.twisted_types import stream_transport
 
 IDENTITY = tls.generated_identity("node1", "127.0.0.1")
 
@@ -56,26 +55,20 @@ class HalfRecorder(Recorder):
         pass
 
 
-def half_closeable(transport: ITransport | None) -> StreamTransport:
-    """A TLS transport under test, as what it is: half-closeable."""
-    # Protocol types its transport ITransport only; a TLS one has loseWriteConnection.
-    return cast(StreamTransport, transport)
-
-
 class Greeter(HalfRecorder):
     """Writes and ends its output as soon as it is connected, mid-handshake."""
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.write(b"early")
-        half_closeable(self.transport).loseWriteConnection()
+        stream_transport(self.transport).loseWriteConnection()
 
 
 class Quiet(HalfRecorder):
     """Ends its output as soon as it is connected, having written nothing."""
 
     def connectionMade(self) -> None:
-        half_closeable(self.transport).loseWriteConnection()
+        stream_transport(self.transport).loseWriteConnection()
 
 
 class Closer(HalfRecorder):
