@@ -137,7 +137,7 @@ class StubResolver(ResolverBase):
         return succeed((answers, [], additional))
 
 
-# --- a fake engine, served over treq.testing.StubTreq ------------------------
+# --- a fake engine, served over treq.testing.RequestTraversalAgent -----------
 
 
 class FakeEngineResource(Resource):
