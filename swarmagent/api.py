@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
 
 from twisted.internet.defer import Deferred
@@ -50,6 +49,7 @@ from swarmagent.routing import (
     strip_version,
 )
 from swarmagent.tunnel import wants_upgrade
+from swarmagent.twisted_types import Rendered, request_body
 from swarmagent.wire import (
     AGENT_HEADERS,
     CONSOLE_PATHS,
@@ -65,7 +65,7 @@ log = logger(__name__)
 
 def _body(request: Request) -> bytes:
     """The start of the request body, enough to read a network's driver."""
-    content = request.content
+    content = request_body(request)
     if content is None:
         return b""
     content.seek(0)
@@ -387,7 +387,7 @@ class _Gone(Resource):
 
     isLeaf = True
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         return NOT_DONE_YET
 
 

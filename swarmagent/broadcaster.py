@@ -44,6 +44,7 @@ from swarmagent.nodes import (
 )
 from swarmagent.peers import Peer
 from swarmagent.progress import MergedProgress, failed_on, refusal
+from swarmagent.twisted_types import request_body
 
 log = logger(__name__)
 
@@ -98,7 +99,7 @@ def body_copies(request: Request, cooperator: Cooperator) -> Callable[[], IBodyP
     reads the same bytes; a larger one is a temporary file, which each copy
     reads with its own :class:`SpooledReader`.
     """
-    content = request.content
+    content = request_body(request)
     if content is None:
         return lambda: None
     try:

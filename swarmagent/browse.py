@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from io import BytesIO
-from typing import IO, Any
+from typing import IO, Protocol, TypeVar
 from urllib.parse import quote, unquote
 
 from twisted.internet.defer import Deferred
@@ -39,6 +39,7 @@ from swarmagent.clients import ENGINE_BASE, get_within
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
 from swarmagent.routing import strip_version
+from swarmagent.twisted_types import Rendered, request_args, request_body
 
 log = logger(__name__)
 
@@ -79,14 +80,19 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # right after, by fstat).
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
-#: Runs a blocking call and gives its result: in the reactor's thread pool.
-Runner = Callable[..., Deferred[Any]]
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    """Runs a blocking call and gives its result: in the reactor's thread pool."""
+
+    def __call__(self, f: Callable[..., T], /, *args: object) -> Deferred[T]: ...
 
 
 def threaded(reactor: IReactorThreads) -> Runner:
     """A runner for the disk work: the reactor's thread pool."""
 
-    def run(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    def run(f: Callable[..., T], /, *args: object) -> Deferred[T]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     return run
@@ -128,7 +134,7 @@ def volume_of(request: Request) -> str | None:
 
 
 def _arg(request: Request, name: bytes) -> str | None:
-    args: dict[bytes, list[bytes]] = request.args or {}
+    args = request_args(request)
     values = args.get(name)
     if not values or not values[0]:
         return None
@@ -322,7 +328,7 @@ def parent_of(root: Root, root_fd: int, parts: Sequence[str]) -> Iterator[tuple[
 # --- the operations (blocking: run by the Runner) ----------------------------
 
 
-def list_dir(root: Root, parts: list[str]) -> list[dict[str, Any]]:
+def list_dir(root: Root, parts: list[str]) -> list[dict[str, object]]:
     """``ls``: the folder's entries, links listed as themselves (not as Dir)."""
     with root.opened() as root_fd:
         fd = open_dir(root, root_fd, parts)
@@ -415,7 +421,7 @@ def rename(root: Root, current: list[str], new: list[str]) -> None:
 def _body_of(request: Request) -> IO[bytes]:
     """The request body as a file of our own: the request closes its
     ``content`` if the client goes away, while a thread may be reading it."""
-    content = request.content
+    content = request_body(request)
     assert content is not None
     try:
         fd = content.fileno()
@@ -805,7 +811,7 @@ class BrowseResource(Resource):
         self._timeout = timeout
         self._run = run
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         parsed = parse_browse_path(bare_path(request.path))
         if parsed is None:
             return write_error(request, 404, "Not found", "no such browse operation")
@@ -918,7 +924,7 @@ class BrowseResource(Resource):
 
 
 def _rename_payload(request: Request) -> tuple[str, str]:
-    content = request.content
+    content = request_body(request)
     raw = content.read(MAX_JSON + 1) if content is not None else b""
     if len(raw) > MAX_JSON:
         raise Refused(400, "the payload is too large", BAD_PAYLOAD)

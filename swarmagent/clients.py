@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import socket
-from typing import Any, NoReturn
+from typing import NoReturn, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ISystemHandle,
+)
+from twisted.internet.protocol import Protocol
 from twisted.web.client import URI, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
@@ -15,6 +23,7 @@ from zope.interface import implementer
 
 from swarmagent.config import EngineAddress
 from swarmagent.halfclose import HalfCloseTLSEndpoint
+from swarmagent.twisted_types import ClientReactor
 
 # A peer that dies with requests in flight must cost a bounded wait, yet an
 # engine may take minutes to answer (a container stop with a long grace
@@ -29,8 +38,10 @@ USER_TIMEOUT_MS = 20_000
 ENGINE_BASE = b"http://docker"
 
 
-def _tune(protocol: Any) -> Any:
-    sock = protocol.transport.getHandle()
+def _tune(protocol: IProtocol) -> IProtocol:
+    # A connected Protocol, on a TCP transport (an ISystemHandle): neither
+    # declared by IStreamClientEndpoint.connect.
+    sock = cast(ISystemHandle, cast(Protocol, protocol).transport).getHandle()
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for name, value in (
@@ -51,7 +62,7 @@ class TunedTCPEndpoint:
     def __init__(self, inner: IStreamClientEndpoint) -> None:
         self._inner = inner
 
-    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         return self._inner.connect(protocolFactory).addCallback(_tune)
 
 
@@ -59,7 +70,7 @@ class TunedTCPEndpoint:
 class EngineEndpoints:
     """Every URI maps to the local engine, whatever its host part says."""
 
-    def __init__(self, reactor: Any, address: EngineAddress, timeout: float) -> None:
+    def __init__(self, reactor: ClientReactor, address: EngineAddress, timeout: float) -> None:
         self._reactor = reactor
         self._address = address
         self._timeout = timeout
@@ -77,7 +88,9 @@ class EngineEndpoints:
 class PeerEndpoints:
     """TLS over TCP to the host and port a peer URI names."""
 
-    def __init__(self, reactor: Any, timeout: float, tls: Any) -> None:
+    def __init__(
+        self, reactor: ClientReactor, timeout: float, tls: IOpenSSLClientConnectionCreator
+    ) -> None:
         self._reactor = reactor
         self._timeout = timeout
         self._tls = tls
@@ -94,7 +107,7 @@ class _QuietFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def make_pool(reactor: Any) -> HTTPConnectionPool:
+def make_pool(reactor: IReactorTime) -> HTTPConnectionPool:
     """Persistent connections, enough per host for a burst of parallel calls."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietFactory

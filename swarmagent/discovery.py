@@ -7,11 +7,11 @@ import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.names import dns
 from twisted.names.error import DomainError
 from twisted.python.failure import Failure
@@ -114,7 +114,7 @@ class Discovery:
         self,
         table: PeerTable,
         engine: Engine,
-        resolver: Any,
+        resolver: IResolver,
         probe: Probe,
         clock: IReactorTime,
         *,
@@ -321,7 +321,8 @@ class Discovery:
         """Addresses and ports of the agents behind ``name``."""
         if not name.startswith("_"):
             return [(a, self._port) for a in await self._addresses(name)]
-        answers, _, additional = await self._resolver.lookupService(name, timeout=DNS_TIMEOUTS)
+        lookup = self._resolver.lookupService(name, timeout=DNS_TIMEOUTS)
+        answers, _, additional = await _records(lookup)
         glue: dict[str, list[str]] = {}
         for record in additional:
             if record.type in (dns.A, dns.AAAA):
@@ -330,22 +331,25 @@ class Discovery:
         for record in answers:
             if record.type != dns.SRV:
                 continue
-            target = str(record.payload.target)
+            srv: object = record.payload  # see _address
+            assert isinstance(srv, dns.Record_SRV)
+            target = str(srv.target)
             addresses = glue.get(target.lower()) or await self._addresses(target)
-            found.extend((a, record.payload.port) for a in addresses)
+            found.extend((a, srv.port) for a in addresses)
         return found
 
     async def _addresses(self, name: str) -> list[str]:
         lookups = [
-            self._resolver.lookupAddress(name, timeout=DNS_TIMEOUTS),
-            self._resolver.lookupIPV6Address(name, timeout=DNS_TIMEOUTS),
+            _records(self._resolver.lookupAddress(name, timeout=DNS_TIMEOUTS)),
+            _records(self._resolver.lookupIPV6Address(name, timeout=DNS_TIMEOUTS)),
         ]
         results = await DeferredList(lookups, consumeErrors=True)
         found: list[str] = []
         errors: list[Failure] = []
         for ok, result in results:
             if not ok:
-                errors.append(result)
+                # DeferredList's annotation has no room for the Failure.
+                errors.append(cast(Failure, result))
                 continue
             answers = result[0]
             found.extend(_address(r) for r in answers if r.type in (dns.A, dns.AAAA))
@@ -356,10 +360,26 @@ class Discovery:
         return sorted(set(found))
 
 
-def _address(record: Any) -> str:
+#: A lookup's records: the answers, authority and additional sections.
+Records = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
+
+
+def _records(
+    lookup: Deferred[tuple[dns.RRHeader, dns.RRHeader, dns.RRHeader]],
+) -> Deferred[Records]:
+    # IResolver's annotations give each section as one record; each is a list.
+    return cast("Deferred[Records]", lookup)
+
+
+def _address(record: dns.RRHeader) -> str:
+    # As an object: mypy-zope finds no class within the declared
+    # IEncodableRecord, so isinstance would narrow it to nothing.
+    payload: object = record.payload
     if record.type == dns.A:
-        return str(record.payload.dottedQuad())
-    return socket.inet_ntop(socket.AF_INET6, record.payload.address)
+        assert isinstance(payload, dns.Record_A)
+        return str(payload.dottedQuad())
+    assert isinstance(payload, dns.Record_AAAA)
+    return socket.inet_ntop(socket.AF_INET6, payload.address)
 
 
 def _names(nodes: Mapping[str, str], without: Mapping[str, str]) -> str:

@@ -36,6 +36,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from swarmagent import __version__
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
+from swarmagent.twisted_types import ClientReactor, Rendered, request_body
 
 log = logger(__name__)
 
@@ -81,7 +82,7 @@ class HubError(Exception):
         self.details = details
 
 
-class _Object(list[tuple[str, Any]]):
+class _Object(list[tuple[str, object]]):
     """A JSON object's members in order (duplicates kept), as Go's decoder sees them."""
 
 
@@ -92,7 +93,7 @@ def _reject_constant(name: str) -> NoReturn:
 _DECODER = json.JSONDecoder(object_pairs_hook=_Object, parse_constant=_reject_constant)
 
 
-def _json_kind(value: Any) -> str:
+def _json_kind(value: object) -> str:
     """A JSON value's type in Go's words."""
     if value is None:
         return "null"
@@ -105,7 +106,7 @@ def _json_kind(value: Any) -> str:
     return "object" if isinstance(value, _Object) else "array"
 
 
-def _decode_first(body: bytes) -> Any:
+def _decode_first(body: bytes) -> object:
     """The first JSON value of ``body``, as Go's ``json.Decoder.Decode`` reads it.
 
     What follows that value is not read, so it is not checked; invalid UTF-8
@@ -121,7 +122,7 @@ def _decode_first(body: bytes) -> Any:
         raise ValueError(f"not JSON: {e}") from None
 
 
-def _members(doc: Any, names: dict[str, type], what: str) -> dict[str, Any]:
+def _members(doc: object, names: dict[str, type], what: str) -> dict[str, Any]:
     """The fields of a Go struct (``what``) decoded from ``doc``, by lower-case name.
 
     As encoding/json does: a ``null`` document or member leaves fields unset,
@@ -230,7 +231,7 @@ class DockerHub:
             return None
         return {"remaining": remaining, "limit": limit}
 
-    def _within(self, call: Coroutine[Any, Any, T], deadline: float) -> Deferred[T]:
+    def _within(self, call: Coroutine[Deferred[object], object, T], deadline: float) -> Deferred[T]:
         def timed_out(result: object, timeout: float) -> NoReturn:
             raise TimeoutError(f"no answer within {self._timeout:g} s")
 
@@ -259,7 +260,8 @@ class DockerHub:
         await readBody(response)
         if response.code != 200:
             raise ValueError(f"failed fetching dockerhub limits: HTTP {response.code}")
-        return response.headers
+        answered: Headers = response.headers  # IResponse's attribute is untyped
+        return answered
 
 
 class DockerHubResource(Resource):
@@ -278,10 +280,11 @@ class DockerHubResource(Resource):
         super().__init__()
         self._hub = DockerHub(client, clock, auth_url, registry_url, timeout)
 
-    def render_POST(self, request: Request) -> Any:
-        assert request.content is not None
+    def render_POST(self, request: Request) -> Rendered:
+        content = request_body(request)
+        assert content is not None
         try:
-            credentials = parse_payload(request.content.read())
+            credentials = parse_payload(content.read())
         except BadPayload as e:
             return write_error(request, 400, BAD_PAYLOAD, str(e))
         Deferred.fromCoroutine(self._serve(request, credentials))
@@ -305,7 +308,7 @@ class DockerHubResource(Resource):
             request.finish()
 
 
-def make_hub_client(reactor: Any, tls: IPolicyForHTTPS | None = None) -> IAgent:
+def make_hub_client(reactor: ClientReactor, tls: IPolicyForHTTPS | None = None) -> IAgent:
     """The HTTP client for Docker Hub: by default the system's CAs; a new connection per call.
 
     Calls are rare (Portainer asks when a pull form opens), so no pool.

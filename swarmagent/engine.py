@@ -7,8 +7,8 @@ from typing import Any
 from urllib.parse import quote
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IAgent
 
 from swarmagent.clients import ENGINE_BASE
 from swarmagent.peers import MANAGER, WORKER, NodeIdentity
@@ -23,7 +23,7 @@ class EngineError(Exception):
     """The engine could not be reached or answered with an error."""
 
 
-def expected_nodes(doc: Any) -> dict[str, str]:
+def expected_nodes(doc: object) -> dict[str, str]:
     """Node ID → hostname of the nodes in a ``GET /nodes`` answer that should
     run an agent: every node but the drained ones (whose tasks, the agent's
     included, are moved off on purpose). Raise ValueError if it is not a list."""
@@ -46,14 +46,14 @@ def expected_nodes(doc: Any) -> dict[str, str]:
 class Engine:
     """JSON calls to the local engine, each with a deadline."""
 
-    def __init__(self, http: HTTPClient, clock: IReactorTime, timeout: float) -> None:
-        self._http = http
+    def __init__(self, client: IAgent, clock: IReactorTime, timeout: float) -> None:
+        self._http = HTTPClient(client)
         self._clock = clock
         self._timeout = timeout
 
     async def get_json(self, path: str) -> Any:
         """GET ``path`` from the engine and decode its JSON answer."""
-        d: Deferred[Any] = self._http.get(ENGINE_BASE + path.encode("ascii"))
+        d = self._http.get(ENGINE_BASE + path.encode("ascii"))
         d.addTimeout(self._timeout, self._clock)
         try:
             response = await d

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 from urllib.parse import parse_qsl, urlencode
 
 from twisted.internet.defer import Deferred
@@ -35,6 +35,7 @@ from swarmagent.clientgone import watch_gone
 from swarmagent.logs import logger
 from swarmagent.nodes import NodeFailed, Nodes, answer_all_failed, tag
 from swarmagent.peers import Peer
+from swarmagent.twisted_types import Rendered
 
 log = logger(__name__)
 
@@ -127,7 +128,7 @@ class ClusterEvents:
         """A leaf that serves a GET as the cluster's event stream."""
         return _EventsResource(self)
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         """Open every node's stream; the answer ends when they all have."""
         request.defaultContentType = None
         metrics = self.nodes.metrics
@@ -144,7 +145,7 @@ class _Node:
 
     peer: Peer
     pending: Deferred[IResponse] | None = None
-    transport: Any = None
+    transport: IPushProducer | None = None
     ended: bool = False
     lines: LineSplitter = field(default_factory=LineSplitter)
 
@@ -238,7 +239,7 @@ class MergedStream:
         self._failures.append(failure)
         self.node_ended(node)
 
-    def node_connected(self, node: _Node, transport: Any) -> None:
+    def node_connected(self, node: _Node, transport: IPushProducer) -> None:
         node.transport = transport
         if self._paused:
             transport.pauseProducing()
@@ -326,7 +327,9 @@ class _NodeLines(Protocol):
         self._node = node
 
     def connectionMade(self) -> None:
-        self._stream.node_connected(self._node, self.transport)
+        # A response body's transport pauses and stops the connection it
+        # comes on (an IPushProducer); ``Protocol`` types it ITransport only.
+        self._stream.node_connected(self._node, cast(IPushProducer, self.transport))
 
     def dataReceived(self, data: bytes) -> None:
         lines = self._node.lines
@@ -376,8 +379,8 @@ class Discard(Protocol):
     """Reads an answer nobody wants any more, and hangs up."""
 
     def connectionMade(self) -> None:
-        transport: Any = self.transport
-        transport.stopProducing()
+        # A response body's transport, as in _NodeLines.
+        cast(IPushProducer, self.transport).stopProducing()
 
 
 class _EventsResource(Resource):
@@ -387,5 +390,5 @@ class _EventsResource(Resource):
         super().__init__()
         self._events = events
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> Rendered:
         return self._events.render(request)

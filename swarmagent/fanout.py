@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeGuard
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.resource import IResource, Resource
@@ -28,6 +28,7 @@ from swarmagent.nodes import (
 )
 from swarmagent.peers import MANAGER, Peer
 from swarmagent.signature import SIGNATURE_HEADER
+from swarmagent.twisted_types import Rendered
 from swarmagent.wire import NODE_LABEL
 
 log = logger(__name__)
@@ -83,7 +84,7 @@ class Selection:
     query: str | None = None
 
 
-def label(items: list[Any], node_name: str) -> list[Any]:
+def label(items: list[object], node_name: str) -> list[object]:
     """Add the node label to each item; ``Labels`` may be null or absent."""
     for item in items:
         if isinstance(item, dict):
@@ -94,7 +95,7 @@ def label(items: list[Any], node_name: str) -> list[Any]:
     return items
 
 
-def parse_list(kind: str, body: bytes) -> tuple[list[Any], list[str]]:
+def parse_list(kind: str, body: bytes) -> tuple[list[object], list[str]]:
     """The items and engine warnings of one node's list answer."""
     try:
         doc = json.loads(body)
@@ -123,7 +124,7 @@ class FanOut:
         """A leaf that serves a GET as the cluster-wide list of ``kind``."""
         return _ListResource(self, kind, selection or Selection())
 
-    def render(self, request: Request, kind: str, selection: Selection | None = None) -> Any:
+    def render(self, request: Request, kind: str, selection: Selection | None = None) -> Rendered:
         """Start the calls; the answer is written when the last one ends."""
         Deferred.fromCoroutine(self._serve(request, kind, selection or Selection()))
         return NOT_DONE_YET
@@ -229,14 +230,14 @@ class _ListResource(Resource):
         self._kind = kind
         self._selection = selection
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> Rendered:
         return self._fanout.render(request, self._kind, self._selection)
 
 
-def _swarm_scoped(item: Any) -> bool:
+def _swarm_scoped(item: object) -> TypeGuard[dict[str, object]]:
     return isinstance(item, dict) and item.get("Scope") == "swarm"
 
 
-def _encode_items(items: list[Any]) -> bytes:
+def _encode_items(items: list[object]) -> bytes:
     """``items`` as JSON without the enclosing brackets (b"" for none)."""
     return json.dumps(items, separators=(",", ":"))[1:-1].encode("utf-8")

@@ -24,12 +24,11 @@ HTTP channels and pooled HTTP clients keep the stock behaviour.
 
 from __future__ import annotations
 
-from typing import Any
-
 from OpenSSL.SSL import RECEIVED_SHUTDOWN, SENT_SHUTDOWN, Error, WantReadError, ZeroReturnError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
@@ -145,7 +144,9 @@ class HalfCloseTLSFactory(TLSMemoryBIOFactory):
 class HalfCloseTLSEndpoint:
     """``wrapClientTLS`` with :class:`HalfCloseTLS` connections."""
 
-    def __init__(self, creator: Any, inner: IStreamClientEndpoint) -> None:
+    def __init__(
+        self, creator: IOpenSSLClientConnectionCreator, inner: IStreamClientEndpoint
+    ) -> None:
         self._creator = creator
         self._inner = inner
 

@@ -10,7 +10,6 @@ import gzip
 import json
 import os
 import re
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
@@ -20,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.errors import describe, write_error
 from swarmagent.logs import logger
+from swarmagent.twisted_types import Rendered
 
 log = logger(__name__)
 
@@ -50,7 +50,7 @@ _HEX_ID = re.compile(r"(?:0x)?([0-9a-f]{4})")
 _BLOCK_END = re.compile(rb"\n[^\t#\n]")
 
 
-def host_info(root: str = "/") -> dict[str, Any]:
+def host_info(root: str = "/") -> dict[str, object]:
     """What the reference answers: ``{"PCIDevices": [...], "PhysicalDisks": [...]}``.
 
     A list whose sysfs folder cannot be read is ``None`` (JSON ``null``).
@@ -205,7 +205,7 @@ def _disk_vendor(root: str, disk: str) -> str:
     return vendor or _udev_vendor(root, disk) or UNKNOWN
 
 
-def physical_disks(root: str = "/") -> list[dict[str, Any]] | None:
+def physical_disks(root: str = "/") -> list[dict[str, object]] | None:
     """``[{"Vendor", "Size"}]`` for each whole disk (not partitions), by name; Size in bytes."""
     folder = os.path.join(root, "sys/block")
     names = _listdir(folder)
@@ -239,7 +239,7 @@ class HostInfoResource(Resource):
         self._root = root
         self._reactor = reactor
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> Rendered:
         Deferred.fromCoroutine(self._serve(request))
         return NOT_DONE_YET
 

@@ -37,4 +37,5 @@ def json_observer(out: IO[str]) -> ILogObserver:
 
 def shows(namespace: str, level: LogLevel) -> bool:
     """Whether an event of ``level`` from ``namespace`` passes the LOG_LEVEL filter."""
-    return level >= _predicate.logLevelForNamespace(namespace)
+    threshold: LogLevel = _predicate.logLevelForNamespace(namespace)
+    return bool(level >= threshold)

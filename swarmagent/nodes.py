@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -211,7 +211,7 @@ class Nodes:
         return [NodeFailed(NO_AGENT, node=name) for _, name in self.table.agentless()]
 
 
-def tag(items: list[Any], node_name: str) -> list[Any]:
+def tag(items: list[object], node_name: str) -> list[object]:
     """Mark each item (list item or event) with its node, where the Portainer UI looks for it."""
     mark = {"Agent": {"NodeName": node_name}}
     for item in items:
@@ -220,14 +220,14 @@ def tag(items: list[Any], node_name: str) -> list[Any]:
     return items
 
 
-def add_up(answers: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+def add_up(answers: Sequence[tuple[str, object]]) -> dict[str, object]:
     """Several nodes' JSON objects as one (each given with its node's name).
 
     Lists are concatenated, their items tagged; numbers (sizes, counts) are
     summed; anything else is the first node's. A null is kept only where no
     node gave more.
     """
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for node_name, doc in answers:
         if not isinstance(doc, dict):
             continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 MANAGER = "manager"
 WORKER = "worker"
@@ -32,7 +31,7 @@ class NodeIdentity:
         """A unique name: the swarm node ID, or the hostname outside a swarm."""
         return self.node_id or self.name
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The agent-to-agent identity document."""
         return {
             "NodeName": self.name,
@@ -43,7 +42,7 @@ class NodeIdentity:
         }
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> NodeIdentity:
+    def from_json(cls, doc: Mapping[str, object]) -> NodeIdentity:
         """Read an identity document; raise ValueError if it is not one."""
         try:
             name, node_id, role = doc["NodeName"], doc["NodeID"], doc["NodeRole"]

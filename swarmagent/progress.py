@@ -40,7 +40,7 @@ from swarmagent.peers import Peer
 log = logger(__name__)
 
 
-def _encode(doc: dict[str, Any]) -> bytes:
+def _encode(doc: dict[str, object]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
@@ -78,8 +78,9 @@ def tag_progress(line: bytes, node_name: str) -> tuple[bytes, str | None] | None
 
 def failure_line(failure: NodeFailed) -> bytes:
     """The status line that names a node that failed."""
-    doc = {"id": failure.node, "status": f"failed: {failure.why}"}
-    return _encode(tag([doc], failure.node)[0])
+    doc: dict[str, object] = {"id": failure.node, "status": f"failed: {failure.why}"}
+    tag([doc], failure.node)
+    return _encode(doc)
 
 
 def failed_on(failures: Sequence[NodeFailed]) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
@@ -22,6 +22,7 @@ from swarmagent.logs import logger
 from swarmagent.metrics import Metrics
 from swarmagent.peers import Peer
 from swarmagent.tunnel import hijack, wants_upgrade
+from swarmagent.twisted_types import Rendered, request_body
 from swarmagent.wire import AGENT_HEADERS
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ class Relay:
         self._metrics = metrics if metrics is not None else Metrics()
 
     def _body(self, request: Request) -> IBodyProducer | None:
-        content = request.content
+        content = request_body(request)
         if content is None:
             return None
         content.seek(0, 2)
@@ -205,7 +206,7 @@ class EngineProxy(ReverseProxyResource):
         self._relay = relay
         self._nodes = nodes
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         request.defaultContentType = None
         _, url, headers = self._nodes.copy(self._nodes.me, request.uri, request)
         self._relay(request, url, headers, "Unable to reach the Docker engine")
@@ -226,7 +227,7 @@ class PeerProxy(ReverseProxyResource):
         self._nodes = nodes
         self._peer = peer
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         request.defaultContentType = None
         _, url, headers = self._nodes.copy(self._peer, request.uri, request)
         self._relay(request, url, headers, f"Unable to reach the agent of node {self._peer.name}")

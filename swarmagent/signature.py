@@ -490,4 +490,4 @@ class PairingWindow(Service):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        return super().stopService()
+        super().stopService()

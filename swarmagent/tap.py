@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
-from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import gatherResults
+from twisted.application.service import IServiceCollection, MultiService
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.internet.task import Cooperator
 from twisted.logger import ILogObserver
 from twisted.names import client as dns_client
 from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
 from twisted.python.components import Componentized
-from twisted.web.client import Agent
-from twisted.web.resource import IResource, Resource
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from swarmagent.access import RequestLog, taken_over
@@ -45,6 +45,10 @@ from swarmagent.proxy import Relay
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
 from swarmagent.statuspage import StatusResource
 from swarmagent.tls import HTTP11Site, from_settings
+from swarmagent.twisted_types import IAgentReactor, Rendered, installed_reactor
+
+if TYPE_CHECKING:
+    from swarmagent.websocket import ConsoleResource
 
 __all__ = ["Options", "makeService"]
 
@@ -56,18 +60,20 @@ class _PoolService(MultiService):
     """Closes the pooled connections when the agent stops; sets twistd's log
     observer when the agent has its own (``--log-format json``)."""
 
-    def __init__(self, pools: list[Any], log_observer: ILogObserver | None = None) -> None:
+    def __init__(
+        self, pools: list[HTTPConnectionPool], log_observer: ILogObserver | None = None
+    ) -> None:
         super().__init__()
         self._pools = pools
         self._log_observer = log_observer
 
-    def setServiceParent(self, parent: Any) -> Any:
+    def setServiceParent(self, parent: IServiceCollection) -> None:
         # twistd reads the application's ILogObserver once it holds its services.
         if self._log_observer is not None and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self._log_observer)
-        return super().setServiceParent(parent)
+        super().setServiceParent(parent)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[list[None]]:
         super().stopService()
         return gatherResults([p.closeCachedConnections() for p in self._pools])
 
@@ -80,21 +86,20 @@ class LazyConsoles(Resource):
 
     isLeaf = True
 
-    def __init__(self, endpoints: EngineEndpoints, reactor: Any, metrics: Metrics) -> None:
+    def __init__(self, endpoints: EngineEndpoints, reactor: IReactorTime, metrics: Metrics) -> None:
         super().__init__()
         self._endpoints = endpoints
         self._reactor = reactor
         self._metrics = metrics
-        self._resource: IResource | None = None
+        self._resource: ConsoleResource | None = None
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         if self._resource is None:
             from swarmagent.websocket import ConsoleFactory, ConsoleResource
 
             factory = ConsoleFactory(self._endpoints, self._reactor, metrics=self._metrics)
             self._resource = ConsoleResource(factory)
-        resource: IResource = self._resource
-        result = resource.render(request)
+        result = self._resource.render(request)
         if request.channel is not None and request.channel.transport is None:
             # The WebSocket took the connection: twisted.web will not finish it.
             taken_over(request, 101)
@@ -103,15 +108,13 @@ class LazyConsoles(Resource):
 
 def makeService(
     options: Options,
-    reactor: Any = None,
-    resolver: Any = None,
+    reactor: IAgentReactor | None = None,
+    resolver: IResolver | None = None,
     hostname: str | None = None,
 ) -> MultiService:
     """Build the agent: the API listener and the discovery timer."""
     if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+        reactor = installed_reactor()
     if resolver is None:
         resolver = ResolverChain(
             [
@@ -165,7 +168,7 @@ def makeService(
         credentials=probe_headers,
         metrics=metrics,
     )
-    engine = Engine(HTTPClient(engine_client), reactor, timeout=max(connect_timeout, 10.0))
+    engine = Engine(engine_client, reactor, timeout=max(connect_timeout, 10.0))
     discovery = Discovery(
         table,
         engine,

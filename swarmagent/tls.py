@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 from weakref import WeakKeyDictionary
 
 from cryptography import x509
@@ -39,9 +38,12 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
     IProtocolFactory,
+    ISystemHandle,
 )
-from twisted.web.iweb import IPolicyForHTTPS, IRequest
-from twisted.web.server import Site
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.web import http
+from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.server import Request, Site
 from zope.interface import implementer, implementer_only
 
 from swarmagent.certs import PrivateKey, is_dns_name, load_key, self_signed
@@ -208,15 +210,15 @@ class ServerTLS:
                 check.leaf_ok = True
         return True
 
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """A connection for one accepted client (IOpenSSLServerConnectionCreator)."""
         conn = SSL.Connection(self._context, None)
         self._checks[conn] = _ClientCheck()
         return conn
 
-    def verified_peer(self, request: IRequest) -> x509.Certificate | None:
+    def verified_peer(self, request: Request) -> x509.Certificate | None:
         """The client's certificate if it chained to the CA during this connection's handshake."""
-        conn = getattr(getattr(request, "transport", None), "getHandle", lambda: None)()
+        conn = _connection(request)
         if not isinstance(conn, SSL.Connection):
             return None
         check = self._checks.get(conn)
@@ -224,9 +226,9 @@ class ServerTLS:
             return None
         return conn.get_peer_certificate(as_cryptography=True)
 
-    def untrusted_client(self, request: IRequest) -> bool:
+    def untrusted_client(self, request: Request) -> bool:
         """Whether the client presented a certificate that did not chain to the CA."""
-        conn = getattr(getattr(request, "transport", None), "getHandle", lambda: None)()
+        conn = _connection(request)
         if not isinstance(conn, SSL.Connection):
             return False
         check = self._checks.get(conn)
@@ -234,9 +236,16 @@ class ServerTLS:
             return False
         return conn.get_peer_certificate() is not None
 
-    def verified_client(self, request: IRequest) -> bool:
+    def verified_client(self, request: Request) -> bool:
         """Whether the request came over a connection with a CA-verified client certificate."""
         return self.verified_peer(request) is not None
+
+
+def _connection(request: Request) -> object:
+    """The request's ``SSL.Connection`` over TLS (else whatever its transport's handle is)."""
+    # Over TLS the transport is an ISystemHandle whose handle is the SSL.Connection.
+    transport = ISystemHandle(request.transport, None)
+    return transport.getHandle() if transport is not None else None
 
 
 @implementer_only(IProtocolFactory, ILoggingContext)
@@ -259,7 +268,7 @@ class HTTP11Site(Site):
     def stopFactory(self) -> None:
         pass
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -283,7 +292,7 @@ class ClientTLS:
         else:
             self._context.set_verify(SSL.VERIFY_NONE)
 
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """A connection to one peer (IOpenSSLClientConnectionCreator)."""
         return SSL.Connection(self._context, None)
 

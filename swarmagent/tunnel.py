@@ -11,9 +11,10 @@ and splices the two.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol as TypingProtocol
+from typing import cast
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -25,6 +26,7 @@ from swarmagent.access import taken_over
 from swarmagent.errors import error_body
 from swarmagent.logs import logger
 from swarmagent.metrics import Metrics
+from swarmagent.twisted_types import StreamTransport, request_body, stream_transport
 from swarmagent.upgrade import Answer, UpgradeClient, upgrade_request
 
 log = logger(__name__)
@@ -61,7 +63,7 @@ class Tunnel:
 
     def __init__(
         self,
-        client: Any,
+        client: StreamTransport,
         request: bytes,
         extra_headers: tuple[tuple[bytes, bytes], ...],
         metrics: Metrics | None = None,
@@ -69,7 +71,7 @@ class Tunnel:
         self.client = client
         self.request = request
         self._extra = extra_headers
-        self.upstream: Any = None
+        self.upstream: StreamTransport | None = None
         self._early: list[bytes] = []
         self._client_eof = False
         self.closed = False
@@ -106,7 +108,7 @@ class Tunnel:
             self.upstream.loseConnection()
 
     # upstream side
-    def upstream_connected(self, transport: Any) -> None:
+    def upstream_connected(self, transport: StreamTransport) -> None:
         """The request is sent: what the client sent since follows."""
         self.upstream = transport
         for data in self._early:
@@ -165,7 +167,7 @@ class _UpstreamSide(UpgradeClient):
             self.transport.loseConnection()
             return
         super().connectionMade()
-        self.tunnel.upstream_connected(self.transport)
+        self.tunnel.upstream_connected(stream_transport(self.transport))
 
     def answerReceived(self, answer: Answer) -> None:
         self.tunnel.upstream_answered(answer)
@@ -189,10 +191,16 @@ class _UpstreamSide(UpgradeClient):
         self.tunnel.client.loseConnection()
 
 
-def take_over(request: Request, tunnel_for: Any) -> Any:
+class _Delivers(TypingProtocol):
+    """A bare transport (TCP's): what it reads goes to its ``protocol``."""
+
+    protocol: IProtocol
+
+
+def take_over(request: Request, tunnel_for: Callable[[StreamTransport], Tunnel]) -> Tunnel:
     """Detach the client's connection from twisted.web and hand it to a tunnel."""
     channel = request.channel
-    transport: Any = channel.transport
+    transport = stream_transport(channel.transport)  # the listener's HalfCloseTLS
     channel.transport = None
     transport.unregisterProducer()
     tunnel: Tunnel = tunnel_for(transport)
@@ -200,7 +208,7 @@ def take_over(request: Request, tunnel_for: Any) -> Any:
     if isinstance(transport, ProtocolWrapper):
         transport.wrappedProtocol = client_side
     else:
-        transport.protocol = client_side
+        cast(_Delivers, transport).protocol = client_side
     client_side.makeConnection(transport)
     # Served after a wait (the container's node looked up first), the
     # channel may hold bytes the client sent after its request: the stream's.
@@ -223,9 +231,9 @@ def hijack(
     extra_headers: tuple[tuple[bytes, bytes], ...],
     what: str,
     metrics: Metrics | None = None,
-) -> Any:
+) -> int:
     """Serve an upgrade request by splicing the client to ``endpoint``."""
-    content = request.content
+    content = request_body(request)
     body = b""
     if content is not None:
         content.seek(0)

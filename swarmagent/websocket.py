@@ -20,13 +20,13 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import URI
@@ -41,6 +41,7 @@ from swarmagent.logs import logger
 from swarmagent.metrics import Metrics
 from swarmagent.routing import strip_version
 from swarmagent.tunnel import error_response
+from swarmagent.twisted_types import Rendered, StreamTransport, request_args, stream_transport
 from swarmagent.upgrade import MAX_HEAD, Answer, UpgradeClient, upgrade_request
 from swarmagent.wire import AGENT_HEADERS, CONSOLE_PATHS, HOP
 
@@ -165,12 +166,10 @@ def _content_length(headers: Headers) -> int | None:
 class ConsoleProtocol(WebSocketServerProtocol):
     """One console: the client's WebSocket spliced to the engine's raw stream."""
 
-    factory: ConsoleFactory
-
     def __init__(self) -> None:
         super().__init__()
         self._engine: _EngineSide | None = None
-        self._connecting: Deferred[Any] | None = None
+        self._connecting: Deferred[IProtocol] | None = None
         self._utf8 = Utf8Frames()
         self._early: list[bytes] = []
         self._engine_done = False
@@ -193,7 +192,11 @@ class ConsoleProtocol(WebSocketServerProtocol):
         if kind is None or not _HEX.fullmatch(ident.encode("utf-8")):
             raise ConnectionDeny(400, "Invalid query parameter: id")
         engine = self._engine = _EngineSide(self, engine_request(kind, ident))
-        endpoint = self.factory.engine_endpoints.endpointForURI(URI.fromBytes(b"http://docker/"))
+        # Declaring ``factory: ConsoleFactory`` on the class would clash with
+        # Factory's protocol type (a Factory[Self]); autobahn leaves it untyped.
+        console_factory: ConsoleFactory = self.factory
+        endpoints = console_factory.engine_endpoints
+        endpoint = endpoints.endpointForURI(URI.fromBytes(b"http://docker/"))
         factory = Factory.forProtocol(lambda: engine)
         factory.noisy = False
         self._connecting = endpoint.connect(factory)
@@ -217,7 +220,12 @@ class ConsoleProtocol(WebSocketServerProtocol):
         own = {} if HOP in request.headers else dict(_agent_headers())
         return None, own
 
-    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+    def failHandshake(
+        self,
+        reason: str,
+        code: int = 400,
+        responseHeaders: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
         """Refuse as the agent refuses anything: a JSON error with the agent headers."""
         self.wasNotCleanReason = reason
         body = self._refusal or error_body(reason)
@@ -289,12 +297,12 @@ class ConsoleProtocol(WebSocketServerProtocol):
         if self._engine is not None and self._engine.transport is not None:
             self._engine.transport.loseConnection()
 
-    def _client(self) -> Any:
-        return self.transport
+    def _client(self) -> StreamTransport:
+        return stream_transport(self.transport)  # the listener's HalfCloseTLS
 
-    def _engine_transport(self) -> Any:
+    def _engine_transport(self) -> StreamTransport:
         assert self._engine is not None and self._engine.transport is not None
-        return self._engine.transport
+        return stream_transport(self._engine.transport)  # UNIX's or TCP's
 
 
 @implementer(IPushProducer)
@@ -305,7 +313,7 @@ class _PauseOnly:
     not cut the client off before the last output and the close frame.
     """
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: StreamTransport) -> None:
         self._transport = transport
 
     def pauseProducing(self) -> None:
@@ -328,19 +336,21 @@ class _ClockTimer:
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
 
-    def call_later(self, delay: float, fun: Any, *args: Any, **kwargs: Any) -> IDelayedCall:
+    def call_later(
+        self, delay: float, fun: Callable[..., object], *args: object, **kwargs: object
+    ) -> IDelayedCall:
         return self._clock.callLater(delay, fun, *args, **kwargs)
 
 
 class ConsoleFactory(WebSocketServerFactory):
     """Builds consoles whose engine is reached through ``engine_endpoints``."""
 
-    protocol = ConsoleProtocol  # type: ignore[assignment]
+    protocol = ConsoleProtocol
 
     def __init__(
         self,
         engine_endpoints: IAgentEndpointFactory,
-        reactor: Any,
+        reactor: IReactorTime,
         *,
         max_message: int = MAX_MESSAGE,
         ping_interval: float = PING_INTERVAL,
@@ -367,8 +377,8 @@ class ConsoleFactory(WebSocketServerFactory):
 class ConsoleResource(WebSocketResource):
     """Checks a console request, then takes its connection over for the WebSocket."""
 
-    def render(self, request: Request) -> Any:
-        args: dict[bytes, list[bytes]] = request.args or {}
+    def render(self, request: Request) -> Rendered:
+        args = request_args(request)
         ident = args.get(b"id", [b""])[0]
         if not _HEX.fullmatch(ident):
             return write_error(
@@ -381,6 +391,6 @@ class ConsoleResource(WebSocketResource):
             )
         # twisted.web's channel is the connection's producer; the console
         # registers its own, so the channel lets go first (as tunnel.take_over).
-        transport: Any = request.channel.transport
-        transport.unregisterProducer()
-        return super().render(request)
+        stream_transport(request.channel.transport).unregisterProducer()
+        rendered: Rendered = super().render(request)  # autobahn's is untyped
+        return rendered

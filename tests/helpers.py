@@ -9,26 +9,30 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import dns
+from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from swarmagent.peers import MANAGER, WORKER, NodeIdentity, Peer, PeerTable
+from swarmagent.twisted_types import IAgentReactor
 
 AGENT_PORT = 9001
 CLIENT = IPv4Address("TCP", "10.9.9.9", 40000)
@@ -83,7 +87,7 @@ def srv_record(name: str, target: str, port: int) -> dns.RRHeader:
     )
 
 
-class StubResolver:
+class StubResolver(ResolverBase):
     """A twisted.names resolver over fixed answers.
 
     ``names`` maps a name to its addresses (IPv4 and IPv6 mixed); ``srv``
@@ -93,6 +97,7 @@ class StubResolver:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.names: dict[str, list[str]] = {}
         self.srv: dict[str, tuple[list[dns.RRHeader], list[dns.RRHeader]]] = {}
         self.broken: set[str] = set()
@@ -132,7 +137,7 @@ class StubResolver:
         return succeed((answers, [], additional))
 
 
-# --- a fake engine, served over treq.testing.StubTreq ------------------------
+# --- a fake engine, served over treq.testing.RequestTraversalAgent -----------
 
 
 class FakeEngineResource(Resource):
@@ -157,8 +162,11 @@ class FakeEngineResource(Resource):
             return b'{"message":"engine is down"}'
         me = self.identity
         if request.path == b"/info":
-            swarm = {"NodeID": me.node_id, "LocalNodeState": "active" if me.swarm else "inactive"}
-            swarm["ControlAvailable"] = me.swarm and me.role == MANAGER  # type: ignore[assignment]
+            swarm: dict[str, object] = {
+                "NodeID": me.node_id,
+                "LocalNodeState": "active" if me.swarm else "inactive",
+                "ControlAvailable": me.swarm and me.role == MANAGER,
+            }
             return _json({"Name": me.name, "ServerVersion": me.engine_version, "Swarm": swarm})
         if request.path == b"/nodes":
             if self.nodes is None:
@@ -287,11 +295,27 @@ def parse_response(raw: bytes) -> Response:
     return Response(code, headers, rest[:length], len(rest) >= length)
 
 
+class ClientTransport(StringTransport):
+    """A client connection's transport: like TCP's, it hands what it reads to
+    its ``protocol``, which a tunnel sets when it takes the connection over."""
+
+    protocol: IProtocol | None = None
+
+
+class HalfCloseTransport(StringTransport):
+    """A StringTransport that half-closes too, as TCP's and TLS's transports do."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
 class Client:
     """One client connection to a Site, driven by hand."""
 
     def __init__(self, site: Site) -> None:
-        self.transport = StringTransport(peerAddress=CLIENT)
+        self.transport = ClientTransport(peerAddress=CLIENT)
         self.channel = site.buildProtocol(CLIENT)
         self.channel.makeConnection(self.transport)
 
@@ -311,31 +335,39 @@ class Client:
 
     @property
     def raw(self) -> bytes:
-        return self.transport.value()
+        written: bytes = self.transport.value()  # StringTransport.value is untyped
+        return written
 
     def response(self) -> Response:
         return parse_response(self.raw)
 
+    @property
+    def producer(self) -> IPushProducer | None:
+        """The producer registered on the client's transport, if any."""
+        # StringTransport declares ``producer = None``, which reads as always None.
+        return cast("IPushProducer | None", self.transport.producer)
+
     def pause(self) -> None:
         """The client reads slowly: its transport's buffer is full."""
-        producer = self.transport.producer
+        producer = self.producer
         assert producer is not None
         producer.pauseProducing()
 
     def resume(self) -> None:
-        producer = self.transport.producer
+        producer = self.producer
         assert producer is not None
         producer.resumeProducing()
 
     def disconnect(self) -> None:
         """The client goes away, as a TCP transport reports it: the producer
         registered on the transport is stopped, then the protocol told."""
-        if self.transport.producer is not None:
-            self.transport.producer.stopProducing()
+        producer = self.producer
+        if producer is not None:
+            producer.stopProducing()
         self.channel.connectionLost(Failure(ConnectionDone()))
 
 
-def make_site(resource: Resource, clock: MemoryReactorClock | None = None) -> Site:
+def make_site(resource: IResource, clock: MemoryReactorClock | None = None) -> Site:
     return Site(resource, reactor=clock or MemoryReactorClock())
 
 
@@ -468,6 +500,28 @@ def callable_probe(
         return answer
 
     return probe
+
+
+def agent_reactor(reactor: MemoryReactorClock) -> IAgentReactor:
+    """``reactor`` where ``makeService`` wants the agent's reactor.
+
+    A MemoryReactorClock runs no threads (IReactorThreads): the service keeps
+    it for the disk work of browse and host-info requests, which the tests
+    that build a whole service do not send.
+    """
+    return cast(IAgentReactor, reactor)
+
+
+def observe_logs(test: SynchronousTestCase) -> EventLoggingObserver:
+    """The global log's events from now until ``test`` ends.
+
+    ``EventLoggingObserver.createWithCleanup``, for any trial test case: its
+    annotation asks for the asynchronous ``TestCase``.
+    """
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
+    return observer
 
 
 def log_lines(logs: EventLoggingObserver, start: int = 0) -> list[str]:

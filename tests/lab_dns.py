@@ -94,6 +94,7 @@ class JsonAuthority(authority.FileAuthority):
             if self.soa is None:
                 self.soa, self.records = parse_records({})
 
+    # Overrides of twisted.names' untyped internals, with their signatures.
     def _additionalRecords(self, answer, authority, ttl):  # type: ignore[no-untyped-def]
         # Hand out SRV targets' addresses too, as real servers do (the base
         # class only knows CNAME/MX/NS, whose payload has ``.name``).
@@ -105,6 +106,7 @@ class JsonAuthority(authority.FileAuthority):
                     if rec.TYPE in self._ADDRESS_TYPES:
                         yield dns.RRHeader(target, rec.TYPE, dns.IN, 0, rec, auth=True)
 
+    # As _additionalRecords: an untyped base method.
     def _lookup(self, name, cls, type, timeout=None):  # type: ignore[no-untyped-def]
         # Cheap (one stat) and makes every answer reflect the file right now.
         self.loadFile(self._filename)

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from twisted.trial import unittest
 
@@ -95,7 +95,7 @@ def explain(test: F) -> F:
                 sys.stderr.write(f"\n=== {self.id()} failed; agent logs ===\n{lab.logs(25)}\n")
             raise
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # functools.wraps: the same call as ``test``
 
 
 class _SharedLab:

@@ -322,8 +322,12 @@ class StackLab(Lab):
         everyone = {n.name for n in self.nodes}
         for node in nodes or self.nodes:
             agent = StackAgent(self, node)
+
+            def knows_everyone(agent: StackAgent = agent) -> bool:
+                return agent.names() == everyone
+
             wait_until(
-                lambda a=agent: a.names() == everyone,  # type: ignore[misc]
+                knows_everyone,
                 timeout,
                 0.5,
                 f"the agent on {node.name} to know {sorted(everyone)}",

@@ -571,7 +571,7 @@ class LocateTests(AgentCase):
         [(uri, wire)] = self.peer_endpoints.connected
         self.assertEqual((uri.host, uri.port), (b"10.0.0.3", 9001))
         # Taken over from twisted.web.
-        self.assertIsInstance(client.transport.protocol, _ClientSide)  # type: ignore[attr-defined]
+        self.assertIsInstance(client.transport.protocol, _ClientSide)
         head, _, rest = wire.value().partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         self.assertEqual(lines[0], b"POST /v1.41/exec/e1/start HTTP/1.1")

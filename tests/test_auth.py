@@ -23,7 +23,7 @@ from swarmagent.config import Options
 from swarmagent.signature import PUBLIC_KEY_HEADER, SIGNATURE_HEADER, Signer, public_key_hex
 from swarmagent.tap import makeService
 from swarmagent.wire import IDENTITY_PATH, TARGET
-from tests.helpers import Client, Response, StubResolver, make_site
+from tests.helpers import Client, Response, StubResolver, agent_reactor, make_site
 
 ENGINE_PATHS = Path(__file__).parent / "data" / "engine-api-1.41-paths.txt"
 OPEN = {"/ping", "/v2/ping"}
@@ -49,7 +49,10 @@ def agent_root(test: SynchronousTestCase, *argv: str) -> AgentRoot:
     options = Options(environ={})
     options.parseOptions(["--data-path", test.mktemp(), *argv])
     service = makeService(
-        options, reactor=MemoryReactorClock(), resolver=StubResolver(), hostname="node-a"
+        options,
+        reactor=agent_reactor(MemoryReactorClock()),
+        resolver=StubResolver(),
+        hostname="node-a",
     )
     assert isinstance(service, MultiService)
     [listener] = [s for s in service if isinstance(s, StreamServerEndpointService)]

@@ -403,9 +403,9 @@ class ProgressTests(BroadcastCase):
     def test_every_node_refuses_with_the_engines_answer(self) -> None:
         client, calls = self.start()
         for call in calls.values():
-            response = call.respond(404, JSON)
-            response.deliver(b'{"message":"pull access denied for app"}')
-            response.end()
+            upstream = call.respond(404, JSON)
+            upstream.deliver(b'{"message":"pull access denied for app"}')
+            upstream.end()
         response = client.response()
         self.assertEqual(response.code, 404)
         self.assertEqual(response.json(), {"message": "pull access denied for app"})

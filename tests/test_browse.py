@@ -16,11 +16,13 @@ import treq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treq.testing import RequestTraversalAgent
-from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.test.requesthelper import DummyChannel
@@ -47,8 +49,10 @@ from swarmagent.browse import (
     volume_of,
     volume_root,
 )
+from swarmagent.twisted_types import installed_reactor
 from tests.helpers import Client, Response
 
+reactor = installed_reactor()
 BOUNDARY = b"----WebKitFormBoundary7MA4YWxkTrZu0gW"
 SECRET = b"the host's secret"
 
@@ -172,7 +176,8 @@ class RouteTests(SynchronousTestCase):
         def request(uri: bytes) -> Request:
             r = Request(DummyChannel())
             r.path, _, query = uri.partition(b"?")
-            r.args = parse_qs(query)
+            # Request declares ``args = None`` at class level: typed None.
+            r.args = parse_qs(query)  # type: ignore[assignment]
             return r
 
         self.assertEqual(volume_of(request(b"/v1/browse/a/ls?volumeID=b")), "a")
@@ -331,8 +336,13 @@ class ConfinementTests(SynchronousTestCase):
         dotted = has_dot(raw)
         parts = [] if dotted else split_path(raw)
         target = os.path.join(root.path, *parts)
+
+        def delete() -> bool:
+            remove(root, root.parts(raw))
+            return True
+
         done = self.run_op(
-            lambda: remove(root, root.parts(raw)) or True,
+            delete,
             # The last component may be a link: it is removed, not followed.
             not dotted and crosses_link(root.path, parts, len(parts) - 1),
             dotted,
@@ -369,8 +379,13 @@ class ConfinementTests(SynchronousTestCase):
         dotted = has_dot(raw)
         parts = [] if dotted else split_path(raw)
         body = BytesIO(upload(raw, "f.txt", b"data"))
+
+        def save() -> bool:
+            save_upload(root, body, BOUNDARY)
+            return True
+
         done = self.run_op(
-            lambda: save_upload(root, body, BOUNDARY) or True,
+            save,
             not dotted and crosses_link(root.path, parts, len(parts)),
             dotted,
         )
@@ -962,20 +977,23 @@ class LiveTests(TestCase):
         resource = BrowseResource(
             RequestTraversalAgent(engine),
             None,
-            reactor,  # type: ignore[arg-type]
+            reactor,
             5.0,
-            threaded(reactor),  # type: ignore[arg-type]
+            threaded(reactor),
         )
         site = Site(resource, parsePOSTFormSubmission=False)
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port = self.successResultOf(endpoint.listen(site))
         self.addCleanup(port.stopListening)
-        self.base = f"http://127.0.0.1:{port.getHost().port}/v2/browse/"
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        self.base = f"http://127.0.0.1:{address.port}/v2/browse/"
         self.url = self.base + "get?volumeID=data&path="
 
-    async def get(self, path: str, **headers: str) -> tuple[int, Any, bytes]:
+    async def get(self, path: str, **headers: str) -> tuple[int, Headers, bytes]:
         response = await treq.get(
             self.url + quote(path),
-            headers={k.replace("_", "-"): v for k, v in headers.items()},
+            headers=Headers({k.replace("_", "-"): [v] for k, v in headers.items()}),
             persistent=False,
         )
         return response.code, response.headers, await response.content()
@@ -1009,7 +1027,7 @@ class LiveTests(TestCase):
         response = await treq.post(
             self.base + "put?volumeID=data",
             data=upload("/up", "big.bin", data),
-            headers={"Content-Type": MULTIPART[1]},
+            headers=Headers({"Content-Type": [MULTIPART[1]]}),
             persistent=False,
         )
         self.assertEqual(response.code, 204, await response.content())
@@ -1027,7 +1045,7 @@ class LiveTests(TestCase):
         for _ in range(500):
             if not self.served():
                 return
-            await deferLater(reactor, 0.01)  # type: ignore[arg-type]
+            await deferLater(reactor, 0.01)
         self.assertEqual(self.served(), [])
 
     def served(self) -> list[str]:

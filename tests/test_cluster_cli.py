@@ -158,7 +158,8 @@ class ClusterCLITests(LabTestCase):
                         '{{.Label "swarmagent.node"}}\t{{.ID}}',
                     )
                 )  # fmt: skip
-                shown = dict(reversed(line.split("\t")) for line in out.splitlines())
+                rows = (line.split("\t") for line in out.splitlines())
+                shown = {cid: node for node, cid in rows}
                 expected = {cid: node for node, ids in owners.items() for cid in ids}
                 self.assertEqual(shown, expected)
         client = sdk_client(self.agent("node2").url, self.the_lab.tls)

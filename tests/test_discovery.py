@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.names.error import DNSNameError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,6 +25,7 @@ from tests.helpers import (
     callable_probe,
     manager,
     node_doc,
+    observe_logs,
     srv_record,
     worker,
 )
@@ -57,7 +58,7 @@ class DiscoveryCase(SynchronousTestCase):
         self.table = self.make_table(me)
         self.discovery = Discovery(
             self.table,
-            Engine(StubTreq(self.engine), self.clock, timeout=10),  # type: ignore[arg-type]
+            Engine(RequestTraversalAgent(self.engine), self.clock, timeout=10),
             self.resolver,
             callable_probe(self.answers),
             self.clock,
@@ -356,7 +357,7 @@ class ManagerNodeListTests(DiscoveryCase):
         super().setUp()
         self.engine.nodes = [node_doc(ME), node_doc(B), node_doc(D)]
         self.asked: list[tuple[Peer, str]] = []
-        self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logs = observe_logs(self)
 
     def make_node_list(self) -> NodeList:
         async def node_list(manager: Peer) -> dict[str, str]:
@@ -398,7 +399,8 @@ class ManagerNodeListTests(DiscoveryCase):
 
     def test_node_added_to_the_swarm(self) -> None:
         self.start()
-        self.engine.nodes.append(node_doc(C))  # type: ignore[union-attr]
+        assert self.engine.nodes is not None
+        self.engine.nodes.append(node_doc(C))
         self.tick()
         self.assertEqual(self.table.agentless(), [("id-c", "c"), ("id-d", "d")])
 
@@ -465,7 +467,7 @@ class WorkerNodeListTests(DiscoveryCase):
             }
         )
         self.resolver.names[NAME].append("10.0.0.3")
-        self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logs = observe_logs(self)
 
     def make_node_list(self) -> NodeList:
         hosts = {b"10.0.0.2:9001": self.b_agent, b"10.0.0.3:9001": self.c_agent}

@@ -17,8 +17,8 @@ from urllib.parse import urlencode
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel
 from twisted.trial import unittest
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
@@ -42,11 +42,21 @@ from swarmagent.dockerhub import (
 )
 from swarmagent.logs import set_level
 from swarmagent.tls import HTTP11Site, Identity, ServerTLS
-from tests.helpers import TrackingTLSFactory, log_lines
+from swarmagent.twisted_types import request_args
+from tests.helpers import TrackingTLSFactory, log_lines, observe_logs
 
 reactor: Any = _reactor
 
 USER, PASSWORD = "octo-user", "s3cret-Pa55:word"
+
+
+class PostRequest(DummyRequest):
+    """A POST with a body (a DummyRequest has no ``content``)."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__([b""])
+        self.method = b"POST"
+        self.content = io.BytesIO(body)
 
 
 class FakeHub(Resource):
@@ -78,7 +88,7 @@ class FakeHub(Resource):
 
     def render(self, request: Request) -> Any:
         authorization = request.getHeader(b"authorization")
-        self.seen.append((request.method, request.path, dict(request.args), authorization))
+        self.seen.append((request.method, request.path, dict(request_args(request)), authorization))
         if request.path in self.hang:
             self.held.append(request)
             request.notifyFinish().addErrback(lambda _: self.left.callback(None))
@@ -89,7 +99,7 @@ class FakeHub(Resource):
             return self.token(request, authorization)
         if request.path == b"/moved":
             # To /token at ``to`` (https://host:port), with the rest of the query.
-            args = dict(request.args)
+            args = dict(request_args(request))
             target = args.pop(b"to")[0] + b"/token?" + urlencode(args, doseq=True).encode()
             request.redirect(target)
             return b""
@@ -102,7 +112,7 @@ class FakeHub(Resource):
         if self.token_answer is not None:
             request.setResponseCode(self.token_answer[0])
             return self.token_answer[1]
-        assert request.args == {
+        assert request_args(request) == {
             b"service": [b"registry.docker.io"],
             b"scope": [b"repository:ratelimitpreview/test:pull"],
         }, request.args
@@ -170,7 +180,7 @@ class HubCase(unittest.TestCase):
         self.clock = MemoryReactorClock()
         set_level(LogLevel.debug)
         self.addCleanup(set_level, LogLevel.info)
-        self.logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logs = observe_logs(self)
         self.addCleanup(self.assert_no_credentials_in_logs)
 
     def assert_no_credentials_in_logs(self) -> None:
@@ -190,9 +200,7 @@ class HubCase(unittest.TestCase):
         )
 
     async def post(self, body: bytes, resource: DockerHubResource | None = None) -> Answer:
-        request = DummyRequest([b""])
-        request.method = b"POST"
-        request.content = io.BytesIO(body)
+        request = PostRequest(body)
         result = (resource or self.resource()).render(request)
         if result is NOT_DONE_YET:
             await request.notifyFinish()
@@ -343,9 +351,7 @@ class RateLimitTests(HubCase):
 
     async def test_client_gone_before_the_answer(self) -> None:
         self.hub.hang = {b"/token"}
-        request = DummyRequest([b""])
-        request.method = b"POST"
-        request.content = io.BytesIO(b"{}")
+        request = PostRequest(b"{}")
         self.resource().render(request)
         await self.hub.arrived
         request.processingFailed(ConnectionError("client left"))

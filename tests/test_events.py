@@ -346,8 +346,9 @@ class UnitTests(SynchronousTestCase):
         self.assertEqual(LineSplitter().feed(b"a\r\n\r\n\nb\n"), [b"a", b"b"])
 
     def test_tag_replaces_an_existing_mark(self) -> None:
-        tagged, _ = tag_event(b'{"id":"x","Portainer":{"Agent":{"NodeName":"zz"}}}', "b")
-        assert tagged is not None
+        result = tag_event(b'{"id":"x","Portainer":{"Agent":{"NodeName":"zz"}}}', "b")
+        assert result is not None
+        tagged, _ = result
         self.assertTrue(tagged.endswith(b"\n"))
         self.assertEqual(json.loads(tagged)["Portainer"], {"Agent": {"NodeName": "b"}})
 

@@ -96,6 +96,13 @@ def agent_usage(agent: Agent, node: Node) -> dict[str, int]:
     }
 
 
+def text_frame(ws: websocket.WebSocket) -> str:
+    """The next message of a console: Text (bytes would be a Binary frame)."""
+    frame = ws.recv()
+    assert isinstance(frame, str), frame
+    return frame
+
+
 class ClusterStreamTests(LabTestCase):
     """Three nodes, an agent on each; clients talk to node1's agent."""
 
@@ -271,7 +278,7 @@ class ClusterStreamTests(LabTestCase):
         output = ""
         deadline = time.monotonic() + 10
         while "42-é-ok" not in output and time.monotonic() < deadline:
-            output += ws.recv()
+            output += text_frame(ws)
         self.assertIn("42-é-ok", output)
         # A paste bigger than the reference's 2048-byte limit, in one message
         # (lines kept under the terminal's 4096-byte line limit).
@@ -279,7 +286,7 @@ class ClusterStreamTests(LabTestCase):
         self.assertGreater(len(paste), 6000)
         ws.send(paste)
         while "line-399-done\r\n" not in output and time.monotonic() < deadline + 10:
-            output += ws.recv()
+            output += text_frame(ws)
         self.assertIn("line-399-done\r\n", output)
         self.assertTrue(client.api.exec_inspect(exec_id)["Running"], "node3 runs the exec")
         ws.send("exit\n")

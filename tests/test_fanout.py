@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from treq.testing import RequestTraversalAgent
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent
 
@@ -23,6 +23,7 @@ from tests.helpers import (
     make_site,
     make_table,
     manager,
+    observe_logs,
     standalone,
     worker,
 )
@@ -243,7 +244,7 @@ class AgentlessNodeTests(FanOutCase):
     """Swarm nodes expected to run an agent (from a manager's node list)."""
 
     def test_node_without_an_agent_named(self) -> None:
-        logs = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        logs = observe_logs(self)
         self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-d": "d"})
         response = self.get("containers", "/containers/json").response()
         self.assertEqual(response.code, 200)

@@ -7,7 +7,11 @@ from typing import Any
 from OpenSSL.SSL import SENT_SHUTDOWN
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -20,6 +24,7 @@ from zope.interface import implementer
 from swarmagent import tls
 from swarmagent.halfclose import HalfCloseTLS, HalfCloseTLSEndpoint, HalfCloseTLSFactory
 from swarmagent.tunnel import Tunnel, _ClientSide, _UpstreamSide
+from swarmagent.twisted_types import stream_transport
 
 IDENTITY = tls.generated_identity("node1", "127.0.0.1")
 
@@ -56,14 +61,14 @@ class Greeter(HalfRecorder):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.write(b"early")
-        self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        stream_transport(self.transport).loseWriteConnection()
 
 
 class Quiet(HalfRecorder):
     """Ends its output as soon as it is connected, having written nothing."""
 
     def connectionMade(self) -> None:
-        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+        stream_transport(self.transport).loseWriteConnection()
 
 
 class Closer(HalfRecorder):
@@ -215,6 +220,7 @@ class HalfCloseTests(unittest.TestCase):
         client.lost.trap(ConnectionDone)
 
 
+@implementer(IStreamClientEndpoint)
 class _Connected:
     """An endpoint whose connection is made at once, with a bare transport."""
 
@@ -228,7 +234,7 @@ class _Connected:
 class EndpointTests(unittest.TestCase):
     def test_connect_gives_the_wrapped_protocol(self) -> None:
         app = HalfRecorder()
-        endpoint = HalfCloseTLSEndpoint(tls.ClientTLS(), _Connected())  # type: ignore[arg-type]
+        endpoint = HalfCloseTLSEndpoint(tls.ClientTLS(), _Connected())
         result = self.successResultOf(endpoint.connect(Factory.forProtocol(lambda: app)))
         self.assertIs(result, app)
         self.assertIsInstance(app.transport, HalfCloseTLS)
@@ -248,18 +254,18 @@ class TunnelTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.tunnel: Tunnel | None = None
+        # The tunnel needs the TLS transport made over this side: set below.
         client_side = _ClientSide(None)  # type: ignore[arg-type]
         self.cli = HalfRecorder()  # the docker CLI
         self.agent_tls, self.cli_tls, self.pump = tls_pair(client_side, self.cli, self.clock)
         # As take_over does: the tunnel's client is the TLS transport.
-        self.tunnel = Tunnel(self.agent_tls, b"POST /exec/x/start HTTP/1.1\r\n\r\n", ())
+        self.tunnel: Tunnel = Tunnel(self.agent_tls, b"POST /exec/x/start HTTP/1.1\r\n\r\n", ())
         client_side.tunnel = self.tunnel
 
     def test_to_the_engine(self) -> None:
         """The engine's socket is half-closed, and its later output reaches the CLI."""
         engine = _EngineSocket()
-        upstream = _UpstreamSide(self.tunnel)  # type: ignore[arg-type]
+        upstream = _UpstreamSide(self.tunnel)
         upstream.makeConnection(engine)
         self.cli_tls.write(b"stdin")
         self.cli_tls.loseWriteConnection()
@@ -275,7 +281,7 @@ class TunnelTests(unittest.TestCase):
     def test_to_another_agent(self) -> None:
         """On a TLS hop the end of input is a close_notify, which the next agent reads."""
         next_agent = HalfRecorder()
-        upstream = _UpstreamSide(self.tunnel)  # type: ignore[arg-type]
+        upstream = _UpstreamSide(self.tunnel)
         _, hop_tls, hop = tls_pair(next_agent, upstream, self.clock)
         self.cli_tls.write(b"stdin")
         self.cli_tls.loseWriteConnection()
@@ -285,7 +291,8 @@ class TunnelTests(unittest.TestCase):
         self.assertTrue(next_agent.read_closed)
         self.assertIsNone(next_agent.lost)
 
-        next_agent.transport.write(b"HTTP/1.1 101 UPGRADED\r\n\r\nafter-eof\n")  # type: ignore[union-attr]
+        assert next_agent.transport is not None
+        next_agent.transport.write(b"HTTP/1.1 101 UPGRADED\r\n\r\nafter-eof\n")
         hop.flush()
         self.pump.flush()
         self.assertEqual(self.cli.data, b"HTTP/1.1 101 UPGRADED\r\n\r\nafter-eof\n")

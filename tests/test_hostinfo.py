@@ -298,6 +298,7 @@ class ResourceTests(unittest.TestCase):
         host.pci("0000:00:01.0", "0x1af4", "0x1000")
         threads = ManualThreads()
         request = DummyRequest([b""])
+        # ManualThreads is the thread pool only, not a whole IReactorThreads.
         HostInfoResource(str(host.root), threads).render(request)  # type: ignore[arg-type]
         request.processingFailed(Failure(ConnectionError("gone")))
         threads.run()
@@ -305,7 +306,7 @@ class ResourceTests(unittest.TestCase):
         self.assertEqual(request.finished, 0)
         # The same, with the client still there, does answer.
         request = DummyRequest([b""])
-        HostInfoResource(str(host.root), threads).render(request)  # type: ignore[arg-type]
+        HostInfoResource(str(host.root), threads).render(request)  # type: ignore[arg-type]  # as above
         threads.run()
         self.assertEqual(request.finished, 1)
         self.assertIn(b"1af4", b"".join(request.written))

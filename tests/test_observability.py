@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Cooperator
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
@@ -41,9 +41,12 @@ from tests.helpers import (
     Client,
     FakeAgent,
     FakeNode,
+    HalfCloseTransport,
+    StubResolver,
     make_site,
     make_table,
     manager,
+    observe_logs,
     worker,
 )
 from tests.test_api import SIGNER, AgentCase
@@ -180,7 +183,7 @@ class RequestMetricsTests(AgentCase):
 
     def test_tunnel_counted_when_upstream_answers(self) -> None:
         """A hijacked exec leaves twisted.web: it is counted with the upstream's status."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = observe_logs(self)
         upgrade = [("Connection", "Upgrade"), ("Upgrade", "tcp"), ("X-PortainerAgent-Target", "c")]
         self.request("POST", "/exec/e1/start", upgrade)
         [(_, wire)] = self.peer_endpoints.connected
@@ -199,7 +202,7 @@ class RequestMetricsTests(AgentCase):
 
     def test_access_log_line(self) -> None:
         """One line per request: route, node, status; never a credential or the query."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = observe_logs(self)
         client = self.request(
             "GET", "/containers/abc/json?secret=hunter2", [("X-PortainerAgent-Target", "a")]
         )
@@ -228,7 +231,7 @@ class RequestMetricsTests(AgentCase):
         self.assertNotIn("hunter2", line)
 
     def test_access_log_follows_log_level(self) -> None:
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = observe_logs(self)
         set_level(LogLevel.warn)
         self.addCleanup(set_level, LogLevel.info)
         self.get("/ping")
@@ -341,21 +344,9 @@ class DiscoveryMetricsTests(SynchronousTestCase):
             "10.0.0.2": worker("b"),
             "10.0.0.3": worker("c"),
         }
-        self.dns_ok = True
-
-        class Resolver:
-            def lookupAddress(inner, name: str, timeout: Any = None) -> Deferred[Any]:
-                from twisted.names import dns
-
-                if not self.dns_ok:
-                    return fail(OSError("dns down"))
-                records = [dns.RRHeader(name, dns.A, payload=dns.Record_A(a)) for a in self.answers]
-                return succeed((records, [], []))
-
-            def lookupIPV6Address(inner, name: str, timeout: Any = None) -> Deferred[Any]:
-                if not self.dns_ok:
-                    return fail(OSError("dns down"))
-                return succeed(([], [], []))
+        # The answers' addresses, whatever each probe then says.
+        self.resolver = StubResolver()
+        self.resolver.names["tasks.agent"] = list(self.answers)
 
         async def probe(address: str, port: int) -> NodeIdentity:
             self.clock.advance(0.25)
@@ -367,7 +358,7 @@ class DiscoveryMetricsTests(SynchronousTestCase):
         self.discovery = Discovery(
             self.table,
             FakeEngine(manager("a")),  # type: ignore[arg-type]
-            Resolver(),
+            self.resolver,
             probe,
             self.clock,
             name="tasks.agent",
@@ -401,7 +392,7 @@ class DiscoveryMetricsTests(SynchronousTestCase):
                 "swarmagent_peer_probe_rtt_seconds", {"node": "c"}
             )
         )
-        self.dns_ok = False
+        self.resolver.broken.add("tasks.agent")
         self.tick()
         self.assertEqual(sample(self.metrics, "swarmagent_dns_failures_total"), 1)
 
@@ -474,7 +465,7 @@ class StreamMetricsTests(SynchronousTestCase):
 
         metrics = Metrics()
         codes: list[int] = []
-        tunnel = Tunnel(StringTransport(), b"POST /exec/e/start HTTP/1.1\r\n\r\n", (), metrics)
+        tunnel = Tunnel(HalfCloseTransport(), b"POST /exec/e/start HTTP/1.1\r\n\r\n", (), metrics)
         tunnel.answered = codes.append
         self.assertEqual(self.open(metrics, "tunnel"), 1)
         upstream = _UpstreamSide(tunnel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -25,10 +26,12 @@ def samples(text: str) -> list[Any]:
 
 def value(all_samples: list[Any], name: str, **labels: str) -> float:
     """The sum of the samples named ``name`` whose labels include ``labels``."""
-    return sum(
-        s.value
-        for s in all_samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    return float(
+        sum(
+            s.value
+            for s in all_samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
     )
 
 
@@ -50,7 +53,7 @@ class ObservabilityClusterTests(LabTestCase):
         lab.set_dns([lab.node(name) for name in WITH_AGENTS])
         for agent in self.agents.values():
             wait_until(
-                lambda a=agent: knows_exactly(a, set(WITH_AGENTS)),
+                functools.partial(knows_exactly, agent, set(WITH_AGENTS)),
                 REFRESH * 5 + 10,
                 0.1,
                 f"{agent.node.name} to know its peers",
@@ -129,10 +132,10 @@ class ObservabilityClusterTests(LabTestCase):
         self.assertNotIn("secret", {k for k, v in doc["Settings"].items() if v not in ("", "set")})
 
         # The operator's table, from inside node1 with the agent's own environment.
-        node = lab.node("node1")
+        inside = lab.node("node1")
         table = subprocess.run(
-            [*node.nsenter(), sys.executable, "-m", "swarmagent.status"],
-            env=lab.agent_env(node),
+            [*inside.nsenter(), sys.executable, "-m", "swarmagent.status"],
+            env=lab.agent_env(inside),
             capture_output=True,
             text=True,
             timeout=30,

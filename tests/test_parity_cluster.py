@@ -145,10 +145,17 @@ class ParityTests(LabTestCase):
                 )  # fmt: skip
                 self.assertEqual(deploy.returncode, 0, deploy.stderr)
                 self.assertEqual(self.manager_state(stack), ({f"{stack}_web"}, {f"{stack}_front"}))
+
                 # Let the tasks start, so workers list the overlay network too
                 # and the cluster-wide list holds it once per node.
+                def on_every_node(stack: str = stack) -> bool:
+                    return len(self.node_networks(stack)) == 3
+
+                def gone(stack: str = stack) -> bool:
+                    return self.manager_state(stack) == (set(), set())
+
                 wait_until(
-                    lambda stack=stack: len(self.node_networks(stack)) == 3,
+                    on_every_node,
                     60,
                     0.5,
                     f"{stack}_front on every node",
@@ -156,7 +163,7 @@ class ParityTests(LabTestCase):
                 rm = self.cli(cli, "stack", "rm", stack)
                 self.assertEqual(rm.returncode, 0, rm.stdout + rm.stderr)
                 wait_until(
-                    lambda stack=stack: self.manager_state(stack) == (set(), set()),
+                    gone,
                     60,
                     0.5,
                     f"{stack} gone from the manager",

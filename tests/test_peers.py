@@ -39,6 +39,7 @@ class IdentityTests(SynchronousTestCase):
             {k: v for k, v in good.items() if k != "NodeRole"},
         ]:
             with self.subTest(doc=doc), self.assertRaises(ValueError):
+                # ``[]`` is no mapping: on purpose, as a peer may send anything.
                 NodeIdentity.from_json(doc)  # type: ignore[arg-type]
 
     def test_key_is_node_id_in_a_swarm_else_name(self) -> None:

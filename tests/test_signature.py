@@ -24,8 +24,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_ds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -44,7 +42,7 @@ from swarmagent.signature import (
     parse_public_key,
     parse_signature,
 )
-from tests.helpers import log_lines
+from tests.helpers import log_lines, observe_logs
 
 # A P-256 key and two signatures made with OpenSSL's command line:
 #   printf 'Portainer-App' | openssl dgst -md5 -binary > d.bin
@@ -74,7 +72,7 @@ def portainer_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def portainer_public_key(key: Any) -> str:
+def portainer_public_key(key: ec.EllipticCurvePrivateKey) -> str:
     """``hex.EncodeToString(x509.MarshalPKIXPublicKey(pub))``."""
     der = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -473,7 +471,7 @@ class PairingResetTests(unittest.SynchronousTestCase):
     def setUp(self) -> None:
         self.folder = Path(self.mktemp())
         self.first, self.second = portainer_key(), portainer_key()
-        self.observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.observer = observe_logs(self)
         self.seen = 0
 
     @property

@@ -152,7 +152,10 @@ def run_workload(client: docker.DockerClient, name: str) -> str:
 
 # Check groups are mixins of a StackTestCase, for the type checker; trial
 # runs them once, in ClientTests.
-_Checks = StackTestCase if TYPE_CHECKING else object
+if TYPE_CHECKING:
+    _Checks = StackTestCase
+else:
+    _Checks = object
 
 
 # The client checks only read the cluster (or clean up what they add), so one
@@ -504,7 +507,8 @@ class StackFileChecks(_Checks):
 
 def healthy(engine: docker.DockerClient, container: str) -> bool:
     """Whether the engine's health check of ``container`` passes."""
-    return engine.api.inspect_container(container)["State"]["Health"]["Status"] == "healthy"
+    status: str = engine.api.inspect_container(container)["State"]["Health"]["Status"]
+    return status == "healthy"
 
 
 class ClientTests(CLIChecks, SDKChecks, PortainerChecks, StackFileChecks, StackTestCase):

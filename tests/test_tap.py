@@ -16,7 +16,7 @@ from swarmagent.config import Options
 from swarmagent.signature import PAIRED_KEY_FILE, PairingStore, Signer
 from swarmagent.tap import IDLE_TIMEOUT, makeService
 from swarmagent.tls import HTTP11Site
-from tests.helpers import StubResolver
+from tests.helpers import StubResolver, agent_reactor
 
 ENGINE_TIMEOUT = 10  # the engine's deadline: max(connect timeout, 10 s)
 
@@ -36,7 +36,10 @@ class MakeServiceTests(SynchronousTestCase):
     def make(self, *argv: str) -> MultiService:
         data = ["--data-path", self.mktemp()]  # the paired key is kept there
         service = makeService(
-            options(*data, *argv), reactor=self.reactor, resolver=self.resolver, hostname="node-a"
+            options(*data, *argv),
+            reactor=agent_reactor(self.reactor),
+            resolver=self.resolver,
+            hostname="node-a",
         )
         self.assertIsInstance(service, MultiService)
         return service

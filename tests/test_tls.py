@@ -14,14 +14,14 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, ISystemHandle
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.test.requesthelper import DummyChannel
 from zope.interface import implementer
 
 from swarmagent import certs, tls
@@ -59,15 +59,17 @@ class _OneRequest(Protocol):
         self.tls_version: str | None = None
 
     def connectionMade(self) -> None:
-        self.transport.write(b"GET / HTTP/1.0\r\nHost: agent\r\n\r\n")  # type: ignore[union-attr]
+        assert self.transport is not None
+        self.transport.write(b"GET / HTTP/1.0\r\nHost: agent\r\n\r\n")
 
     def dataReceived(self, data: bytes) -> None:
         if self.tls_version is None:
-            handle = self.transport.getHandle()  # type: ignore[union-attr]
+            handle = ISystemHandle(self.transport).getHandle()  # TLS's: its SSL.Connection
+            assert isinstance(handle, SSL.Connection)
             self.tls_version = handle.get_protocol_version_name()
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if reason.check(ConnectionDone):
             self.done.callback(b"".join(self.chunks))
         else:
@@ -269,7 +271,8 @@ class HandshakeTests(unittest.TestCase):
 class VerifiedClientTests(unittest.SynchronousTestCase):
     def test_plain_request(self) -> None:
         server = ServerTLS(tls.generated_identity("node1", "127.0.0.1"))
-        request: Any = DummyRequest([b""])
+        # A request on a plain TCP connection: no TLS handle to ask.
+        request = Request(DummyChannel())
         self.assertFalse(server.verified_client(request))
         self.assertIsNone(server.verified_peer(request))
 

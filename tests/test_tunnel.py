@@ -8,6 +8,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from swarmagent.tunnel import Tunnel, _UpstreamSide
+from tests.helpers import HalfCloseTransport
 
 REQUEST = b"POST /exec/e1/start HTTP/1.1\r\nUpgrade: tcp\r\n\r\n"
 MARK = ((b"Portainer-Agent", b"2.23.0"),)
@@ -15,7 +16,7 @@ MARK = ((b"Portainer-Agent", b"2.23.0"),)
 
 class UpstreamTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.client = StringTransport()
+        self.client = HalfCloseTransport()
         self.tunnel = Tunnel(self.client, REQUEST, MARK)
         self.engine = StringTransport()
         self.upstream = _UpstreamSide(self.tunnel)

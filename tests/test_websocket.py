@@ -101,11 +101,12 @@ class FakeEngineEndpoint:
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
         if self.refuse:
             return fail(ConnectionRefusedError("engine down"))
-        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2375))
-        assert protocol is not None
+        # As an object: mypy-zope would narrow the IProtocol to nothing.
+        protocol: object = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2375))
+        assert isinstance(protocol, Protocol)
         transport = Wire()
         protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))  # type: ignore[arg-type]
+        self.connections.append((protocol, transport))
         return succeed(protocol)
 
 
@@ -130,7 +131,8 @@ class ConsoleCase(SynchronousTestCase):
 
     def open(self, path: str = f"/websocket/exec?id={EXEC_ID}", extra: str = "") -> ConsoleProtocol:
         """A client's console connection, its handshake sent."""
-        protocol: Any = self.factory.buildProtocol(CLIENT)
+        protocol = self.factory.buildProtocol(CLIENT)
+        assert isinstance(protocol, ConsoleProtocol)
         self.client = Wire(peerAddress=CLIENT)
         protocol.makeConnection(self.client)
         protocol.dataReceived(handshake(path, extra))
@@ -221,6 +223,7 @@ class HandshakeTests(ConsoleCase):
         protocol = self.open()
         # The wait for the engine's answer that never came is cancelled and
         # handled, not left to be logged as an unhandled error when collected.
+        assert protocol._engine is not None
         self.assertIsNone(self.successResultOf(protocol._engine.ready))
         response = parse_response(self.client.value())
         self.assertEqual(response.code, 502)
@@ -350,7 +353,7 @@ class ResourceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.engine = FakeEngineEndpoint()
         factory = ConsoleFactory(FakeEndpoints(self.engine), MemoryReactorClock())
-        self.site = make_site(ConsoleResource(factory))  # type: ignore[arg-type]
+        self.site = make_site(ConsoleResource(factory))
 
     def test_id_must_be_hex(self) -> None:
         for bad in ("", "xyz", "12%2F..", "ab%20cd", "0x12"):
