@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
@@ -69,7 +68,7 @@ class RequestLog:
         request.notifyFinish().addBoth(self._finished, request, served)
         return served
 
-    def _finished(self, result: Any, request: Request, served: Served) -> None:
+    def _finished(self, result: object, request: Request, served: Served) -> None:
         # A client that left before the status line went out got none.
         code = request.code if request.startedWriting else 0
         self.end(request, served, code, request.sentLength)
@@ -117,7 +116,7 @@ class RequestLog:
         )
 
 
-def served_of(request: Any) -> Served | None:
+def served_of(request: object) -> Served | None:
     """``request``'s record, if it has one."""
     getter = getattr(request, "getComponent", None)
     return getter(IServed) if getter is not None else None

@@ -44,7 +44,7 @@ from swarmagent.nodes import (
 )
 from swarmagent.peers import Peer
 from swarmagent.progress import MergedProgress, failed_on, refusal
-from swarmagent.twisted_types import request_body
+from swarmagent.twisted_types import Rendered, request_body
 
 log = logger(__name__)
 
@@ -132,7 +132,7 @@ class Broadcaster:
 
     def render(
         self, request: Request, operation: Operation, peers: Sequence[Peer], absent: Sequence[str]
-    ) -> Any:
+    ) -> Rendered:
         body = body_copies(request, self._cooperator)
         if operation.streams:
             MergedProgress(self._nodes, request, peers, absent, body).start()
@@ -221,5 +221,5 @@ class _BroadcastResource(Resource):
         self._peers = peers
         self._absent = absent
 
-    def render_POST(self, request: Request) -> Any:
+    def render_POST(self, request: Request) -> Rendered:
         return self._broadcaster.render(request, self._operation, self._peers, self._absent)

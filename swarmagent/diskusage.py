@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from swarmagent.clientgone import watch_gone
 from swarmagent.logs import logger
 from swarmagent.nodes import Answered, NodeFailed, Nodes, add_up, answer_all_failed, name_missing
+from swarmagent.twisted_types import Rendered
 
 log = logger(__name__)
 
@@ -48,7 +49,7 @@ class ClusterDiskUsage:
         """A leaf that serves a GET as the cluster's disk usage."""
         return _DiskUsageResource(self)
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> Rendered:
         Deferred.fromCoroutine(self._serve(request))
         return NOT_DONE_YET
 
@@ -85,5 +86,5 @@ class _DiskUsageResource(Resource):
         super().__init__()
         self._usage = usage
 
-    def render_GET(self, request: Request) -> Any:
+    def render_GET(self, request: Request) -> Rendered:
         return self._usage.render(request)

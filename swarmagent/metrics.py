@@ -14,7 +14,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import StateSetMetricFamily
+from prometheus_client.core import Metric, StateSetMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -243,7 +243,7 @@ class _PairingCollector(Collector):
     def __init__(self, state: Callable[[], str]) -> None:
         self._state = state
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         now = self._state()
         yield StateSetMetricFamily(
             "swarmagent_pairing",

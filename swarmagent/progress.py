@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -112,7 +112,7 @@ class _Node:
 
     peer: Peer
     pending: Deferred[IResponse] | None = None
-    transport: Any = None
+    transport: IPushProducer | None = None
     ended: bool = False
     lines: LineSplitter = field(default_factory=LineSplitter)
 
@@ -190,7 +190,7 @@ class MergedProgress:
             self._request.write(failure_line(failure))
         self._maybe_finish()
 
-    def node_connected(self, node: _Node, transport: Any) -> None:
+    def node_connected(self, node: _Node, transport: IPushProducer) -> None:
         node.transport = transport
         if self._paused:
             transport.pauseProducing()
@@ -279,7 +279,8 @@ class _ProgressLines(Protocol):
         self._node = node
 
     def connectionMade(self) -> None:
-        self._merge.node_connected(self._node, self.transport)
+        # A response body's transport, as in events._NodeLines.
+        self._merge.node_connected(self._node, cast(IPushProducer, self.transport))
 
     def dataReceived(self, data: bytes) -> None:
         self._merge.node_lines(self._node, self._node.lines.feed(data))
