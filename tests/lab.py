@@ -95,6 +95,8 @@ BUSYBOX = Path("/bin/busybox")
 DOCKERD = os.environ.get("SALAB_DOCKERD", "/usr/sbin/dockerd")
 #: Debian's docker CLI (20.10, API 1.41); a newer one may come first in PATH.
 DOCKER_CLI = "/usr/bin/docker"
+#: Both docker CLIs the machine has: Debian's 20.10 and a current one (28.x, API 1.50).
+CLIS = [cli for cli in (DOCKER_CLI, "/usr/local/bin/docker") if os.path.exists(cli)]
 
 
 #: Networks an engine in a swarm has of its own; the rest someone made.
@@ -113,6 +115,14 @@ def run(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.Comple
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
     return p
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def wait_until(

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, cast
 
 from twisted.trial import unittest
 
 from tests.lab import (
+    DOCKER_CLI,
     Agent,
     Lab,
     Node,
@@ -277,6 +282,37 @@ class LabTestCase(unittest.TestCase):
 
     def node(self, name: str) -> Node:
         return self.the_lab.node(name)
+
+    def docker_cli(
+        self,
+        *args: str,
+        cli: str = DOCKER_CLI,
+        via: str = "node1",
+        headers: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        """A docker CLI against ``via``'s agent with the lab's client certificate,
+        and ``headers`` in its config.json (none: the plain CLI, no target)."""
+        config = tempfile.mkdtemp(prefix="dockercfg-")
+        self.addCleanup(shutil.rmtree, config, True)
+        with open(os.path.join(config, "config.json"), "w") as f:
+            json.dump({"HttpHeaders": headers or {}}, f)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": config,
+            "DOCKER_CONFIG": config,
+            "DOCKER_HOST": self.agent(via).url.replace("https://", "tcp://"),
+            "DOCKER_TLS_VERIFY": "1",
+            "DOCKER_CERT_PATH": str(self.the_lab.tls),
+        }
+        return subprocess.run(
+            [cli, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 @atexit.register

@@ -19,12 +19,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tests.lab import DOCKER_CLI, IMAGE, Lab, Node, sdk_client, wait_until
+from tests.lab import CLIS, IMAGE, Lab, Node, rss_kib, sdk_client, wait_until
 from tests.labcase import LabTestCase, explain
-from tests.test_parity_cluster import rss_kib
 
 #: Both docker CLIs the machine has: Debian's 20.10 and a current one.
-CLIS = [cli for cli in (DOCKER_CLI, "/usr/local/bin/docker") if os.path.exists(cli)]
 BROADCAST = "X-SwarmAgent-Broadcast"
 LABEL = "swarmagent.node"
 NODES = ("node1", "node2", "node3")
@@ -58,26 +56,8 @@ class ClusterCLITests(LabTestCase):
         headers: dict[str, str] | None = None,
         timeout: float = 300,
     ) -> subprocess.CompletedProcess[str]:
-        """A docker CLI against ``via``'s agent, with ``headers`` in its config.json."""
-        config = tempfile.mkdtemp(prefix="dockercfg-")
-        self.addCleanup(shutil.rmtree, config, True)
-        Path(config, "config.json").write_text(json.dumps({"HttpHeaders": headers or {}}))
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": config,
-            "DOCKER_CONFIG": config,
-            "DOCKER_HOST": self.agent(via).url.replace("https://", "tcp://"),
-            "DOCKER_TLS_VERIFY": "1",
-            "DOCKER_CERT_PATH": str(self.the_lab.tls),
-        }
-        return subprocess.run(
-            [cli, *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        """``cli`` against ``via``'s agent, with ``headers`` in its config.json."""
+        return self.docker_cli(*args, cli=cli, via=via, headers=headers, timeout=timeout)
 
     def ok(self, result: subprocess.CompletedProcess[str]) -> str:
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)

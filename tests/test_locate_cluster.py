@@ -7,15 +7,12 @@ its node. Run as root: ``python -m twisted.trial tests.test_locate_cluster``.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from typing import ClassVar
 
 import docker
 
-from tests.lab import DOCKER_CLI, IMAGE, Lab, sdk_client
+from tests.lab import IMAGE, Lab, sdk_client
 from tests.labcase import LabTestCase, engine_containers, explain
 
 
@@ -60,22 +57,7 @@ class LocateTests(LabTestCase):
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """The docker CLI against node1's agent, with an empty config (no HttpHeaders)."""
-        config = tempfile.mkdtemp(prefix="dockercfg-")
-        self.addCleanup(shutil.rmtree, config, True)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "DOCKER_HOST": self.agent("node1").url.replace("https://", "tcp://"),
-            "DOCKER_TLS_VERIFY": "1",
-            "DOCKER_CERT_PATH": str(self.the_lab.tls),
-        }
-        return subprocess.run(
-            [DOCKER_CLI, "--config", config, *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        )
+        return self.docker_cli(*args, timeout=30)
 
     @explain
     def test_raw_requests_reach_the_node_holding_the_container(self) -> None:

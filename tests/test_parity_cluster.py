@@ -12,11 +12,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.lab import DOCKER_CLI, IMAGE, Lab, Response, wait_until
+from tests.lab import CLIS, DOCKER_CLI, IMAGE, Lab, Response, rss_kib, wait_until
 from tests.labcase import TARGET, LabTestCase, explain
-
-#: Both docker CLIs the machine has: Debian's 20.10 and a current one.
-CLIS = [cli for cli in (DOCKER_CLI, "/usr/local/bin/docker") if os.path.exists(cli)]
 
 STACK_FILE = f"""\
 version: "3.8"
@@ -31,14 +28,6 @@ networks:
   front:
     driver: overlay
 """
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of a process, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def multipart(fields: dict[str, str], name: str, content: bytes) -> tuple[bytes, str]:
@@ -62,23 +51,7 @@ class ParityTests(LabTestCase):
 
     def cli(self, cli: str, *args: str, via: str = "node2") -> subprocess.CompletedProcess[str]:
         """A docker CLI against ``via``'s agent, with an empty config (no HttpHeaders)."""
-        config = tempfile.mkdtemp(prefix="dockercfg-")
-        self.addCleanup(shutil.rmtree, config, True)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": config,
-            "DOCKER_HOST": self.agent(via).url.replace("https://", "tcp://"),
-            "DOCKER_TLS_VERIFY": "1",
-            "DOCKER_CERT_PATH": str(self.the_lab.tls),
-        }
-        return subprocess.run(
-            [cli, "--config", config, *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=90,
-            stdin=subprocess.DEVNULL,
-        )
+        return self.docker_cli(*args, cli=cli, via=via, timeout=90)
 
     @explain
     def test_version_prefixed_ping(self) -> None:
