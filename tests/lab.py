@@ -216,6 +216,22 @@ def http_request(
         conn.close()
 
 
+def multipart(fields: dict[str, str], name: str, content: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body as Portainer's UI sends an upload: the folder
+    in ``Path``, the file in ``file``."""
+    boundary = "----swarmagent-lab-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in fields.items()
+    ]
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    body = b"".join([*parts, head, content, f"\r\n--{boundary}--\r\n".encode()])
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
 def sdk_client(
     url: str,
     tls: Path,
@@ -407,6 +423,29 @@ class Node:
     def exec(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a command inside the node's namespaces."""
         return run(*self.nsenter(), *cmd, check=check)
+
+
+def run_in_volume(node: Node, volume: str, script: str) -> str:
+    """Run ``script`` in a container on ``node`` that mounts ``volume`` at /data;
+    its output, which should end with a newline (a last line without one may
+    not have reached the log when the container's stream ends)."""
+    client = node.docker()
+    try:
+        container = client.containers.create(
+            IMAGE, ["sh", "-c", script], volumes={volume: {"bind": "/data"}}
+        )
+        try:
+            container.start()
+            # Followed to its end: logs read after the exit may miss lines.
+            out = b"".join(container.logs(stream=True, follow=True))
+            status = container.wait()["StatusCode"]
+        finally:
+            container.remove(force=True)
+        if status != 0:
+            raise AssertionError(f"{script!r} on {node.name} exited {status}: {out!r}")
+        return out.decode()
+    finally:
+        client.close()
 
 
 class Agent:

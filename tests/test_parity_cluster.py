@@ -12,7 +12,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.lab import CLIS, DOCKER_CLI, IMAGE, Lab, Response, rss_kib, wait_until
+from tests.lab import (
+    CLIS,
+    DOCKER_CLI,
+    IMAGE,
+    Lab,
+    Response,
+    multipart,
+    rss_kib,
+    run_in_volume,
+    wait_until,
+)
 from tests.labcase import TARGET, LabTestCase, explain
 
 STACK_FILE = f"""\
@@ -28,22 +38,6 @@ networks:
   front:
     driver: overlay
 """
-
-
-def multipart(fields: dict[str, str], name: str, content: bytes) -> tuple[bytes, str]:
-    """A multipart/form-data body as Portainer's UI sends an upload: the folder
-    in ``Path``, the file in ``file``."""
-    boundary = "----swarmagent-lab-boundary"
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-        for k, v in fields.items()
-    ]
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-    body = b"".join([*parts, head, content, f"\r\n--{boundary}--\r\n".encode()])
-    return body, f"multipart/form-data; boundary={boundary}"
 
 
 class ParityTests(LabTestCase):
@@ -161,33 +155,18 @@ class BrowseTests(LabTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        # The same content before every test.
+        self.fill()
+
+    def fill(self) -> None:
+        """The same content before every test."""
         self.in_volume(
             "rm -rf /data/* && mkdir -p /data/sub && printf hello > /data/a.txt"
             " && printf deep > /data/sub/b.txt"
         )
 
     def in_volume(self, script: str) -> str:
-        """Run ``script`` in a container on node3 that mounts the volume at /data;
-        its output, which should end with a newline (a last line without one
-        may not have reached the log when the container's stream ends)."""
-        client = self.node("node3").docker()
-        try:
-            container = client.containers.create(
-                IMAGE, ["sh", "-c", script], volumes={VOLUME: {"bind": "/data"}}
-            )
-            try:
-                container.start()
-                # Followed to its end: logs read after the exit may not hold
-                # the last lines yet.
-                out = b"".join(container.logs(stream=True, follow=True))
-                status = container.wait()["StatusCode"]
-            finally:
-                container.remove(force=True)
-            self.assertEqual(status, 0, out)
-            return out.decode()
-        finally:
-            client.close()
+        """Run ``script`` in a container on node3 that mounts the volume at /data."""
+        return run_in_volume(self.node("node3"), VOLUME, script)
 
     def browse(
         self,
@@ -266,6 +245,35 @@ class BrowseTests(LabTestCase):
         r = self.browse("DELETE", f"/v1/browse/{VOLUME}/delete?path=/sub")
         self.assertEqual(r.status, 204, r.body[:300])
         self.assertEqual(self.in_volume("ls /data"), "c.txt\nup\n")
+
+    @explain
+    def test_every_operation_in_every_route_form(self) -> None:
+        """Portainer's v2 routes, the same without /v2, and the legacy v1 routes
+        with the volume in the path: list, download, upload, rename, delete."""
+        forms = {
+            "v2": lambda op, query: f"/v2/browse/{op}?volumeID={VOLUME}&{query}",
+            "plain": lambda op, query: f"/browse/{op}?volumeID={VOLUME}&{query}",
+            "v1": lambda op, query: f"/v1/browse/{VOLUME}/{op}?{query}",
+        }
+        for form, url in forms.items():
+            with self.subTest(form=form):
+                self.fill()
+                r = self.browse("GET", url("ls", "path=/sub"))
+                self.assertEqual([e["Name"] for e in r.json()], ["b.txt"])
+                r = self.browse("GET", url("get", "path=a.txt"), headers={"Range": "bytes=1-"})
+                self.assertEqual((r.status, r.body), (206, b"ello"))
+                body, ctype = multipart({"Path": "/sub"}, "new.txt", form.encode() + b"\n")
+                r = self.browse("POST", url("put", ""), body=body, headers={"Content-Type": ctype})
+                self.assertEqual(r.status, 204, r.body[:300])
+                self.assertEqual(self.in_volume("cat /data/sub/new.txt"), f"{form}\n")
+                r = self.browse(
+                    "PUT", url("rename", ""),
+                    body={"CurrentFilePath": "/sub/new.txt", "NewFilePath": "top.txt"},
+                )  # fmt: skip
+                self.assertEqual(r.status, 204, r.body[:300])
+                r = self.browse("DELETE", url("delete", "path=/sub"))
+                self.assertEqual(r.status, 204, r.body[:300])
+                self.assertEqual(self.in_volume("ls /data"), "a.txt\ntop.txt\n")
 
     @explain
     def test_symlinks_planted_by_a_container_are_refused(self) -> None:

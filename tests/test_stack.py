@@ -24,7 +24,16 @@ import docker
 import pexpect
 
 from swarmagent.signature import Signer
-from tests.lab import DOCKER_CLI, IMAGE, Lab, Response, sdk_client, wait_until
+from tests.lab import (
+    DOCKER_CLI,
+    IMAGE,
+    Lab,
+    Response,
+    multipart,
+    run_in_volume,
+    sdk_client,
+    wait_until,
+)
 from tests.labcase import TARGET, LabTestCase, engine_containers, explain, missing_nodes
 from tests.stack_lab import AGENT_IMAGE, SERVICE, StackAgent, StackLab
 from tests.test_security_cluster import unverified
@@ -478,6 +487,71 @@ class LifeTests(StackTestCase):
             manager.close()
 
 
+class BrowseChecks(_Checks):
+    """Portainer's volume browser and host info on the deployed agents, through
+    the published port: the stack mounts /var/lib/docker/volumes where the
+    engine says its volumes are."""
+
+    @explain
+    def test_volume_browser_round_trip(self) -> None:
+        volume = f"e2e-browse-{time.monotonic_ns()}"
+        node3 = self.node("node3")
+        engine = node3.docker()
+        self.addCleanup(engine.close)
+        engine.volumes.create(volume)
+        self.addCleanup(lambda: engine.volumes.get(volume).remove(force=True))
+        run_in_volume(node3, volume, "mkdir /data/sub && printf hello > /data/a.txt")
+        agent = self.agent_on("node1")
+        to_node3 = {TARGET: "node3"}
+
+        r = agent.request("GET", f"/v2/browse/ls?volumeID={volume}&path=/", headers=to_node3)
+        self.assertEqual(r.status, 200, r.body[:300])
+        self.assertEqual(
+            {(e["Name"], e["Dir"]) for e in r.json()}, {("a.txt", False), ("sub", True)}
+        )
+        r = agent.request(
+            "GET", f"/v2/browse/get?volumeID={volume}&path=a.txt",
+            headers={**to_node3, "Range": "bytes=1-3"},
+        )  # fmt: skip
+        self.assertEqual((r.status, r.body), (206, b"ell"))
+
+        body, ctype = multipart({"Path": "/sub"}, "up.txt", b"uploaded\n")
+        r = agent.request(
+            "POST", f"/v2/browse/put?volumeID={volume}", body=body,
+            headers={**to_node3, "Content-Type": ctype},
+        )  # fmt: skip
+        self.assertEqual(r.status, 204, r.body[:300])
+        r = agent.request(
+            "PUT", f"/v2/browse/rename?volumeID={volume}", headers=to_node3,
+            body={"CurrentFilePath": "/sub/up.txt", "NewFilePath": "/moved.txt"},
+        )  # fmt: skip
+        self.assertEqual(r.status, 204, r.body[:300])
+        r = agent.request("DELETE", f"/v2/browse/delete?volumeID={volume}&path=a.txt",
+                          headers=to_node3)  # fmt: skip
+        self.assertEqual(r.status, 204, r.body[:300])
+        self.assertEqual(run_in_volume(node3, volume, "cat /data/moved.txt; ls /data"),
+                         "uploaded\nmoved.txt\nsub\n")  # fmt: skip
+
+    @explain
+    def test_host_info_from_each_node(self) -> None:
+        for node in self.stack.nodes:
+            with self.subTest(node=node.name):
+                for r in (
+                    self.agent_on(node.name).request("GET", "/v2/host/info"),
+                    self.agent_on("node1").request(
+                        "GET", "/v2/host/info", headers={TARGET: node.name}
+                    ),
+                ):
+                    self.assertEqual(r.status, 200, r.body[:300])
+                    doc = r.json()
+                    self.assertEqual(set(doc), {"PCIDevices", "PhysicalDisks"})
+                    # The container sees the host's /sys: the same devices as the host.
+                    if doc["PCIDevices"] is not None:
+                        self.assertEqual(
+                            len(doc["PCIDevices"]), len(os.listdir("/sys/bus/pci/devices"))
+                        )
+
+
 class StackFileChecks(_Checks):
     """The stack files themselves."""
 
@@ -511,5 +585,7 @@ def healthy(engine: docker.DockerClient, container: str) -> bool:
     return status == "healthy"
 
 
-class ClientTests(CLIChecks, SDKChecks, PortainerChecks, StackFileChecks, StackTestCase):
+class ClientTests(
+    CLIChecks, SDKChecks, PortainerChecks, BrowseChecks, StackFileChecks, StackTestCase
+):
     """Every client check, against one deployed stack."""
