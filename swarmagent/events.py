@@ -15,7 +15,6 @@ open stream and one that leaves is dropped from it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlencode
 
@@ -26,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.clientgone import watch_gone
 from swarmagent.logs import logger
-from swarmagent.mergedlines import MAX_LINE, MergedLines, NodeStream
+from swarmagent.mergedlines import MAX_LINE, MergedLines, NodeStream, json_line, json_object
 from swarmagent.nodes import NodeFailed, Nodes, tag
 from swarmagent.peers import Peer
 from swarmagent.twisted_types import Rendered
@@ -39,17 +38,14 @@ def tag_event(line: bytes, node_name: str) -> tuple[bytes, int] | None:
 
     None if the line is not a JSON object.
     """
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(event, dict):
+    event = json_object(line)
+    if event is None:
         return None
     tag([event], node_name)
     time_nano = event.get("timeNano")
     if not isinstance(time_nano, int):
         time_nano = 0
-    return json.dumps(event, separators=(",", ":")).encode("utf-8") + b"\n", time_nano
+    return json_line(event), time_nano
 
 
 def resume_from(uri: bytes, time_nano: int) -> bytes:
@@ -149,17 +145,16 @@ class MergedStream(MergedLines):
     def current(self, node: NodeStream) -> bool:
         return self._nodes.get(node.peer.identity.key) is node
 
-    def node_lines(self, node: NodeStream, lines: list[bytes]) -> None:
-        for line in lines:
-            tagged = tag_event(line, node.peer.name)
-            if tagged is None:
-                log.debug("events: node {node} sent a non-event line", node=node.peer.name)
-                continue
-            event, time_nano = tagged
-            self._events.nodes.metrics.relayed_bytes("events", len(event))
-            self._request.write(event)
-            if time_nano:
-                self._last_sent[node.peer.identity.key] = time_nano
+    def node_line(self, node: NodeStream, line: bytes) -> None:
+        tagged = tag_event(line, node.peer.name)
+        if tagged is None:
+            log.debug("events: node {node} sent a non-event line", node=node.peer.name)
+            return
+        event, time_nano = tagged
+        self._events.nodes.metrics.relayed_bytes("events", len(event))
+        self._request.write(event)
+        if time_nano:
+            self._last_sent[node.peer.identity.key] = time_nano
 
     def failed(self, failure: NodeFailed) -> None:
         log.warn("events: node {node} left out: {why}", node=failure.node, why=failure.why)

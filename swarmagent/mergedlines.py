@@ -13,10 +13,11 @@ how a failure is told are each merge's own.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -81,6 +82,20 @@ class LineSplitter:
         return lines
 
 
+def json_object(line: bytes) -> dict[str, Any] | None:
+    """A line's JSON object; None if the line is not one."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def json_line(doc: dict[str, Any]) -> bytes:
+    """``doc`` as one compact JSON line."""
+    return json.dumps(doc, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
 @dataclass(eq=False)
 class NodeStream:
     """One node's upstream answer within a merge."""
@@ -97,7 +112,7 @@ class MergedLines(ABC):
     """One client's merged stream; the producer of the client's request.
 
     A merge says which nodes take part (``streams``, ``current``), what their
-    lines become (``node_lines``) and how a node's failure is told
+    lines become (``node_line``) and how a node's failure is told
     (``failed``, ``refused``, ``unreachable``, ``broken``); the hooks with a
     body here do nothing unless a merge needs them.
     """
@@ -121,8 +136,8 @@ class MergedLines(ABC):
         return True
 
     @abstractmethod
-    def node_lines(self, node: NodeStream, lines: list[bytes]) -> None:
-        """Write what a node's complete ``lines`` are to the client."""
+    def node_line(self, node: NodeStream, line: bytes) -> None:
+        """Write what one complete line of a node's is to the client."""
 
     @abstractmethod
     def failed(self, failure: NodeFailed) -> None:
@@ -198,7 +213,8 @@ class MergedLines(ABC):
         if lines.dropped != dropped:
             self.line_dropped(node)
         if not self._done and self.current(node):
-            self.node_lines(node, complete)
+            for line in complete:
+                self.node_line(node, line)
 
     def node_lost(self, node: NodeStream, reason: Failure) -> None:
         # A stream the agent closed itself (client gone, node left) is no news.

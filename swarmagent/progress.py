@@ -15,7 +15,6 @@ node, which the CLI reports and exits non-zero on.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,15 +25,11 @@ from twisted.web.server import Request
 from swarmagent.clientgone import watch_gone
 from swarmagent.errors import describe
 from swarmagent.logs import logger
-from swarmagent.mergedlines import MAX_LINE, MergedLines, NodeStream
+from swarmagent.mergedlines import MAX_LINE, MergedLines, NodeStream, json_line, json_object
 from swarmagent.nodes import NO_AGENT, NodeFailed, Nodes, tag
 from swarmagent.peers import Peer
 
 log = logger(__name__)
-
-
-def _encode(doc: dict[str, object]) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 def error_message(doc: dict[str, Any]) -> str | None:
@@ -53,11 +48,8 @@ def tag_progress(line: bytes, node_name: str) -> tuple[bytes, str | None] | None
     An error line becomes a status line (``failed: …``). None if the line is
     not a JSON object.
     """
-    try:
-        doc = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict):
+    doc = json_object(line)
+    if doc is None:
         return None
     error = error_message(doc)
     if error is not None:
@@ -66,14 +58,14 @@ def tag_progress(line: bytes, node_name: str) -> tuple[bytes, str | None] | None
     ident = doc.get("id")
     doc["id"] = f"{node_name} {ident}" if ident else node_name
     tag([doc], node_name)
-    return _encode(doc), error
+    return json_line(doc), error
 
 
 def failure_line(failure: NodeFailed) -> bytes:
     """The status line that names a node that failed."""
     doc: dict[str, object] = {"id": failure.node, "status": f"failed: {failure.why}"}
     tag([doc], failure.node)
-    return _encode(doc)
+    return json_line(doc)
 
 
 def failed_on(failures: Sequence[NodeFailed]) -> str:
@@ -84,17 +76,14 @@ def failed_on(failures: Sequence[NodeFailed]) -> str:
 def final_error(failures: Sequence[NodeFailed]) -> bytes:
     """The last line when nodes failed: an error line the docker CLI reports."""
     message = failed_on(failures)
-    return _encode({"errorDetail": {"message": message}, "error": message})
+    return json_line({"errorDetail": {"message": message}, "error": message})
 
 
 def refusal(node: str, code: int, body: bytes) -> NodeFailed:
     """A node's error answer (not 200) as a failure, with the engine's message."""
     why = f"answered {code}"
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict) and doc.get("message"):
+    doc = json_object(body)
+    if doc is not None and doc.get("message"):
         why += f": {doc['message']}"
     return NodeFailed(why, code, body, node)
 
@@ -140,17 +129,16 @@ class MergedProgress(MergedLines):
     def streams(self) -> Iterable[NodeStream]:
         return self._streams
 
-    def node_lines(self, node: NodeStream, lines: list[bytes]) -> None:
-        for line in lines:
-            tagged = tag_progress(line, node.peer.name)
-            if tagged is None:
-                log.debug("node {node} sent a non-JSON progress line", node=node.peer.name)
-                continue
-            encoded, error = tagged
-            self._request.write(encoded)
-            if error is not None:
-                # The stream goes on to its end; the node is named at the end.
-                self._failures.append(NodeFailed(error, node=node.peer.name))
+    def node_line(self, node: NodeStream, line: bytes) -> None:
+        tagged = tag_progress(line, node.peer.name)
+        if tagged is None:
+            log.debug("node {node} sent a non-JSON progress line", node=node.peer.name)
+            return
+        encoded, error = tagged
+        self._request.write(encoded)
+        if error is not None:
+            # The stream goes on to its end; the node is named at the end.
+            self._failures.append(NodeFailed(error, node=node.peer.name))
 
     def failed(self, failure: NodeFailed) -> None:
         if self._done:
