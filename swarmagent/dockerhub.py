@@ -269,16 +269,9 @@ class DockerHubResource(Resource):
 
     isLeaf = True
 
-    def __init__(
-        self,
-        client: IAgent,
-        clock: IReactorTime,
-        auth_url: str,
-        registry_url: str,
-        timeout: float = TIMEOUT,
-    ) -> None:
+    def __init__(self, hub: DockerHub) -> None:
         super().__init__()
-        self._hub = DockerHub(client, clock, auth_url, registry_url, timeout)
+        self._hub = hub
 
     def render_POST(self, request: Request) -> Rendered:
         content = request_body(request)

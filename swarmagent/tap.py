@@ -30,7 +30,7 @@ from swarmagent.clients import EngineEndpoints, PeerEndpoints, make_pool
 from swarmagent.config import Options
 from swarmagent.discovery import Discovery, HTTPProbe, ManagerNodeList
 from swarmagent.diskusage import ClusterDiskUsage
-from swarmagent.dockerhub import DockerHubResource, make_hub_client
+from swarmagent.dockerhub import DockerHub, DockerHubResource, make_hub_client
 from swarmagent.engine import Engine
 from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
@@ -206,10 +206,12 @@ def makeService(
         ),
         host_info=HostInfoResource(options["host-root"] or "/", reactor),
         dockerhub=DockerHubResource(
-            make_hub_client(reactor),
-            reactor,
-            options["dockerhub-auth-url"],
-            options["dockerhub-registry-url"],
+            DockerHub(
+                make_hub_client(reactor),
+                reactor,
+                options["dockerhub-auth-url"],
+                options["dockerhub-registry-url"],
+            )
         ),
         metrics=metrics,
         requests=RequestLog(metrics, reactor, authorizer.who, access_log=options["access-log"]),

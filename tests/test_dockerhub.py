@@ -34,6 +34,7 @@ from swarmagent.dockerhub import (
     TIMEOUT,
     TOKEN_FAILED,
     BadPayload,
+    DockerHub,
     DockerHubResource,
     HubCredentials,
     make_hub_client,
@@ -193,10 +194,12 @@ class HubCase(unittest.TestCase):
         self, client: IAgent | None = None, auth_url: str = "", registry_url: str = ""
     ) -> DockerHubResource:
         return DockerHubResource(
-            client or self.ca.client(),
-            self.clock,
-            auth_url or self.base + "/token",
-            registry_url or self.base,
+            DockerHub(
+                client or self.ca.client(),
+                self.clock,
+                auth_url or self.base + "/token",
+                registry_url or self.base,
+            )
         )
 
     async def post(self, body: bytes, resource: DockerHubResource | None = None) -> Answer:

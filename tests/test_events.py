@@ -11,7 +11,8 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from swarmagent.events import ClusterEvents, LineSplitter, tag_event
+from swarmagent.events import ClusterEvents, tag_event
+from swarmagent.mergedlines import LineSplitter
 from swarmagent.nodes import Nodes
 from tests.helpers import (
     AGENT_PORT,
