@@ -30,8 +30,10 @@ from twisted.web.server import Request, Site
 from swarmagent.access import RequestLog
 from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
+from swarmagent.broadcaster import Broadcaster
 from swarmagent.clients import EngineEndpoints
 from swarmagent.config import EngineAddress
+from swarmagent.diskusage import ClusterDiskUsage
 from swarmagent.fanout import FanOut
 from swarmagent.locate import Locator
 from swarmagent.logs import json_observer
@@ -74,6 +76,8 @@ def _site(metrics: Metrics | None, access_log: bool | None) -> Site:
         FanOut(nodes),
         authorizer,
         Locator(nodes),
+        Broadcaster(nodes, cooperator),
+        ClusterDiskUsage(nodes),
         metrics=metrics,
         requests=requests,
     )
