@@ -28,7 +28,7 @@ class Locations:
     def __init__(
         self, clock: IReactorTime, max_entries: int = 20_000, max_age: float = 120.0
     ) -> None:
-        """``max_entries`` bounds the memory (about 200 bytes each); ``max_age``
+        """``max_entries`` bounds the memory (about 300 bytes each); ``max_age``
         (seconds) how long an entry is trusted enough to be asked first."""
         self._clock = clock
         self._max_entries = max_entries
