@@ -639,6 +639,23 @@ class CachedLocateTests(AgentCase):
         for call, code in zip(calls, codes, strict=True):
             answer(call, code, found if code == 200 else NOT_FOUND)
 
+    def test_a_whole_list_fills_the_locations(self) -> None:
+        self.list_containers()
+        self.assertEqual(
+            {i: self.where(i) for i in ("a1full", "x2", "x3full", "web", "x4", "x5full")},
+            {
+                "a1full": "id-a",
+                "x2": "id-b",
+                "x3full": "id-c",
+                "web": "id-c",
+                "x4": "n4",
+                "x5full": "n5",
+            },
+        )
+        # A name on two nodes, and a link's name, are not kept.
+        self.assertIsNone(self.where("shared"))
+        self.assertIsNone(self.where("db/alias"))
+
     def test_listed_container_costs_one_inspect(self) -> None:
         self.list_containers()
         client = self.request("GET", "/v1.41/containers/x3full/json")
