@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import TypeGuard
+from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.clientgone import watch_gone
+from swarmagent.locations import KINDS, Locations, container_names, item_ids
 from swarmagent.logs import logger
 from swarmagent.nodes import (
     NO_AGENT,
@@ -56,6 +58,9 @@ class _List:
     chunk: bytes
     warnings: list[str]
     swarm: dict[str, bytes]
+    #: The items' IDs and container names, for the locations (none for other kinds).
+    ids: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
 
 
 def once_per_swarm(request: Request, kind: str) -> bool:
@@ -114,11 +119,19 @@ def parse_list(kind: str, body: bytes) -> tuple[list[object], list[str]]:
     return doc, []
 
 
-class FanOut:
-    """Serves cluster-wide list requests."""
+def whole_list(query: bytes) -> bool:
+    """Whether a container list's query asks for every container (``all``, no filter)."""
+    args = parse_qs(query.decode("latin-1"))
+    every = args.get("all", ["0"])[-1].lower() in ("1", "true")
+    return every and not any(f.strip() not in ("", "{}") for f in args.get("filters", []))
 
-    def __init__(self, nodes: Nodes) -> None:
+
+class FanOut:
+    """Serves cluster-wide list requests, and tells ``locations`` where each item is."""
+
+    def __init__(self, nodes: Nodes, locations: Locations | None = None) -> None:
         self._nodes = nodes
+        self._locations = locations
 
     def resource(self, kind: str, selection: Selection | None = None) -> IResource:
         """A leaf that serves a GET as the cluster-wide list of ``kind``."""
@@ -163,6 +176,17 @@ class FanOut:
                 merged.chunks.append(result.chunk)
             merged.warnings.extend(f"{result.node.name}: {w}" for w in result.warnings)
         merged.missing.extend(agentless)
+        if self._locations is not None and kind in KINDS:
+            # A name is unique only among every container of every node.
+            names = (
+                not merged.missing
+                and selection.nodes is None
+                and whole_list(uri.partition(b"?")[2])
+            )
+            self._locations.learn(
+                kind,
+                [(a.node.identity.key, a.ids + a.names if names else a.ids) for a in lists],
+            )
         # A manager's copy of a swarm network first: it is the one to act on.
         for answer in sorted(lists, key=lambda a: a.node.identity.role != MANAGER):
             for key, item in answer.swarm.items():
@@ -213,12 +237,14 @@ def _list_of(outcome: Answered | NodeFailed, kind: str, once: bool) -> _List | N
         items, warnings = parse_list(kind, outcome.body)
     except NodeFailed as e:
         return e.of(node.name)
+    ids = item_ids(items) if kind in KINDS else []
+    names = container_names(items) if kind == "containers" else []
     items = label(tag(items, node.name), node.name)
     swarm: dict[str, bytes] = {}
     if once:
         swarm = {str(i.get("Id")): _encode_items([i]) for i in items if _swarm_scoped(i)}
         items = [i for i in items if not _swarm_scoped(i)]
-    return _List(node, _encode_items(items), warnings, swarm)
+    return _List(node, _encode_items(items), warnings, swarm, ids, names)
 
 
 class _ListResource(Resource):

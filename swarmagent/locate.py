@@ -10,6 +10,11 @@ one path for every request: writes, hijacked streams and requests with a
 body are never sent twice, and a 404 that is not "no such container" (a
 missing path in ``/archive``) is the engine's answer, not a cue to look
 elsewhere.
+
+An object a recent cluster list (or lookup) placed on another node is asked
+there first (``locations.py``): its 200 serves the request there, in one
+call; anything else drops the entry and runs the search above, so a stale
+entry costs one call, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from urllib.parse import quote
 from twisted.internet.defer import gatherResults
 from twisted.web.server import Request
 
+from swarmagent.locations import KINDS, Locations
 from swarmagent.logs import logger
 from swarmagent.nodes import Answered, NodeFailed, Nodes
+from swarmagent.peers import Peer
 from swarmagent.routing import AmbiguousObject, Forward, Local, Located, NotFound
 
 log = logger(__name__)
@@ -48,10 +55,11 @@ def inspect_path(raw_path: bytes) -> tuple[bytes, bytes] | None:
 
 
 class Locator:
-    """Asks the nodes which one holds an object."""
+    """Asks the nodes which one holds an object (the node ``locations`` names first)."""
 
-    def __init__(self, nodes: Nodes) -> None:
+    def __init__(self, nodes: Nodes, locations: Locations | None = None) -> None:
         self._nodes = nodes
+        self._locations = locations
 
     async def locate(self, request: Request, kind: str, ident: str) -> Located:
         """Where ``request``'s container, exec instance, image, volume or network is served.
@@ -70,6 +78,13 @@ class Locator:
             if target is None:
                 return Local()
             path = target[1]
+        cached = self._cached(request, kind, ident)
+        if cached is not None and self._locations is not None:
+            there = await self._nodes.get(cached, path, request)
+            if isinstance(there, Answered) and there.code == 200:
+                self._locations.remember(kind, ident, cached.identity.key)
+                return Forward(cached)
+            self._locations.forget(kind, ident)
         # This agent's own question to its engine; a failure is the relay's
         # to meet and report as usual.
         here = await self._nodes.get(self._nodes.me, path)
@@ -95,6 +110,8 @@ class Locator:
                 )
                 missing.append(failure.node)
         missing.extend(f.node for f in self._nodes.agentless())
+        if len(holders) == 1 and not missing:
+            self._remember(kind, ident, holders[0])
         if len(holders) == 1 or (
             kind == "images" and request.method == b"GET" and _one_image(holders)
         ):
@@ -104,6 +121,31 @@ class Locator:
         if holders:
             return AmbiguousObject(kind, ident, tuple(h.node for h in holders))
         return NotFound(here.body, tuple(missing))
+
+    def _cached(self, request: Request, kind: str, ident: str) -> Peer | None:
+        """The other node an entry places the object on, if any.
+
+        An image only for a read: its holders all answer one alike, so an
+        entry never hides a choice the client must make.
+        """
+        if self._locations is None or kind not in KINDS:
+            return None
+        if kind == "images" and request.method not in (b"GET", b"HEAD"):
+            return None
+        key = self._locations.where(kind, ident)
+        if key is None:
+            return None
+        for peer in self._nodes.table.nodes():
+            if peer.identity.key == key:
+                # This node's engine is asked first anyway.
+                return None if peer.is_self else peer
+        self._locations.forget(kind, ident)
+        return None
+
+    def _remember(self, kind: str, ident: str, found: Answered) -> None:
+        """Keep where an exact ID or container name was found."""
+        if self._locations is not None and kind in KINDS and _exact(kind, ident, found.body):
+            self._locations.remember(kind, ident, found.node.identity.key)
 
     async def _swarm_network(self, request: Request, ident: str) -> Located:
         """A manager's, if the network is swarm-scoped; else this node's.
@@ -138,6 +180,20 @@ def _swarm_scoped(inspect: bytes) -> bool:
         return bool(json.loads(inspect).get("Scope") == "swarm")
     except (ValueError, AttributeError):
         return False
+
+
+def _exact(kind: str, ident: str, inspect: bytes) -> bool:
+    """Whether ``ident`` is the inspected object's full ID or its container name."""
+    try:
+        doc = json.loads(inspect)
+    except ValueError:
+        return False
+    if not isinstance(doc, dict):
+        return False
+    exact = {doc.get("ID" if kind == "exec" else "Id")}
+    if kind == "containers":
+        exact.add(str(doc.get("Name", "")).removeprefix("/") or None)
+    return ident in exact
 
 
 def _one_image(holders: list[Answered]) -> bool:

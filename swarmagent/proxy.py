@@ -9,9 +9,15 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.web.client import URI, FileBodyProducer, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IResponse,
+)
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -84,6 +90,22 @@ def response_headers(response: IResponse) -> list[tuple[bytes, list[bytes]]]:
     """The end-to-end headers of an upstream response, for the client."""
     drop = (HOP_BY_HOP - {b"content-length"}) | OWN_HEADERS | _connection_tokens(response.headers)
     return [(n, v) for n, v in response.headers.getAllRawHeaders() if n.lower() not in drop]
+
+
+def body_length(method: bytes, response: IResponse) -> int | None:
+    """The length of the body the client will get, when the upstream framed it by length.
+
+    twisted.web's client takes ``Content-Length`` out of the headers (it is
+    the message's framing) and leaves it in ``response.length``; without it
+    again, twisted.web's server would chunk every answer. A HEAD answer
+    keeps the upstream's own header (it is the entity's length, not this
+    message's), and a 204 or 304 has no body to frame; chunked or
+    close-delimited answers stay unknown.
+    """
+    if method == b"HEAD" or response.code in NO_BODY_CODES or response.code < 200:
+        return None
+    length = response.length
+    return None if length is UNKNOWN_LENGTH else int(length)
 
 
 class _BodyRelay(Protocol):
@@ -165,6 +187,11 @@ class Relay:
         request.setResponseCode(response.code, response.phrase)
         for name, values in response_headers(response):
             request.responseHeaders.setRawHeaders(name, values)
+        length = body_length(request.method, response)
+        if length is not None:
+            # A body cut short upstream still cuts the client off (below),
+            # which then sees fewer bytes than announced.
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
         # Send the head now: a client may wait for it before its next call
         # (the CLI's `wait?condition=next-exit` answers only its head until
         # the container exits, and `docker run` starts it only after).

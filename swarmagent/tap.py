@@ -37,6 +37,7 @@ from swarmagent.fanout import FanOut
 from swarmagent.halfclose import HalfCloseTLSFactory
 from swarmagent.hostinfo import HostInfoResource
 from swarmagent.locate import Locator
+from swarmagent.locations import Locations
 from swarmagent.logs import json_observer, set_level
 from swarmagent.metrics import Metrics, MetricsResource
 from swarmagent.nodes import Nodes
@@ -185,13 +186,15 @@ def makeService(
     metrics.watch_table(lambda: len(table.nodes()) - 1, lambda: len(table.agentless()))
     metrics.watch_pairing(lambda: verifier.state)
     authorizer = Authorizer(verifier, server_tls)
+    # Where the lists just served put each object: the lookups ask there first.
+    locations = Locations(reactor)
     root = AgentRoot(
         nodes,
         Relay(engine_client, engine_endpoints, cooperator, metrics),
         Relay(peer_client, peer_endpoints, cooperator, metrics),
-        FanOut(nodes),
+        FanOut(nodes, locations),
         authorizer,
-        Locator(nodes),
+        Locator(nodes, locations),
         Broadcaster(nodes, cooperator),
         ClusterDiskUsage(nodes),
         identity_open=not agents_authenticate,

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -379,14 +379,18 @@ class FakeResponse:
     """An upstream response whose body the test delivers piece by piece."""
 
     version = (b"HTTP", 1, 1)
-    length = 0
     request = None
     previousResponse = None
 
-    def __init__(self, code: int, headers: Headers, phrase: bytes = b"OK") -> None:
+    def __init__(
+        self, code: int, headers: Headers, phrase: bytes = b"OK", length: object = UNKNOWN_LENGTH
+    ) -> None:
         self.code = code
         self.phrase = phrase
         self.headers = headers
+        #: The body's length as twisted.web's client gives it: from the
+        #: Content-Length header, which it takes out of ``headers``.
+        self.length = length
         self.protocol: Protocol | None = None
         # The upstream connection, as the body protocol's transport: a producer.
         self.transport = StringTransport()
@@ -427,8 +431,9 @@ class UpstreamCall:
         code: int = 200,
         headers: Mapping[bytes, list[bytes]] | None = None,
         phrase: bytes = b"OK",
+        length: object = UNKNOWN_LENGTH,
     ) -> FakeResponse:
-        response = FakeResponse(code, Headers(dict(headers or {})), phrase)
+        response = FakeResponse(code, Headers(dict(headers or {})), phrase, length)
         self.result.callback(response)
         return response
 

@@ -26,6 +26,7 @@ from swarmagent.config import EngineAddress
 from swarmagent.diskusage import ClusterDiskUsage
 from swarmagent.fanout import FanOut
 from swarmagent.locate import Locator
+from swarmagent.locations import Locations
 from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, PeerTable
 from swarmagent.proxy import Relay
@@ -102,13 +103,15 @@ class AgentCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.table = self.make_table()
+        self.locations = self.make_locations()
         self.engine = FakeAgent()
         self.peers = FakeAgent()
         self.peer_endpoints = FakeEndpoints()
         cooperator = Cooperator(scheduler=lambda work: self.clock.callLater(0, work))
         self.addCleanup(cooperator.stop)
         self.own_list = FakeNode([{"Id": "a1"}])
-        nodes = {f"10.0.0.{i}:9001".encode(): FakeNode([{"Id": f"x{i}"}]) for i in range(2, 6)}
+        self.lists = {i: FakeNode([{"Id": f"x{i}"}]) for i in range(2, 6)}
+        nodes = {f"10.0.0.{i}:9001".encode(): node for i, node in self.lists.items()}
         # Lists are served by in-memory nodes; everything else by fakes
         # that record each upstream call.
         lists = Nodes(
@@ -124,14 +127,18 @@ class AgentCase(SynchronousTestCase):
             node_calls,
             Relay(self.engine, endpoints, cooperator),
             Relay(self.peers, self.peer_endpoints, cooperator),
-            FanOut(lists),
+            FanOut(lists, self.locations),
             Authorizer(Verifier(secret=SECRET), None),
-            Locator(node_calls),
+            Locator(node_calls, self.locations),
             Broadcaster(node_calls, cooperator),
             ClusterDiskUsage(lists),
             **self.agent_routes(),
         )
         self.site = make_site(root, self.clock)
+
+    def make_locations(self) -> Locations | None:
+        """Where lists and lookups place objects (None: lookups always search)."""
+        return None
 
     def agent_routes(self) -> dict[str, Any]:
         """The agent-only resources (browse, host info, Docker Hub) the test gives."""
@@ -598,6 +605,191 @@ class LocateTests(AgentCase):
         self.assertEqual(client.transport.producerState, "producing")
 
 
+class CachedLocateTests(AgentCase):
+    """An object a cluster list (or lookup) placed on another node costs one
+    inspect there; anything but its 200 falls back to the full search."""
+
+    PEERS = LocateTests.PEERS
+
+    def make_locations(self) -> Locations:
+        return Locations(self.clock, max_entries=100, max_age=60)
+
+    def list_containers(self, query: str = "?all=1") -> None:
+        self.lists[3].answer = [{"Id": "x3full", "Names": ["/web", "/db/alias"]}]
+        self.lists[5].answer = [{"Id": "x5full", "Names": ["/shared"]}]
+        self.own_list.answer = [{"Id": "a1full", "Names": ["/shared"]}]
+        self.assertEqual(self.get("/v1.41/containers/json" + query).code, 200)
+
+    def assertFullSearch(self, inspect: bytes) -> None:
+        """The local engine asked first (then, on its 404, every peer)."""
+        self.assertEqual(self.engine.calls[0].url, b"http://docker" + inspect)
+        answer(self.engine.calls[0], 404, NOT_FOUND)
+        self.assertEqual(
+            [c.url for c in self.peers.calls],
+            [b"https://" + p + b":9001" + inspect for p in self.PEERS],
+        )
+
+    def where(self, ident: str) -> str | None:
+        assert self.locations is not None
+        return self.locations.where("containers", ident)
+
+    def answer_peers(self, codes: Sequence[int], found: bytes) -> None:
+        """Answer the four peer inspects: ``found`` with a 200, else a 404."""
+        calls = list(self.peers.calls)  # answering the last may forward at once
+        for call, code in zip(calls, codes, strict=True):
+            answer(call, code, found if code == 200 else NOT_FOUND)
+
+    def test_a_whole_list_fills_the_locations(self) -> None:
+        self.list_containers()
+        self.assertEqual(
+            {i: self.where(i) for i in ("a1full", "x2", "x3full", "web", "x4", "x5full")},
+            {
+                "a1full": "id-a",
+                "x2": "id-b",
+                "x3full": "id-c",
+                "web": "id-c",
+                "x4": "n4",
+                "x5full": "n5",
+            },
+        )
+        # A name on two nodes, and a link's name, are not kept.
+        self.assertIsNone(self.where("shared"))
+        self.assertIsNone(self.where("db/alias"))
+
+    def test_listed_container_costs_one_inspect(self) -> None:
+        self.list_containers()
+        client = self.request("GET", "/v1.41/containers/x3full/json")
+        [inspect] = self.peers.calls
+        self.assertEqual(inspect.url, b"https://10.0.0.3:9001/v1.41/containers/x3full/json")
+        self.assertEqual(inspect.header(b"x-portaineragent-target"), [b"id-c"])
+        self.assertEqual(inspect.header(b"x-swarmagent-hop"), [b"id-a"])
+        self.assertEqual(self.engine.calls, [])
+        answer(inspect, 200, b'{"Id":"x3full"}')
+        [forward] = self.peers.calls[1:]
+        self.assertEqual(forward.url, b"https://10.0.0.3:9001/v1.41/containers/x3full/json")
+        forward.respond(200, {b"Content-Type": [b"application/json"]}, length=2).deliver(b"{}")
+        self.assertEqual(client.response().code, 200)
+
+    def test_name_from_a_whole_list(self) -> None:
+        self.list_containers()
+        self.request("POST", "/containers/web/stop")
+        [inspect] = self.peers.calls
+        self.assertEqual(inspect.url, b"https://10.0.0.3:9001/containers/web/json")
+        answer(inspect, 200, b'{"Id":"x3full","Name":"/web"}')
+        self.assertEqual(self.peers.calls[1].url, b"https://10.0.0.3:9001/containers/web/stop")
+        self.assertEqual(self.engine.calls, [])
+
+    def test_no_link_names(self) -> None:
+        self.list_containers()
+        self.request("GET", "/containers/db%2Falias/json")
+        self.assertEqual(len(self.engine.calls), 1)
+        self.assertEqual(self.peers.calls, [])
+
+    def test_name_on_several_nodes_is_searched(self) -> None:
+        self.list_containers()
+        self.request("GET", "/containers/shared/json")
+        self.assertFullSearch(b"/containers/shared/json")
+
+    def assertNoNamesFrom(self, query: str) -> None:
+        """A list that may leave some containers out: its names may not be unique."""
+        self.list_containers(query)
+        self.assertIsNotNone(self.where("x3full"))
+        self.assertIsNone(self.where("web"))
+        self.request("GET", "/containers/web/json")
+        self.assertFullSearch(b"/containers/web/json")
+
+    def test_no_names_from_a_list_of_running_containers(self) -> None:
+        self.assertNoNamesFrom("?all=0")
+
+    def test_no_names_from_a_filtered_list(self) -> None:
+        self.assertNoNamesFrom("?all=1&filters=%7B%22status%22%3A%5B%22running%22%5D%7D")
+
+    def test_no_names_from_a_list_with_a_missing_node(self) -> None:
+        self.lists[2].code = 500
+        self.assertNoNamesFrom("?all=true")
+
+    def test_ids_from_a_filtered_list(self) -> None:
+        self.list_containers("?filters=%7B%22status%22%3A%5B%22running%22%5D%7D")
+        self.request("GET", "/containers/x3full/json")
+        self.assertEqual(self.peers.calls[0].url, b"https://10.0.0.3:9001/containers/x3full/json")
+        self.assertEqual(self.engine.calls, [])
+
+    def test_no_prefix(self) -> None:
+        self.list_containers()
+        self.request("GET", "/containers/x3/json")
+        self.assertFullSearch(b"/containers/x3/json")
+
+    def test_stale_entry_falls_back_to_the_search(self) -> None:
+        """The container moved: c's 404 drops the entry, the search finds it on n4."""
+        self.list_containers()
+        client = self.request("GET", "/containers/x3full/logs")
+        answer(self.peers.calls[0], 404, NOT_FOUND)
+        self.peers.calls.pop(0)
+        self.assertFullSearch(b"/containers/x3full/json")
+        self.answer_peers((404, 404, 200, 404), b'{"Id":"x3full"}')
+        [forward] = self.peers.calls[4:]
+        self.assertEqual(forward.url, b"https://10.0.0.4:9001/containers/x3full/logs")
+        forward.respond(200, length=0).end()
+        self.assertEqual(client.response().code, 200)
+        # The search's find is the new entry.
+        self.assertEqual(self.where("x3full"), "n4")
+
+    def test_failed_node_falls_back_to_the_search(self) -> None:
+        self.list_containers()
+        self.request("GET", "/containers/x3full/json")
+        self.peers.calls.pop(0).result.errback(ConnectionRefusedError())
+        self.assertFullSearch(b"/containers/x3full/json")
+
+    def test_gone_everywhere_is_the_engines_404(self) -> None:
+        self.list_containers()
+        client = self.request("GET", "/containers/x3full/json")
+        answer(self.peers.calls.pop(0), 404, NOT_FOUND)
+        self.assertFullSearch(b"/containers/x3full/json")
+        self.answer_peers((404, 404, 404, 404), b"")
+        self.assertEqual(client.response().code, 404)
+        self.assertIsNone(self.where("x3full"))
+
+    def test_entry_too_old_is_searched(self) -> None:
+        self.list_containers()
+        self.clock.advance(61)
+        self.request("GET", "/containers/x3full/json")
+        self.assertFullSearch(b"/containers/x3full/json")
+
+    def test_entry_for_this_node_asks_the_engine(self) -> None:
+        self.list_containers()
+        self.request("GET", "/containers/a1full/json")
+        answer(self.engine.calls[0], 200, b'{"Id":"a1full"}')
+        self.assertEqual(self.peers.calls, [])
+        self.assertEqual(self.engine.calls[1].url, b"http://docker/containers/a1full/json")
+
+    def test_exec_found_by_a_search_costs_one_inspect_next(self) -> None:
+        self.request("POST", "/exec/e1full/start")
+        self.assertFullSearch(b"/exec/e1full/json")
+        self.answer_peers((404, 404, 404, 200), b'{"ID":"e1full"}')
+        self.peers.calls.clear()
+        self.engine.calls.clear()
+        self.request("POST", "/exec/e1full/resize?h=1&w=1")
+        [inspect] = self.peers.calls
+        self.assertEqual(inspect.url, b"https://10.0.0.5:9001/exec/e1full/json")
+        self.assertEqual(self.engine.calls, [])
+
+    def test_prefix_found_by_a_search_is_not_kept(self) -> None:
+        self.request("GET", "/containers/x3/json")
+        self.assertFullSearch(b"/containers/x3/json")
+        self.answer_peers((404, 200, 404, 404), b'{"Id":"x3full","Name":"/web"}')
+        self.assertIsNone(self.where("x3"))
+
+    def test_listed_image_read_costs_one_inspect_write_searches(self) -> None:
+        self.lists[3].answer = [{"Id": "sha256:i3"}]
+        self.assertEqual(self.get("/images/json").code, 200)
+        self.request("GET", "/images/sha256:i3/json")
+        [inspect] = self.peers.calls
+        self.assertEqual(inspect.url, b"https://10.0.0.3:9001/images/sha256:i3/json")
+        self.peers.calls.clear()
+        self.request("DELETE", "/images/sha256:i3")
+        self.assertFullSearch(b"/images/sha256:i3/json")
+
+
 class IdleTimeoutTests(AgentCase):
     """The Site's idle timeout closes silent connections, never a quiet stream."""
 
@@ -640,6 +832,10 @@ class _Named(Resource):
 class AgentOnlyRoutesTests(AgentCase):
     """Browse, host info and Docker Hub: the agent's own, with or without a
     Docker version prefix; browse and host info go where the target says."""
+
+    def make_locations(self) -> Locations | None:
+        """Where lists and lookups place objects (None: lookups always search)."""
+        return None
 
     def agent_routes(self) -> dict[str, Any]:
         return {

@@ -7,6 +7,7 @@ its node. Run as root: ``python -m twisted.trial tests.test_locate_cluster``.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from typing import ClassVar
 
@@ -139,3 +140,33 @@ class LocateTests(LabTestCase):
         missing = self.cli("logs", "no-such-thing")
         self.assertNotEqual(missing.returncode, 0)
         self.assertIn("No such container", missing.stderr)
+
+    @explain
+    def test_a_listed_container_that_moved_is_found_again(self) -> None:
+        """A whole list places "mover" on node3 (the next inspect asks node3
+        alone); once it is gone there and made again on node2, the stale place
+        costs one 404, and the search finds node2's."""
+        agent = self.agent("node1")
+        node3, node2 = self.node("node3").docker(), self.node("node2").docker()
+        self.addCleanup(node3.close)
+        self.addCleanup(node2.close)
+        first = node3.containers.create(IMAGE, ["true"], name="mover")
+        self.addCleanup(self.remove, node3, "mover")
+        listed = agent.request("GET", "/containers/json?all=1")
+        self.assertEqual(listed.status, 200, listed.body[:300])
+        [item] = [i for i in listed.json() if i["Id"] == first.id]
+        self.assertEqual(item["Portainer"]["Agent"]["NodeName"], "node3")
+        r = agent.request("GET", "/containers/mover/json")
+        self.assertEqual((r.status, r.json()["Id"]), (200, first.id), r.body[:300])
+
+        first.remove()
+        second = node2.containers.create(IMAGE, ["true"], name="mover")
+        self.addCleanup(self.remove, node2, "mover")
+        r = agent.request("GET", "/containers/mover/json")
+        self.assertEqual((r.status, r.json()["Id"]), (200, second.id), r.body[:300])
+        r = agent.request("GET", f"/containers/{first.id}/json")
+        self.assertEqual(r.status, 404, r.body[:300])
+
+    def remove(self, client: docker.DockerClient, name: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.containers.get(name).remove(force=True)

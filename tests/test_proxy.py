@@ -192,6 +192,72 @@ class StreamingTests(RelayCase):
         self.assertFalse(client.response().complete)
 
 
+class LengthTests(RelayCase):
+    """An answer framed by length upstream keeps its length, instead of being chunked."""
+
+    def test_known_length_is_passed_on(self) -> None:
+        client = self.request("GET", "/containers/json")
+        response = self.only_call().respond(
+            200, {b"Content-Type": [b"application/json"]}, length=10
+        )
+        response.deliver(b"[1,")
+        response.deliver(b'"ab",3]')
+        response.end()
+        self.assertIn(b"\r\nContent-Length: 10\r\n", client.raw)
+        self.assertTrue(client.raw.endswith(b'\r\n\r\n[1,"ab",3]'))
+        answer = client.response()
+        self.assertNotIn("transfer-encoding", answer.headers)
+        self.assertTrue(answer.complete)
+        self.assertEqual(answer.json(), [1, "ab", 3])
+
+    def test_empty_body_of_known_length(self) -> None:
+        client = self.request("POST", "/containers/abc/kill")
+        self.only_call().respond(200, length=0).end()
+        answer = client.response()
+        self.assertEqual(answer.header("content-length"), "0")
+        self.assertNotIn("transfer-encoding", answer.headers)
+        self.assertTrue(answer.complete)
+
+    def test_unknown_length_is_chunked(self) -> None:
+        client = self.request("GET", "/containers/abc/logs?follow=1")
+        response = self.only_call().respond(200)
+        response.deliver(b"line\n")
+        response.end()
+        answer = client.response()
+        self.assertEqual(answer.header("transfer-encoding"), "chunked")
+        self.assertNotIn("content-length", answer.headers)
+        self.assertEqual(answer.body, b"line\n")
+
+    def test_head_keeps_the_entity_length(self) -> None:
+        """twisted.web's client leaves a HEAD answer's Content-Length in its
+        headers (and its length 0): the client gets the upstream's."""
+        client = self.request("HEAD", "/containers/abc/archive?path=/etc")
+        self.only_call().respond(200, {b"Content-Length": [b"1234"]}, length=0).end()
+        head = client.raw.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nContent-Length: 1234\r\n", head[0] + b"\r\n")
+        self.assertEqual(head[2], b"")
+
+    def test_no_body_codes_get_no_length(self) -> None:
+        for code in (204, 304):
+            client = self.request("POST", "/containers/abc/start")
+            self.upstream.calls[-1].respond(code, length=0).end()
+            head, _, rest = client.raw.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 %d " % code))
+            self.assertNotIn(b"content-length", head.lower())
+            self.assertNotIn(b"transfer-encoding", head.lower())
+            self.assertEqual(rest, b"")
+
+    def test_upstream_breaks_mid_body(self) -> None:
+        """The client is cut off short of the announced length."""
+        client = self.request("GET", "/containers/abc/export")
+        response = self.only_call().respond(200, length=100)
+        response.deliver(b"part")
+        response.broken()
+        self.assertTrue(client.transport.disconnecting)
+        self.assertIn(b"Content-Length: 100", client.raw)
+        self.assertFalse(client.response().complete)
+
+
 class ClientGoneTests(RelayCase):
     def test_before_the_answer_cancels_the_upstream_request(self) -> None:
         client = self.request("GET", "/events")
