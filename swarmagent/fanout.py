@@ -17,7 +17,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.clientgone import watch_gone
-from swarmagent.locations import KINDS, Locations, container_names, item_ids
+from swarmagent.locations import KINDS, NAMES, Locations, container_names, item_ids
 from swarmagent.logs import logger
 from swarmagent.nodes import (
     NO_AGENT,
@@ -183,10 +183,9 @@ class FanOut:
                 and selection.nodes is None
                 and whole_list(uri.partition(b"?")[2])
             )
-            self._locations.learn(
-                kind,
-                [(a.node.identity.key, a.ids + a.names if names else a.ids) for a in lists],
-            )
+            self._locations.learn(kind, [(a.node.identity.key, a.ids) for a in lists])
+            if names and kind == "containers":
+                self._locations.learn(NAMES, [(a.node.identity.key, a.names) for a in lists])
         # A manager's copy of a swarm network first: it is the one to act on.
         for answer in sorted(lists, key=lambda a: a.node.identity.role != MANAGER):
             for key, item in answer.swarm.items():

@@ -26,9 +26,9 @@ from urllib.parse import quote
 from twisted.internet.defer import gatherResults
 from twisted.web.server import Request
 
-from swarmagent.locations import KINDS, Locations
+from swarmagent.locations import KINDS, NAMES, Locations
 from swarmagent.logs import logger
-from swarmagent.nodes import Answered, NodeFailed, Nodes
+from swarmagent.nodes import Answered, NodeFailed, Nodes, Outcome
 from swarmagent.peers import Peer
 from swarmagent.routing import AmbiguousObject, Forward, Local, Located, NotFound
 
@@ -79,15 +79,24 @@ class Locator:
                 return Local()
             path = target[1]
         cached = self._cached(request, kind, ident)
+        here: Outcome | None = None
         if cached is not None and self._locations is not None:
-            there = await self._nodes.get(cached, path, request)
+            peer, entry = cached
+            if entry == NAMES:
+                # The name may have been taken on this node since the list
+                # placed it elsewhere: this engine's answer first, as always.
+                here = await self._nodes.get(self._nodes.me, path)
+                if not isinstance(here, Answered) or here.code != 404:
+                    return Local()
+            there = await self._nodes.get(peer, path, request)
             if isinstance(there, Answered) and there.code == 200:
-                self._locations.remember(kind, ident, cached.identity.key)
-                return Forward(cached)
-            self._locations.forget(kind, ident)
+                self._locations.remember(entry, ident, peer.identity.key)
+                return Forward(peer)
+            self._locations.forget(entry, ident)
         # This agent's own question to its engine; a failure is the relay's
         # to meet and report as usual.
-        here = await self._nodes.get(self._nodes.me, path)
+        if here is None:
+            here = await self._nodes.get(self._nodes.me, path)
         if not isinstance(here, Answered) or here.code != 404:
             return Local()
 
@@ -122,8 +131,9 @@ class Locator:
             return AmbiguousObject(kind, ident, tuple(h.node for h in holders))
         return NotFound(here.body, tuple(missing))
 
-    def _cached(self, request: Request, kind: str, ident: str) -> Peer | None:
-        """The other node an entry places the object on, if any.
+    def _cached(self, request: Request, kind: str, ident: str) -> tuple[Peer, str] | None:
+        """The other node an entry places the object on, if any, and the
+        entry's kind (``kind``, or ``NAMES`` for a container's name).
 
         An image only for a read: its holders all answer one alike, so an
         entry never hides a choice the client must make.
@@ -132,20 +142,24 @@ class Locator:
             return None
         if kind == "images" and request.method not in (b"GET", b"HEAD"):
             return None
+        entry = kind
         key = self._locations.where(kind, ident)
+        if key is None and kind == "containers":
+            entry, key = NAMES, self._locations.where(NAMES, ident)
         if key is None:
             return None
         for peer in self._nodes.table.nodes():
             if peer.identity.key == key:
                 # This node's engine is asked first anyway.
-                return None if peer.is_self else peer
-        self._locations.forget(kind, ident)
+                return None if peer.is_self else (peer, entry)
+        self._locations.forget(entry, ident)
         return None
 
     def _remember(self, kind: str, ident: str, found: Answered) -> None:
         """Keep where an exact ID or container name was found."""
-        if self._locations is not None and kind in KINDS and _exact(kind, ident, found.body):
-            self._locations.remember(kind, ident, found.node.identity.key)
+        entry = _exact(kind, ident, found.body)
+        if self._locations is not None and kind in KINDS and entry is not None:
+            self._locations.remember(entry, ident, found.node.identity.key)
 
     async def _swarm_network(self, request: Request, ident: str) -> Located:
         """A manager's, if the network is swarm-scoped; else this node's.
@@ -182,18 +196,20 @@ def _swarm_scoped(inspect: bytes) -> bool:
         return False
 
 
-def _exact(kind: str, ident: str, inspect: bytes) -> bool:
-    """Whether ``ident`` is the inspected object's full ID or its container name."""
+def _exact(kind: str, ident: str, inspect: bytes) -> str | None:
+    """The entry ``ident`` makes: ``kind`` if it is the inspected object's full
+    ID, ``NAMES`` if its container name, else None."""
     try:
         doc = json.loads(inspect)
     except ValueError:
-        return False
+        return None
     if not isinstance(doc, dict):
-        return False
-    exact = {doc.get("ID" if kind == "exec" else "Id")}
-    if kind == "containers":
-        exact.add(str(doc.get("Name", "")).removeprefix("/") or None)
-    return ident in exact
+        return None
+    if ident == doc.get("ID" if kind == "exec" else "Id"):
+        return kind
+    if kind == "containers" and ident == str(doc.get("Name", "")).removeprefix("/"):
+        return NAMES
+    return None
 
 
 def _one_image(holders: list[Answered]) -> bool:

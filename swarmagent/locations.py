@@ -20,6 +20,9 @@ from twisted.internet.interfaces import IReactorTime
 
 #: The kinds of object the lookup can find through an entry.
 KINDS = frozenset({"containers", "exec", "images"})
+#: Container names, kept apart from IDs: a name can be taken on this node
+#: after a list placed it elsewhere, so this node's engine is asked first.
+NAMES = "container names"
 
 
 class Locations:
@@ -64,7 +67,7 @@ class Locations:
 
         An ident listed by several nodes is forgotten, not remembered.
         """
-        if kind not in KINDS:
+        if kind not in KINDS and kind != NAMES:
             return
         holders: dict[str, str | None] = {}
         for node, idents in lists:

@@ -26,7 +26,7 @@ from swarmagent.config import EngineAddress
 from swarmagent.diskusage import ClusterDiskUsage
 from swarmagent.fanout import FanOut
 from swarmagent.locate import Locator
-from swarmagent.locations import Locations
+from swarmagent.locations import NAMES, Locations
 from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, PeerTable
 from swarmagent.proxy import Relay
@@ -630,8 +630,10 @@ class CachedLocateTests(AgentCase):
         )
 
     def where(self, ident: str) -> str | None:
+        """The node an ID, else a name, is placed on."""
         assert self.locations is not None
-        return self.locations.where("containers", ident)
+        found = self.locations.where("containers", ident)
+        return found or self.locations.where(NAMES, ident)
 
     def answer_peers(self, codes: Sequence[int], found: bytes) -> None:
         """Answer the four peer inspects: ``found`` with a 200, else a 404."""
@@ -671,13 +673,29 @@ class CachedLocateTests(AgentCase):
         self.assertEqual(client.response().code, 200)
 
     def test_name_from_a_whole_list(self) -> None:
+        """A name costs this node's inspect (it may have been taken here since
+        the list), then one inspect on the node the list placed it on."""
         self.list_containers()
         self.request("POST", "/containers/web/stop")
+        [here] = self.engine.calls
+        self.assertEqual(here.url, b"http://docker/containers/web/json")
+        self.assertEqual(self.peers.calls, [])
+        answer(here, 404, NOT_FOUND)
         [inspect] = self.peers.calls
         self.assertEqual(inspect.url, b"https://10.0.0.3:9001/containers/web/json")
         answer(inspect, 200, b'{"Id":"x3full","Name":"/web"}')
         self.assertEqual(self.peers.calls[1].url, b"https://10.0.0.3:9001/containers/web/stop")
-        self.assertEqual(self.engine.calls, [])
+        self.assertEqual(len(self.engine.calls), 1)
+
+    def test_name_taken_here_since_the_list_is_served_here(self) -> None:
+        self.list_containers()
+        self.request("GET", "/containers/web/json")
+        answer(self.engine.calls[0], 200, b'{"Id":"a9full","Name":"/web"}')
+        self.assertEqual(self.peers.calls, [])
+        self.assertEqual(
+            [c.url for c in self.engine.calls],
+            [b"http://docker/containers/web/json", b"http://docker/containers/web/json"],
+        )
 
     def test_no_link_names(self) -> None:
         self.list_containers()
