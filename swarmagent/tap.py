@@ -229,7 +229,7 @@ def makeService(
     observer = json_observer(sys.stdout) if options["log-format"] == "json" else None
     service = _PoolService([engine_pool, peer_pool], observer)
     # Half-closeable TLS: a hijacked stream's end of input is a close_notify.
-    https = HalfCloseTLSFactory(server_tls, False, site)
+    https = HalfCloseTLSFactory(server_tls, False, site, reactor)
     StreamServerEndpointService(endpoint, https).setServiceParent(service)
     discovery.service(options["refresh-interval"]).setServiceParent(service)
     PairingWindow(verifier, reactor, options["secret-timeout"]).setServiceParent(service)
