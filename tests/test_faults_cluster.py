@@ -74,8 +74,9 @@ class SilentNodeTests(LabTestCase):
         timeouts = self.node3_failures("timeout")
         first, _ = self.cluster_list(timeout=FANOUT_TIMEOUT + SLACK + 5)
         self.assertIn("node3", missing_nodes(first))
-        # The first list asked node3 and ran out its deadline.
-        self.assertEqual(self.node3_failures("timeout"), timeouts + 1)
+        # The first list asked node3 and ran out its deadline (the discovery
+        # tick's pings of node3, from now on, may add theirs).
+        self.assertGreaterEqual(self.node3_failures("timeout"), timeouts + 1)
         [silent] = self.status_silent()
         self.assertEqual(silent["Name"], "node3")
         self.assertIn("no answer within", silent["Why"])
@@ -88,7 +89,6 @@ class SilentNodeTests(LabTestCase):
             )
             # Not asked again: no deadline waited for.
             self.assertLess(took, FANOUT_TIMEOUT)
-        self.assertEqual(self.node3_failures("timeout"), timeouts + 1)
         self.assertGreaterEqual(self.node3_failures("silent"), silenced + AFTER_THE_FIRST)
 
     def back_after_thawing(self, pid: int, within: float) -> None:
