@@ -299,15 +299,20 @@ class Nodes:
         call.addCallback(done)
 
     def _answering(self, key: str) -> None:
-        silence = self._silent.pop(key, None)
+        silence = self._forget(key)
         if silence is None:
             return
-        self.metrics.answering(silence.name)
         log.info(
             "Node {node} answers again (silent since {since})",
             node=silence.name,
             since=datetime.fromtimestamp(silence.since, UTC).isoformat(timespec="seconds"),
         )
+
+    def _forget(self, key: str) -> Silence | None:
+        silence = self._silent.pop(key, None)
+        if silence is not None:
+            self.metrics.answering(silence.name)
+        return silence
 
     def silences(self) -> dict[str, Silence]:
         """The silent nodes, by node key."""
@@ -319,7 +324,7 @@ class Nodes:
         Silent nodes that left the table are forgotten."""
         nodes = {p.identity.key: p for p in self.table.nodes()}
         for key in [k for k in self._silent if k not in nodes]:
-            self._answering(key)
+            self._forget(key)
         calls: list[Deferred[None]] = []
         for key, silence in list(self._silent.items()):
             if not silence.asking:
