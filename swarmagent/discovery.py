@@ -123,8 +123,11 @@ class Discovery:
         hostname: str,
         node_list: NodeList | None = None,
         metrics: Metrics | None = None,
+        nodes: Nodes | None = None,
     ) -> None:
+        """``nodes``, when given, has its silent nodes asked again at each tick."""
         self.table = table
+        self.nodes = nodes
         self.metrics = metrics if metrics is not None else Metrics()
         #: Each probed address's record, while DNS names it.
         self.probes: dict[str, ProbeRecord] = {}
@@ -152,13 +155,15 @@ class Discovery:
         return timer
 
     async def tick(self) -> None:
-        """One round: re-read this node, re-resolve, re-probe, then re-read
-        the swarm's node list. Never raises."""
+        """One round: re-read this node, re-resolve, re-probe, ask the silent
+        nodes again, then re-read the swarm's node list. Never raises."""
         started = self._clock.seconds()
         try:
             await self._refresh_me()
             if self.name is not None:
                 await self._discover(self.name)
+            if self.nodes is not None:
+                await self.nodes.recheck()
             await self._refresh_expected()
         except Exception:
             log.failure("Discovery tick failed")

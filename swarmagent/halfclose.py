@@ -20,23 +20,39 @@ HTTP channels and pooled HTTP clients keep the stock behaviour.
   stays open, writes go on.
 - ``loseWriteConnection`` sends ``close_notify`` once the data already written
   is out, and keeps reading until the peer closes.
+
+A whole close (``loseConnection``) sends ``close_notify`` and, as the stock
+transport does, waits for the peer's before closing TCP, but only for
+:data:`CLOSE_GRACE` seconds: a peer that never answers with its own (a client
+still sending a request the agent refused) would otherwise hold the
+connection for as long as it keeps sending.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 from OpenSSL.SSL import RECEIVED_SHUTDOWN, SENT_SHUTDOWN, Error, WantReadError, ZeroReturnError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IHalfCloseableProtocol,
     IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
     IProtocol,
     IProtocolFactory,
+    IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+#: Seconds a whole close waits for the peer's close_notify before closing TCP
+#: (Go's HTTP server waits 500 ms before closing a connection it refused).
+CLOSE_GRACE = 0.5
 
 
 class HalfCloseTLS(BufferingTLSTransport):
@@ -51,6 +67,8 @@ class HalfCloseTLS(BufferingTLSTransport):
     _peer_closed = False
     # loseWriteConnection was called: close_notify goes once the buffer is out.
     _write_closing = False
+    # A whole close's wait for the peer's close_notify.
+    _grace: IDelayedCall | None = None
 
     def _sent_close_notify(self) -> bool:
         tls = self._tlsConnection
@@ -99,8 +117,31 @@ class HalfCloseTLS(BufferingTLSTransport):
             if tls.get_shutdown() & RECEIVED_SHUTDOWN:
                 assert self.transport is not None
                 self.transport.loseConnection()
+            else:
+                self._wait_for_peer()
             return
         super()._shutdownTLS()
+        self._wait_for_peer()
+
+    def _wait_for_peer(self) -> None:
+        # Only a whole close is bounded: after loseWriteConnection alone the
+        # peer may go on sending for as long as it likes.
+        if not self.disconnecting or self._grace is not None or self.transport is None:
+            return
+        factory = cast(HalfCloseTLSFactory, self.factory)
+        self._grace = factory.clock.callLater(factory.close_grace, self._give_up_on_peer)
+
+    def _give_up_on_peer(self) -> None:
+        self._grace = None
+        # TCP's own close: what is still buffered is sent first.
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        super().connectionLost(reason)
 
     def _write(self, data: bytes) -> None:
         # After close_notify OpenSSL refuses to send, and the parent would
@@ -138,6 +179,20 @@ class HalfCloseTLSFactory(TLSMemoryBIOFactory):
     """``TLSMemoryBIOFactory`` whose connections are :class:`HalfCloseTLS`."""
 
     protocol = HalfCloseTLS
+
+    def __init__(
+        self,
+        contextFactory: IOpenSSLServerConnectionCreator | IOpenSSLClientConnectionCreator,
+        isClient: bool,
+        wrappedFactory: IProtocolFactory,
+        clock: IReactorTime | None = None,
+        close_grace: float = CLOSE_GRACE,
+    ) -> None:
+        """``close_grace`` bounds a whole close's wait for the peer's close_notify."""
+        super().__init__(contextFactory, isClient, wrappedFactory, clock)
+        #: The clock of the close grace (the reactor unless given).
+        self.clock = self._clock
+        self.close_grace = close_grace
 
 
 @implementer(IStreamClientEndpoint)

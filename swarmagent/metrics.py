@@ -39,7 +39,7 @@ ROUTES = (
     "error",  # an answer the agent gave itself (unknown node, no manager, ...)
 )
 #: Why a node gave no usable answer (the ``reason`` label).
-NODE_FAILURES = ("timeout", "refused", "tls", "connection", "http_status", "other")
+NODE_FAILURES = ("timeout", "refused", "tls", "connection", "http_status", "other", "silent")
 #: Why a request was refused (the ``reason`` label).
 AUTH_REFUSALS = ("no_credential", "bad_signature", "other_key", "pairing_closed", "untrusted_cert")
 #: Long-lived relays (the ``kind`` label).
@@ -118,6 +118,12 @@ class Metrics:
             ["node"],
             registry=r,
         )
+        self.silent_since = Gauge(
+            "swarmagent_node_silent_since_seconds",
+            "When each silent node (left out at once until it answers again) fell silent.",
+            ["node"],
+            registry=r,
+        )
         self.peers = Gauge("swarmagent_peers", "Other agents in the peer table.", registry=r)
         self.agentless = Gauge(
             "swarmagent_agentless_nodes",
@@ -191,6 +197,15 @@ class Metrics:
         self.node_failures.labels(node, reason).inc()
 
     # -- discovery ----------------------------------------------------------------
+
+    def silent(self, node: str, since: float) -> None:
+        """``node`` ran out a deadline at ``since`` (the clock's seconds): it is silent."""
+        self.silent_since.labels(node).set(since)
+
+    def answering(self, node: str) -> None:
+        """``node`` is silent no more."""
+        with contextlib.suppress(KeyError):
+            self.silent_since.remove(node)
 
     def probed(self, node: str, seconds: float) -> None:
         """A successful identity probe of ``node`` took ``seconds``."""

@@ -6,15 +6,25 @@ that its agent serves it from its own engine and never sends it on; it
 carries the client's credentials (a forward, a list, a lookup) or this
 agent's own (discovery's questions). Each copy is built afresh: nothing is
 shared between parallel calls (portainer/portainer#1867).
+
+A node that lets a bounded call run out its deadline is *silent*: until it
+answers again, :meth:`Nodes.get` and :meth:`Nodes.send` fail for it at once,
+naming it missing with the reason and since when, so that it costs one
+deadline rather than one per request. It is asked again in the background: by
+the discovery tick (:meth:`Nodes.recheck`, a ``/_ping`` that goes through its
+agent to its engine, with this agent's own credentials) and by the first call
+that finds it silent (that call, sent on with its own credentials while its
+caller is answered at once), one such call at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import NamedTuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import readBody
@@ -24,6 +34,7 @@ from twisted.web.server import Request
 
 from swarmagent.clients import ENGINE_BASE, get_within, peer_url
 from swarmagent.errors import describe, write_error
+from swarmagent.logs import logger
 from swarmagent.metrics import Metrics, failure_reason, status_failed
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import request_headers
@@ -31,6 +42,13 @@ from swarmagent.wire import BROADCAST, HOP, MISSING_NODES, TARGET
 
 #: Why a swarm node with no agent in the peer table is left out.
 NO_AGENT = "no agent reachable"
+#: What :meth:`Nodes.recheck` asks: the node's engine, through its agent.
+PING = b"/_ping"
+#: Refusals of the asker's credentials: the node's agent answered, but its
+#: engine was not asked, so they say nothing of whether it answers.
+CREDENTIAL_REFUSALS = frozenset({401, 403, 407})
+
+log = logger(__name__)
 
 
 class Copy(NamedTuple):
@@ -79,6 +97,29 @@ class NodeFailed(Exception):
 Outcome = Answered | NodeFailed
 
 
+@dataclass
+class Silence:
+    """A node that let a bounded call run out its deadline, and has not answered since."""
+
+    name: str
+    #: When the first call it left unanswered was sent (the clock's seconds).
+    since: float
+    #: The last unanswered call's reason.
+    why: str
+    #: A call is asking it again now.
+    asking: bool = False
+
+    def describe(self) -> str:
+        """Why the node is left out, as the missing node's reason."""
+        when = datetime.fromtimestamp(self.since, UTC).isoformat(timespec="seconds")
+        return f"not answering since {when}: {self.why}"
+
+
+def _answers(outcome: Outcome) -> bool:
+    """Whether an outcome shows the node answering (its engine, as far as can be told)."""
+    return isinstance(outcome, Answered) and outcome.code not in CREDENTIAL_REFUSALS
+
+
 class Nodes:
     """Sends requests to the nodes in the peer table, each to the right place."""
 
@@ -91,17 +132,22 @@ class Nodes:
         timeout: float,
         credentials: Mapping[str, str] | None = None,
         metrics: Metrics | None = None,
+        ping_timeout: float | None = None,
     ) -> None:
         """``timeout`` bounds :meth:`get`; ``credentials`` are the headers
         that prove this agent to the others when it asks on its own behalf;
-        ``metrics`` times each call and counts each node's failures."""
+        ``metrics`` times each call and counts each node's failures;
+        ``ping_timeout`` bounds :meth:`recheck`'s pings (default ``timeout``)."""
         self.table = table
         self.metrics = metrics if metrics is not None else Metrics()
         self.clock = clock
         self._engine_client = engine_client
         self._peer_client = peer_client
         self._timeout = timeout
+        self._ping_timeout = timeout if ping_timeout is None else ping_timeout
         self._credentials = dict(credentials or {})
+        #: Silent nodes by node key.
+        self._silent: dict[str, Silence] = {}
 
     @property
     def me(self) -> Peer:
@@ -144,7 +190,12 @@ class Nodes:
         body: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         """Send ``node``'s copy (a GET unless told), with no deadline: the
-        answer's body is the caller's to read."""
+        answer's body is the caller's to read. A silent node's fails at once
+        (:class:`NodeFailed`)."""
+        silence = self._silent.get(node.identity.key)
+        if silence is not None:
+            self.metrics.node_failed(node.name, "silent")
+            return fail(NodeFailed(silence.describe(), node=node.name))
         client, url, headers = self.copy(node, path, request)
 
         def failed(reason: Failure) -> Failure:
@@ -186,10 +237,24 @@ class Nodes:
         """GET ``node``'s copy whole, within the deadline; never fails.
 
         Any answer is :class:`Answered`; none (unreachable, too late) is a
-        :class:`NodeFailed` naming the node.
+        :class:`NodeFailed` naming the node. A call that runs out the deadline
+        makes the node silent; a silent node's is a :class:`NodeFailed` at
+        once, and the first such call is sent on in the background, to see
+        whether the node answers again.
         """
-        client, url, headers = self.copy(node, path, request)
         within = self._timeout if timeout is None else timeout
+        silence = self._silent.get(node.identity.key)
+        if silence is None:
+            return self._get(node, path, request, within)
+        self.metrics.node_failed(node.name, "silent")
+        if not silence.asking:
+            self._ask_again(node, silence, self._get(node, path, request, within))
+        return succeed(NodeFailed(silence.describe(), node=node.name))
+
+    def _get(
+        self, node: Peer, path: bytes, request: Request | None, within: float
+    ) -> Deferred[Outcome]:
+        client, url, headers = self.copy(node, path, request)
         started = self.clock.seconds()
 
         def answered(result: tuple[int, bytes]) -> Outcome:
@@ -200,11 +265,73 @@ class Nodes:
 
         def failed(reason: Failure) -> Outcome:
             self.metrics.node_call(node.name, self.clock.seconds() - started)
-            self.metrics.node_failed(node.name, failure_reason(reason.value))
+            why = failure_reason(reason.value)
+            self.metrics.node_failed(node.name, why)
+            if why == "timeout":
+                self._fell_silent(node, started, describe(reason.value))
             return NodeFailed(describe(reason.value), node=node.name)
 
         call = get_within(client, url, headers, self.clock, within)
         return call.addCallbacks(answered, failed)
+
+    def _fell_silent(self, node: Peer, since: float, why: str) -> None:
+        # ``since``: when the call it left unanswered was sent.
+        silence = self._silent.get(node.identity.key)
+        if silence is not None:
+            silence.why = why
+            return
+        self._silent[node.identity.key] = Silence(node.name, since, why)
+        self.metrics.silent(node.name, since)
+        log.warn(
+            "Node {node} is not answering ({why}): left out at once until it answers again",
+            node=node.name,
+            why=why,
+        )
+
+    def _ask_again(self, node: Peer, silence: Silence, call: Deferred[Outcome]) -> None:
+        silence.asking = True
+
+        def done(outcome: Outcome) -> None:
+            silence.asking = False
+            if _answers(outcome):
+                self._answering(node.identity.key)
+
+        call.addCallback(done)
+
+    def _answering(self, key: str) -> None:
+        silence = self._forget(key)
+        if silence is None:
+            return
+        log.info(
+            "Node {node} answers again (silent since {since})",
+            node=silence.name,
+            since=datetime.fromtimestamp(silence.since, UTC).isoformat(timespec="seconds"),
+        )
+
+    def _forget(self, key: str) -> Silence | None:
+        silence = self._silent.pop(key, None)
+        if silence is not None:
+            self.metrics.answering(silence.name)
+        return silence
+
+    def silences(self) -> dict[str, Silence]:
+        """The silent nodes, by node key."""
+        return dict(self._silent)
+
+    def recheck(self) -> Deferred[None]:
+        """Ping each silent node still in the table (its engine, through its
+        agent), within the ping deadline; those that answer are silent no more.
+        Silent nodes that left the table are forgotten."""
+        nodes = {p.identity.key: p for p in self.table.nodes()}
+        for key in [k for k in self._silent if k not in nodes]:
+            self._forget(key)
+        calls: list[Deferred[None]] = []
+        for key, silence in list(self._silent.items()):
+            if not silence.asking:
+                ping = self._get(nodes[key], PING, None, self._ping_timeout)
+                self._ask_again(nodes[key], silence, ping)
+                calls.append(ping.addCallback(lambda _: None))
+        return DeferredList(calls).addCallback(lambda _: None)
 
     def agentless(self) -> list[NodeFailed]:
         """The swarm nodes expected to run an agent that have none in the table."""

@@ -105,6 +105,12 @@ def render(doc: Mapping[str, Any]) -> str:
             [[n["Name"], n["NodeID"], n["HasAgent"], n["Why"]] for n in doc["Expected"]],
         ),
         "",
+        "Silent nodes (left out at once until they answer again)",
+        table(
+            ["NAME", "NODE ID", "SINCE", "WHY"],
+            [[n["Name"], n["NodeID"], n["Since"], n["Why"]] for n in doc.get("Silent", [])],
+        ),
+        "",
         "Settings",
         # Settings as given (seconds stay seconds).
         table(["SETTING", "VALUE"], [[k, str(v)] for k, v in sorted(doc["Settings"].items())]),

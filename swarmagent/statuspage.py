@@ -108,6 +108,11 @@ def status_document(discovery: Discovery, options: Mapping[str, Any]) -> dict[st
         }
         for node_id, name in sorted(table.expected.items(), key=lambda n: (n[1], n[0]))
     ]
+    silences = discovery.nodes.silences() if discovery.nodes is not None else {}
+    silent = [
+        {"Name": s.name, "NodeID": key, "Since": _when(s.since), "Why": s.why}
+        for key, s in sorted(silences.items(), key=lambda k: (k[1].name, k[0]))
+    ]
     return {
         "Node": {
             "Name": me.name,
@@ -122,6 +127,7 @@ def status_document(discovery: Discovery, options: Mapping[str, Any]) -> dict[st
         },
         "Peers": rows,
         "Expected": expected,
+        "Silent": silent,
         "Settings": settings_in_force(options),
     }
 

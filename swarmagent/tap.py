@@ -159,7 +159,8 @@ def makeService(
     me = Peer(advertise, port, NodeIdentity(name=name), is_self=True)
     table = PeerTable(me, max_failures=options["probe-failures"])
     # Lists, lookups and events wait --fanout-timeout for each node; the
-    # agent's own questions carry the probe's credentials.
+    # agent's own questions carry the probe's credentials. A silent node's
+    # ping (each discovery tick) is bounded like a probe, and never longer.
     nodes = Nodes(
         table,
         engine_client,
@@ -168,6 +169,7 @@ def makeService(
         options["fanout-timeout"],
         credentials=probe_headers,
         metrics=metrics,
+        ping_timeout=min(connect_timeout, options["fanout-timeout"]),
     )
     engine = Engine(engine_client, reactor, timeout=max(connect_timeout, 10.0))
     discovery = Discovery(
@@ -182,6 +184,7 @@ def makeService(
         # A worker asks a manager's agent, bounded like a probe.
         node_list=ManagerNodeList(nodes, timeout=connect_timeout),
         metrics=metrics,
+        nodes=nodes,
     )
     metrics.watch_table(lambda: len(table.nodes()) - 1, lambda: len(table.agentless()))
     metrics.watch_pairing(lambda: verifier.state)
@@ -232,7 +235,7 @@ def makeService(
     observer = json_observer(sys.stdout) if options["log-format"] == "json" else None
     service = _PoolService([engine_pool, peer_pool], observer)
     # Half-closeable TLS: a hijacked stream's end of input is a close_notify.
-    https = HalfCloseTLSFactory(server_tls, False, site)
+    https = HalfCloseTLSFactory(server_tls, False, site, reactor)
     StreamServerEndpointService(endpoint, https).setServiceParent(service)
     discovery.service(options["refresh-interval"]).setServiceParent(service)
     PairingWindow(verifier, reactor, options["secret-timeout"]).setServiceParent(service)

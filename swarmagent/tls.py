@@ -47,6 +47,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer, implementer_only
 
 from swarmagent.certs import PrivateKey, is_dns_name, load_key, self_signed
+from swarmagent.channel import AgentChannel
 
 #: TLS 1.2 suites: forward secret (ECDHE) and authenticated encryption (GCM, ChaCha20) only.
 #: TLS 1.3 suites are all of that kind already; OpenSSL's default set is kept.
@@ -259,8 +260,11 @@ class HTTP11Site(Site):
 
     twisted.web's access log is off (it wrote a line per request to twistd's
     log whatever LOG_LEVEL said, and re-dated its lines every second): the
-    agent writes its own (``swarmagent.access``).
+    agent writes its own (``swarmagent.access``). Its channels are
+    :class:`~swarmagent.channel.AgentChannel`: a head too large gets 431 and a close.
     """
+
+    protocol = AgentChannel  # type: ignore[assignment]
 
     def startFactory(self) -> None:
         pass

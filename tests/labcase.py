@@ -68,6 +68,13 @@ def knows_exactly(agent: Agent, names: set[str]) -> bool:
     return agent_names(agent) == names
 
 
+def nothing_silent(agent: Agent) -> bool:
+    """Whether ``agent`` leaves no node out as silent (True when its status is
+    refused: agents with neither a CA nor a secret do not show it)."""
+    r = agent.request("GET", "/swarmagent/status", timeout=5)
+    return r.status != 200 or not r.json().get("Silent")
+
+
 def engine_containers(nodes: list[Node], all: bool = True) -> dict[str, str]:
     """Container ID → node name, asking each engine directly."""
     out: dict[str, str] = {}
@@ -268,6 +275,15 @@ class LabTestCase(unittest.TestCase):
                 PROBE_FAILURES * REFRESH + 5 if restarted else REFRESH + 5,
                 0.1,
                 f"{agent.node.name} to know {sorted(everyone)}",
+            )
+        for agent in cls.agents.values():
+            # A node an earlier test made silent (frozen, cut off) is asked
+            # again at each refresh: lists leave it out until it answers.
+            wait_until(
+                functools.partial(nothing_silent, agent),
+                FANOUT_TIMEOUT + 2 * REFRESH + SLACK,
+                0.1,
+                f"{agent.node.name} to see every node answer",
             )
 
     # -- helpers -----------------------------------------------------------

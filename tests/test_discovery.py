@@ -514,8 +514,14 @@ class WorkerNodeListTests(DiscoveryCase):
         self.assertEqual(self.table.expected, {"id-a": "a", "id-b": "b", "id-c": "c"})
         [line] = not_read(self.logs)
         self.assertIn("no answer within 2 s", line)
-        # The leader answers again at the next tick, with news.
+        # The leader answers again, with news. Having run out a deadline it
+        # is silent: the next tick finds it so and asks it in the background
+        # (the other manager, silent too, is not waited for either)...
         self.c_agent.answer = [*views, node_doc(worker("e"))]
+        self.tick()
+        self.assertEqual(self.table.agentless(), [])
+        self.assertEqual(len(self.c_agent.seen), 3)
+        # ... and the tick after that reads its list.
         self.tick()
         self.assertEqual(self.table.agentless(), [("id-e", "e")])
 

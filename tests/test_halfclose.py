@@ -22,7 +22,12 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from swarmagent import tls
-from swarmagent.halfclose import HalfCloseTLS, HalfCloseTLSEndpoint, HalfCloseTLSFactory
+from swarmagent.halfclose import (
+    CLOSE_GRACE,
+    HalfCloseTLS,
+    HalfCloseTLSEndpoint,
+    HalfCloseTLSFactory,
+)
 from swarmagent.tunnel import Tunnel, _ClientSide, _UpstreamSide
 from swarmagent.twisted_types import stream_transport
 
@@ -158,6 +163,36 @@ class HalfCloseTests(unittest.TestCase):
         pump.flush()
         self.assertFalse(server.read_closed)
         self.assertIsNotNone(server.lost)
+
+    def test_whole_close_waits_for_the_peer_only_so_long(self) -> None:
+        """A peer that never sends its close_notify (still sending) is closed after the grace."""
+        server, client = HalfRecorder(), HalfRecorder()
+        server_tls, client_tls, pump = tls_pair(server, client, self.clock)
+        server_tls.write(b"the answer")
+        server_tls.loseConnection()
+        pump.flush()
+        self.assertEqual(client.data, b"the answer")
+        self.assertTrue(client.read_closed)
+        client_tls.write(b"more of the request")
+        pump.flush()
+        self.assertIsNone(client.lost)
+        self.clock.advance(CLOSE_GRACE)
+        pump.flush()
+        assert client.lost is not None and server.lost is not None
+        client.lost.trap(ConnectionDone)
+
+    def test_half_close_is_not_bounded(self) -> None:
+        """After loseWriteConnection alone, the peer may send for as long as it likes."""
+        server, client = HalfRecorder(), HalfRecorder()
+        server_tls, client_tls, pump = tls_pair(server, client, self.clock)
+        server_tls.loseWriteConnection()
+        pump.flush()
+        self.clock.advance(CLOSE_GRACE * 100)
+        client_tls.write(b"still sending")
+        pump.flush()
+        self.assertEqual(server.data, b"still sending")
+        self.assertIsNone(server.lost)
+        self.assertIsNone(client.lost)
 
     def test_writes_after_close_notify_are_dropped(self) -> None:
         server, client = HalfRecorder(), HalfRecorder()

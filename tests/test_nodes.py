@@ -13,6 +13,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.nodes import (
     NO_AGENT,
+    PING,
     Answered,
     Copy,
     NodeFailed,
@@ -179,6 +180,142 @@ class GetTests(NodesCase):
         self.table.expect({"id-a": "a", "id-b": "b", "id-c": "c", "id-e": "e", "id-d": "d"})
         failures = self.nodes.agentless()
         self.assertEqual([(f.node, f.why) for f in failures], [("d", NO_AGENT), ("e", NO_AGENT)])
+
+
+class SilenceTests(NodesCase):
+    """A node that ran out a deadline costs one deadline, not one per call."""
+
+    def get(self, node: Peer, path: bytes = b"/containers/json") -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        self.nodes.get(node, path).addCallback(outcomes.append)
+        return outcomes
+
+    def answer(self, call_index: int, code: int = 200, agent: FakeAgent | None = None) -> None:
+        response = (agent or self.peers).calls[call_index].respond(code)
+        response.deliver(b"[]")
+        response.end()
+
+    def run_out(self, node: Peer) -> NodeFailed:
+        """The first call to ``node`` waits the whole deadline."""
+        outcomes = self.get(node)
+        self.assertEqual(outcomes, [])
+        self.clock.advance(TIMEOUT)
+        [failed] = outcomes
+        assert isinstance(failed, NodeFailed)
+        return failed
+
+    def test_first_call_waits_the_next_do_not(self) -> None:
+        self.clock.advance(1_700_000_000)
+        self.run_out(self.b)
+        self.assertEqual(list(self.nodes.silences()), ["id-b"])
+        asked = len(self.peers.calls)
+        for _ in range(3):
+            [failed] = self.get(self.b)  # at once, with no clock advance
+            assert isinstance(failed, NodeFailed)
+            self.assertEqual(failed.node, "b")
+            self.assertEqual(
+                failed.why,
+                f"not answering since 2023-11-14T22:13:20+00:00: no answer within {TIMEOUT:g} s",
+            )
+        # Only the first of them was sent on, in the background.
+        self.assertEqual(len(self.peers.calls), asked + 1)
+        # The other nodes are asked as before.
+        self.get(self.c)
+        self.assertEqual(len(self.peers.calls), asked + 2)
+
+    def test_the_background_call_that_answers_ends_the_silence(self) -> None:
+        self.run_out(self.b)
+        self.get(self.b)
+        self.answer(-1)
+        self.assertEqual(self.nodes.silences(), {})
+        outcomes = self.get(self.b)
+        self.assertEqual(outcomes, [])  # a real call again
+        self.answer(-1)
+        [answered] = outcomes
+        self.assertIsInstance(answered, Answered)
+
+    def test_the_background_call_that_runs_out_asks_again_next_time(self) -> None:
+        self.run_out(self.b)
+        self.get(self.b)
+        self.clock.advance(TIMEOUT)
+        asked = len(self.peers.calls)
+        self.get(self.b)
+        self.assertEqual(len(self.peers.calls), asked + 1)
+        self.assertIn("id-b", self.nodes.silences())
+
+    def test_answers_never_make_a_node_silent(self) -> None:
+        for code in (400, 403, 404, 500):
+            outcomes = self.get(self.b)
+            self.answer(-1, code)
+            [answered] = outcomes
+            self.assertEqual(answered, Answered(self.b, code, b"[]"))
+        self.assertEqual(self.nodes.silences(), {})
+
+    def test_quick_failures_do_not_make_a_node_silent(self) -> None:
+        self.get(self.b)
+        self.peers.calls[-1].result.errback(ConnectionRefusedError("refused"))
+        self.assertEqual(self.nodes.silences(), {})
+
+    def test_recheck_pings_through_the_agent_and_clears(self) -> None:
+        self.run_out(self.b)
+        self.nodes.recheck()
+        ping = self.peers.calls[-1]
+        self.assertEqual(ping.url, b"https://10.0.0.2:9001" + PING)
+        self.assertEqual(ping.headers.getRawHeaders(b"x-portaineragent-target"), [b"id-b"])
+        self.assertEqual(ping.headers.getRawHeaders(b"x-portaineragent-signature"), [b"own"])
+        # A ping in flight: lists are still answered at once, and not sent on.
+        asked = len(self.peers.calls)
+        [failed] = self.get(self.b)
+        self.assertIsInstance(failed, NodeFailed)
+        self.assertEqual(len(self.peers.calls), asked)
+        self.answer(-1)
+        self.assertEqual(self.nodes.silences(), {})
+
+    def test_a_refused_ping_says_nothing(self) -> None:
+        """The agent refusing this agent's credentials did not ask its engine."""
+        self.run_out(self.b)
+        self.nodes.recheck()
+        self.answer(-1, 403)
+        self.assertIn("id-b", self.nodes.silences())
+
+    def test_a_ping_that_runs_out_keeps_the_silence(self) -> None:
+        self.run_out(self.b)
+        done: list[object] = []
+        self.nodes.recheck().addCallback(done.append)
+        self.clock.advance(TIMEOUT)
+        self.assertEqual(done, [None])
+        self.assertIn("id-b", self.nodes.silences())
+
+    def test_this_nodes_engine(self) -> None:
+        """This node's own engine, frozen, is silent too; its ping goes to the engine."""
+        self.run_out(self.a)
+        self.nodes.recheck()
+        self.assertEqual(self.engine.calls[-1].url, b"http://docker" + PING)
+        self.answer(-1, 200, self.engine)
+        self.assertEqual(self.nodes.silences(), {})
+
+    def test_send_fails_at_once(self) -> None:
+        self.run_out(self.b)
+        failure = self.failureResultOf(self.nodes.send(self.b, b"/events"), NodeFailed)
+        self.assertIn("not answering since", failure.value.why)
+
+    def test_a_node_that_left_is_forgotten(self) -> None:
+        self.run_out(self.b)
+        self.table.retain(["fd00::3"])
+        self.nodes.recheck()
+        self.assertEqual(self.nodes.silences(), {})
+
+    def test_metrics(self) -> None:
+        self.run_out(self.b)
+        self.get(self.b)
+        registry = self.nodes.metrics.registry
+        value = registry.get_sample_value
+        self.assertEqual(value("swarmagent_node_silent_since_seconds", {"node": "b"}), 0.0)
+        self.assertEqual(
+            value("swarmagent_node_failures_total", {"node": "b", "reason": "silent"}), 1.0
+        )
+        self.answer(-1)
+        self.assertIsNone(value("swarmagent_node_silent_since_seconds", {"node": "b"}))
 
 
 class FailureTests(SynchronousTestCase):

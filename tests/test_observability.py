@@ -424,6 +424,32 @@ class DiscoveryMetricsTests(SynchronousTestCase):
         self.assertNotIn("hunter2", json.dumps(doc))
         self.assertEqual(doc["Settings"]["log-level"], "INFO")
 
+    def test_silent_nodes_in_the_status_and_asked_at_each_tick(self) -> None:
+        """A node that ran out a deadline is shown silent until the tick's ping answers."""
+        self.tick()
+        engine, peers = FakeAgent(), FakeAgent()
+        nodes = Nodes(self.table, engine, peers, self.clock, 3, metrics=self.metrics)
+        self.discovery.nodes = nodes
+        b = next(p for p in self.table.nodes() if p.name == "b")
+        asked_at = self.clock.seconds()
+        nodes.get(b, b"/containers/json")
+        self.clock.advance(3)
+        options = Options(environ={})
+        options.parseOptions([])
+        [silent] = status_document(self.discovery, options)["Silent"]
+        self.assertEqual(silent["Name"], "b")
+        self.assertEqual(silent["NodeID"], "id-b")
+        self.assertEqual(silent["Why"], "no answer within 3 s")
+        self.assertIsNotNone(silent["Since"])
+        since = sample(self.metrics, "swarmagent_node_silent_since_seconds", node="b")
+        self.assertEqual(since, asked_at)
+        tick = Deferred.fromCoroutine(self.discovery.tick())
+        [ping] = peers.calls[1:]
+        self.assertTrue(ping.url.endswith(b"/_ping"))
+        ping.respond(200).end()
+        self.successResultOf(tick)
+        self.assertEqual(status_document(self.discovery, options)["Silent"], [])
+
     def test_why_agentless(self) -> None:
         probes = {"10.0.0.9": ProbeRecord(node="z", failures=1, last_error="refused")}
         self.assertEqual(why_agentless("id-y", "y", {}, {}), "no task scheduled")

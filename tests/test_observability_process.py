@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +21,46 @@ from tests.lab import REPO_ROOT, http_request, wait_until
 from tests.test_healthcheck import free_port
 
 TWISTD = "from twisted.scripts.twistd import run; run()"
+#: Far below the agent's idle timeout (120 s), far above its TLS close grace.
+CLOSE_BUDGET = 10.0
+
+
+def send_until_closed(port: int, head: bytes) -> tuple[bytes, bool]:
+    """Write ``head`` to the agent over TLS, then go on writing, reading as it comes:
+    what the agent answered, and whether it closed the TCP connection within
+    :data:`CLOSE_BUDGET` seconds."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as s:
+        s.settimeout(0.05)
+        answer, sent, tls_ended = b"", 0, False
+        end = time.monotonic() + CLOSE_BUDGET
+        while time.monotonic() < end:
+            try:
+                chunk = head[sent : sent + 16_384] if sent < len(head) else b"a" * 16_384
+                sent += s.send(chunk)
+            except TimeoutError:
+                pass
+            except OSError:
+                return answer, True
+            if not tls_ended:
+                try:
+                    data = s.recv(65_536)
+                except (TimeoutError, ssl.SSLWantReadError):
+                    continue
+                except OSError:
+                    return answer, True
+                answer += data
+                tls_ended = not data  # the agent's close_notify
+            elif select.select([s], [], [], 0)[0]:
+                # Below TLS: the TCP connection's end (b"", or a reset).
+                try:
+                    if not socket.socket.recv(s, 1):
+                        return answer, True
+                except OSError:
+                    return answer, True
+        return answer, False
 
 
 class ProcessTests(TestCase):
@@ -86,6 +129,24 @@ class ProcessTests(TestCase):
         self.assertNotIn("hunter2", raw)
         # twisted.web's own combined-log line is gone.
         self.assertNotIn(' HTTP/1.1\\" ', raw)
+
+    def test_head_too_large_is_answered_and_closed(self) -> None:
+        """Issue #14 item 6: a client that keeps sending a head of 20 KB, 200 KB or
+        2 MB gets 431 and a closed connection, not a wait for the idle timeout."""
+        url, _ = self.start_agent(AGENT_ACCESS_LOG="off")
+        port = int(url.rsplit(":", 1)[1])
+        for size in (20_000, 200_000, 2_000_000):
+            for head in (
+                b"GET /ping HTTP/1.1\r\nHost: agent\r\nX-Big: " + b"a" * size,
+                b"GET /ping HTTP/1.1\r\n"
+                + b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 990) for i in range(size // 1000)),
+            ):
+                with self.subTest(size=size, lines=head.count(b"\r\n")):
+                    answer, closed = send_until_closed(port, head)
+                    self.assertTrue(closed)
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer[:80])
+        # And the agent serves the next client as before.
+        self.assertEqual(self.get(url, "/ping"), 204)
 
     def test_status_command_signs_with_the_secret(self) -> None:
         """``python -m swarmagent.status`` proves itself as the agents do (here: the secret)."""
