@@ -114,11 +114,6 @@ def parse_browse_path(bare: str) -> tuple[str, str | None] | None:
     return None
 
 
-def bare_path(raw: bytes) -> str:
-    """A request's path without its ``/vX.Y`` prefix."""
-    return strip_version(raw.decode("latin-1"))
-
-
 def browse_paths(volume: str = "data") -> frozenset[bytes]:
     """Every browse route (the legacy ones for ``volume``), for whoever lists routes."""
     forms = ("/browse/{op}", "/v2/browse/{op}", f"/v1/browse/{quote(volume)}/{{op}}")
@@ -127,7 +122,7 @@ def browse_paths(volume: str = "data") -> frozenset[bytes]:
 
 def volume_of(request: Request) -> str | None:
     """The volume a browse request names: in its path, else in ``volumeID``."""
-    parsed = parse_browse_path(bare_path(request.path))
+    parsed = parse_browse_path(strip_version(request.path.decode("latin-1")))
     if parsed and parsed[1]:
         return parsed[1]
     return _arg(request, b"volumeID")
@@ -812,7 +807,7 @@ class BrowseResource(Resource):
         self._run = run
 
     def render(self, request: Request) -> Rendered:
-        parsed = parse_browse_path(bare_path(request.path))
+        parsed = parse_browse_path(strip_version(request.path.decode("latin-1")))
         if parsed is None:
             return write_error(request, 404, "Not found", "no such browse operation")
         op = parsed[0]
