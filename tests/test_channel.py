@@ -1,4 +1,5 @@
-"""Tests for :mod:`swarmagent.channel`: a request head too large gets 431 and a close."""
+"""Tests for :mod:`swarmagent.channel`: a request head too large gets 431, one with
+bare LF line ends 400, and a close."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial import unittest
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 from twisted.web.static import Data
 
 from swarmagent import tls
 from swarmagent.channel import AgentChannel
 from swarmagent.halfclose import CLOSE_GRACE, HalfCloseTLSFactory
 from swarmagent.tls import HTTP11Site
+from swarmagent.twisted_types import request_body
 from tests.test_halfclose import IDENTITY, HalfRecorder
 
 HEADER = b"X-H%d: " + b"a" * 990 + b"\r\n"
@@ -36,7 +39,19 @@ def many_lines(size: int) -> bytes:
 def site(clock: Clock) -> HTTP11Site:
     root = Resource()
     root.putChild(b"ping", Data(b"pong", "text/plain"))
+    root.putChild(b"echo", Echo())
     return HTTP11Site(root, reactor=clock)
+
+
+class Echo(Resource):
+    """Answers a request with its body."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Request) -> bytes:
+        content = request_body(request)
+        assert content is not None
+        return bytes(content.read())
 
 
 class ChannelTests(unittest.TestCase):
@@ -82,6 +97,62 @@ class ChannelTests(unittest.TestCase):
         for _ in range(3):
             self.channel.dataReceived(many_lines(15_000) + b"\r\n")
         self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 3)
+        self.assertFalse(self.transport.disconnecting)
+
+
+class BareLineFeedTests(unittest.TestCase):
+    """A head whose lines end in a bare LF (twisted.web waits for a CRLF until
+    the idle timeout) gets 400 and a close; an LF in a body is the body's."""
+
+    def setUp(self) -> None:
+        built = site(Clock()).buildProtocol(None)
+        assert isinstance(built, AgentChannel)
+        self.channel = built
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def assert_refused(self) -> None:
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), head)
+        self.assertIn(b"Connection: close", head)
+        self.assertIn("bare LF", json.loads(body)["details"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_request_line(self) -> None:
+        self.channel.dataReceived(b"GET /ping HTTP/1.1\n\n")
+        self.assert_refused()
+
+    def test_header_line(self) -> None:
+        self.channel.dataReceived(b"GET /ping HTTP/1.1\r\nHost: agent\n\n")
+        self.assert_refused()
+
+    def test_byte_by_byte(self) -> None:
+        """A CR and its LF in separate reads are a CRLF; a lone LF is refused when it comes."""
+        for byte in b"GET /ping HTTP/1.1\r\nHost: agent\r":
+            self.channel.dataReceived(bytes([byte]))
+        self.channel.dataReceived(b"\n")
+        self.assertEqual(self.transport.value(), b"")
+        self.channel.dataReceived(b"X: 1\n")
+        self.assert_refused()
+
+    def test_what_follows_is_ignored(self) -> None:
+        self.channel.dataReceived(b"GET /ping HTTP/1.1\n")
+        answered = self.transport.value()
+        self.channel.dataReceived(b"\r\n\r\nGET /ping HTTP/1.1\r\nHost: agent\r\n\r\n")
+        self.assertEqual(self.transport.value(), answered)
+
+    def test_line_feeds_in_bodies_are_served(self) -> None:
+        """Bodies with LFs, sized and chunked, pipelined in one read, each answered."""
+        sized = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\na\nb\n\n"
+        chunked = (
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nc\nd\r\n0\r\n\r\n"
+        )
+        self.channel.dataReceived(sized + chunked + sized)
+        out = self.transport.value()
+        self.assertEqual(out.count(b"HTTP/1.1 200 OK"), 3, out)
+        self.assertIn(b"a\nb\n\n", out)
+        self.assertIn(b"c\nd", out)
         self.assertFalse(self.transport.disconnecting)
 
 

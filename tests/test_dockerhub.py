@@ -16,9 +16,11 @@ from urllib.parse import urlencode
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import Certificate
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
@@ -361,6 +363,25 @@ class RateLimitTests(HubCase):
         self.clock.advance(TIMEOUT)
         await self.hub.left
         self.assertEqual((request.written, request.finished), ([], 0))
+
+
+class MethodTests(HubCase):
+    def test_head_is_405(self) -> None:
+        """Not the 500 of Resource's HEAD-as-GET, which this resource has not."""
+        root = Resource()
+        root.putChild(b"dockerhub", self.resource())
+        channel = Site(root, reactor=self.clock).buildProtocol(None)
+        assert channel is not None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        for method in (b"HEAD", b"GET"):
+            transport.clear()
+            channel.dataReceived(method + b" /dockerhub HTTP/1.1\r\nHost: agent\r\n\r\n")
+            head = transport.value().split(b"\r\n\r\n")[0]
+            self.assertTrue(head.startswith(b"HTTP/1.1 405 "), head)
+            self.assertIn(b"\r\nAllow: POST\r\n", head)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.hub.seen, [])
 
 
 class PayloadTests(HubCase):
