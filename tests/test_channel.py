@@ -156,6 +156,35 @@ class BareLineFeedTests(unittest.TestCase):
         self.assertFalse(self.transport.disconnecting)
 
 
+class RequestTargetTests(unittest.TestCase):
+    """A request target of other bytes than visible ASCII gets 400 and a close."""
+
+    def setUp(self) -> None:
+        built = site(Clock()).buildProtocol(None)
+        assert isinstance(built, AgentChannel)
+        self.channel = built
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def test_refused(self) -> None:
+        for target in (b"\x80/ping", b"/p\xc3\xa9", b"/ping\x7f", b"/a\x00b"):
+            with self.subTest(target=target):
+                self.setUp()
+                self.channel.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+                head, _, body = self.transport.value().partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), head)
+                self.assertIn("request target", json.loads(body)["details"])
+                self.assertTrue(self.transport.disconnecting)
+
+    def test_encoded_is_served(self) -> None:
+        """Percent-encoded bytes, and a request line after the one empty line twisted.web skips."""
+        self.channel.dataReceived(b"\r\nGET /ping?q=%C3%A9 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 OK"))
+        self.channel.dataReceived(b"GET /ping HTTP/1.1\r\nHost: a\r\nX: \xc3\xa9\r\n\r\n")
+        self.assertEqual(self.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+        self.assertFalse(self.transport.disconnecting)
+
+
 class OverTLSTests(unittest.TestCase):
     """The API listener's stack, in memory: ``HalfCloseTLS`` over the agent's ``Site``."""
 
