@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from swarmagent.clients import get_within, peer_url
-from swarmagent.engine import NODES_PATH, Engine, expected_nodes
+from swarmagent.engine import NODES_PATH, Engine, SwarmNodes, read_nodes
 from swarmagent.errors import describe
 from swarmagent.logs import logger
 from swarmagent.metrics import Metrics
@@ -34,9 +34,9 @@ log = logger(__name__)
 
 Address = tuple[str, int]
 Probe = Callable[[str, int], Awaitable[NodeIdentity]]
-#: Asks a manager's agent for the swarm's nodes that should run an agent:
-#: node ID → hostname.
-NodeList = Callable[[Peer], Awaitable[dict[str, str]]]
+#: Asks a manager's agent for the swarm's node list: the nodes that should
+#: run an agent, and Raft's view of the managers.
+NodeList = Callable[[Peer], Awaitable[SwarmNodes]]
 
 
 @dataclass
@@ -89,8 +89,8 @@ class ManagerNodeList:
         self._nodes = nodes
         self._timeout = timeout
 
-    async def __call__(self, manager: Peer) -> dict[str, str]:
-        """Node ID → hostname of the nodes that should run an agent.
+    async def __call__(self, manager: Peer) -> SwarmNodes:
+        """The nodes that should run an agent, and Raft's view of the managers.
 
         The request is targeted at ``manager`` and hop-marked, so that agent
         serves it from its own engine or refuses it; it never forwards it.
@@ -102,7 +102,7 @@ class ManagerNodeList:
         if outcome.code != 200:
             raise ValueError(f"the agent of {manager.name} answered {outcome.code} to {NODES_PATH}")
         try:
-            return expected_nodes(json.loads(outcome.body))
+            return read_nodes(json.loads(outcome.body))
         except ValueError as e:
             raise ValueError(f"the agent of {manager.name} sent a bad node list: {e}") from e
 
@@ -204,9 +204,9 @@ class Discovery:
             return
         try:
             if me.role == MANAGER:
-                nodes = await self._engine.swarm_nodes()
+                swarm = await self._engine.swarm_nodes()
             else:
-                nodes = await self._from_managers()
+                swarm = await self._from_managers()
         except Exception as e:
             why = _why(e)
             if why != self._nodes_problem:
@@ -224,6 +224,9 @@ class Discovery:
                 self.tasks = None
         else:
             self.tasks = None
+        # Raft names a new leader before the agents' identities say so.
+        self.table.follow(swarm.leader, swarm.unreachable)
+        nodes = swarm.expected
         old = self.table.expected
         if self.table.expect(nodes):
             log.info(
@@ -233,8 +236,8 @@ class Discovery:
                 gone=_names(old, nodes),
             )
 
-    async def _from_managers(self) -> dict[str, str]:
-        # The leader first; the next manager only if one fails.
+    async def _from_managers(self) -> SwarmNodes:
+        # The leader first (answering ones first); the next only if one fails.
         if self._node_list is None:
             raise ValueError("no way to ask a manager")
         managers = self.table.managers()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -41,6 +42,37 @@ def expected_nodes(doc: object) -> dict[str, str]:
         hostname = (node.get("Description") or {}).get("Hostname")
         found[node_id] = hostname if isinstance(hostname, str) and hostname else node_id
     return found
+
+
+@dataclass(frozen=True)
+class SwarmNodes:
+    """What the agents take from a ``GET /nodes`` answer."""
+
+    #: The nodes that should run an agent (see :func:`expected_nodes`).
+    expected: dict[str, str]
+    #: The leader's node ID as Raft names it ("" if none does).
+    leader: str = ""
+    #: The managers Raft cannot reach, by node ID.
+    unreachable: frozenset[str] = field(default_factory=frozenset)
+
+
+def read_nodes(doc: object) -> SwarmNodes:
+    """A ``GET /nodes`` answer's expected nodes and Raft's view of the
+    managers; raise ValueError if it is not a list."""
+    expected = expected_nodes(doc)
+    assert isinstance(doc, list)  # expected_nodes checked it
+    leader = ""
+    unreachable: set[str] = set()
+    for node in doc:
+        status = node.get("ManagerStatus") if isinstance(node, dict) else None
+        node_id = node.get("ID") if isinstance(node, dict) else None
+        if not isinstance(status, dict) or not isinstance(node_id, str) or not node_id:
+            continue
+        if status.get("Leader") is True:
+            leader = node_id
+        if status.get("Reachability") == "unreachable":
+            unreachable.add(node_id)
+    return SwarmNodes(expected, leader, frozenset(unreachable))
 
 
 class Engine:
@@ -87,12 +119,12 @@ class Engine:
             engine_version=str(info.get("ServerVersion", "")),
         )
 
-    async def swarm_nodes(self) -> dict[str, str]:
-        """The swarm's nodes that should run an agent (see ``expected_nodes``);
-        only a manager's engine can answer."""
+    async def swarm_nodes(self) -> SwarmNodes:
+        """The swarm's nodes that should run an agent and Raft's view of the
+        managers (see :func:`read_nodes`); only a manager's engine can answer."""
         doc = await self.get_json(NODES_PATH)
         try:
-            return expected_nodes(doc)
+            return read_nodes(doc)
         except ValueError as e:
             raise EngineError(f"engine sent a bad node list: {e}") from e
 

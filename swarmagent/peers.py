@@ -100,6 +100,10 @@ class PeerTable:
     _peers: dict[str, Peer] = field(default_factory=dict)
     #: The swarm's nodes that should have an agent: node ID → hostname.
     _expected: dict[str, str] = field(default_factory=dict)
+    #: Raft's leader ("" unknown) and unreachable managers, by node ID, as the
+    #: last node list said.
+    _leader: str = ""
+    _unreachable: frozenset[str] = field(default_factory=frozenset)
     _watchers: list[Callable[[], object]] = field(default_factory=list, repr=False, compare=False)
 
     def watch(self, callback: Callable[[], object]) -> None:
@@ -209,7 +213,24 @@ class PeerTable:
         found = [(i, h) for i, h in self._expected.items() if i not in present]
         return sorted(found, key=lambda n: (n[1], n[0]))
 
+    def follow(self, leader: str, unreachable: frozenset[str]) -> None:
+        """Record Raft's view from a manager engine's node list: the leader's
+        node ID ("" if none) and the managers it cannot reach."""
+        self._leader, self._unreachable = leader, unreachable
+
     def managers(self) -> list[Peer]:
-        """Reachable managers, the leader first."""
+        """The managers with an agent: those answering first, the leader first among them.
+
+        A manager whose last probe failed, or that Raft cannot reach, comes
+        after the others at once (not once its probes have all failed). The
+        leader is the one Raft last named, which the managers' own identities
+        only say a refresh or two later; else the one whose identity says so.
+        """
         found = [p for p in self.nodes() if p.identity.role == MANAGER and p.identity.swarm]
-        return sorted(found, key=lambda p: (not p.identity.leader, p.failures))
+
+        def order(p: Peer) -> tuple[bool, bool, int]:
+            down = p.failures > 0 or p.identity.node_id in self._unreachable
+            leads = p.identity.node_id == self._leader if self._leader else p.identity.leader
+            return (down, not leads, p.failures)
+
+        return sorted(found, key=order)

@@ -12,7 +12,7 @@ from twisted.names.error import DNSNameError
 from twisted.trial.unittest import SynchronousTestCase
 
 from swarmagent.discovery import IDENTITY_PATH, Discovery, HTTPProbe, ManagerNodeList, NodeList
-from swarmagent.engine import Engine, expected_nodes
+from swarmagent.engine import Engine, SwarmNodes, expected_nodes, read_nodes
 from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from tests.helpers import (
@@ -360,9 +360,9 @@ class ManagerNodeListTests(DiscoveryCase):
         self.logs = observe_logs(self)
 
     def make_node_list(self) -> NodeList:
-        async def node_list(manager: Peer) -> dict[str, str]:
+        async def node_list(manager: Peer) -> SwarmNodes:
             self.asked.append((manager, self.table.me.identity.key))
-            return {}
+            return SwarmNodes({})
 
         return node_list
 
@@ -525,6 +525,21 @@ class WorkerNodeListTests(DiscoveryCase):
         self.tick()
         self.assertEqual(self.table.agentless(), [("id-e", "e")])
 
+    def test_learns_the_leader_from_the_node_list(self) -> None:
+        """A new leader named by the manager's engine leads the choice at once,
+        though the managers' identities still name the old one."""
+        self.start()
+        new_leader = {**node_doc(manager("b")), "ManagerStatus": {"Leader": True}}
+        old_leader = {
+            **node_doc(manager("c")),
+            "ManagerStatus": {"Leader": False, "Reachability": "unreachable"},
+        }
+        self.c_agent.answer = [node_doc(worker("a")), new_leader, old_leader]
+        self.assertEqual([p.name for p in self.table.managers()], ["c", "b"])
+        self.tick()
+        self.assertEqual([p.name for p in self.table.managers()], ["b", "c"])
+        self.assertTrue(self.table.managers()[1].identity.leader)
+
     def test_bad_answer_keeps_the_last_list(self) -> None:
         self.start()
         self.c_agent.answer = {"message": "not a list"}
@@ -558,6 +573,24 @@ class ExpectedNodesTests(SynchronousTestCase):
     def test_not_a_list(self) -> None:
         with self.assertRaises(ValueError):
             expected_nodes({"message": "nope"})
+        with self.assertRaises(ValueError):
+            read_nodes({"message": "nope"})
+
+    def test_raft_view(self) -> None:
+        doc = [
+            {**node_doc(ME), "ManagerStatus": {"Leader": True, "Reachability": "reachable"}},
+            {**node_doc(B), "ManagerStatus": {"Reachability": "unreachable"}},
+            {**node_doc(D), "ManagerStatus": "junk"},
+            {"ManagerStatus": {"Leader": True}},  # no ID: not the leader
+        ]
+        swarm = read_nodes(doc)
+        self.assertEqual(swarm.expected, {"id-a": "a", "id-b": "b", "id-d": "d"})
+        self.assertEqual((swarm.leader, swarm.unreachable), ("id-a", frozenset({"id-b"})))
+
+    def test_no_leader(self) -> None:
+        """Between a leader's loss and the election the list names none."""
+        swarm = read_nodes([node_doc(ME), node_doc(B)])
+        self.assertEqual((swarm.leader, swarm.unreachable), ("", frozenset()))
 
 
 class HTTPProbeTests(SynchronousTestCase):

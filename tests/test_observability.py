@@ -25,6 +25,7 @@ from swarmagent.access import RequestLog
 from swarmagent.clients import EngineEndpoints
 from swarmagent.config import EngineAddress, Options
 from swarmagent.discovery import Discovery, ProbeRecord
+from swarmagent.engine import SwarmNodes
 from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
 from swarmagent.logs import json_observer, set_level
@@ -321,8 +322,8 @@ class FakeEngine:
     async def identity(self) -> NodeIdentity:
         return self.me
 
-    async def swarm_nodes(self) -> dict[str, str]:
-        return {"id-a": "a", "id-b": "b", "id-c": "c", "id-d": "d"}
+    async def swarm_nodes(self) -> SwarmNodes:
+        return SwarmNodes({"id-a": "a", "id-b": "b", "id-c": "c", "id-d": "d"})
 
     async def service_tasks(self, service: str) -> dict[str, tuple[str, str]]:
         return {

@@ -224,6 +224,48 @@ class ManagersTests(SynchronousTestCase):
         table.failed("10.0.0.2")
         self.assertEqual(names(table.managers()), ["m2", "m1"])
 
+    def test_a_leader_that_failed_a_probe_is_passed_over(self) -> None:
+        """At its first failed probe, not once all have failed (issue #14, item 5)."""
+        table = make_table(
+            worker("w"),
+            {"10.0.0.2": manager("m1", leader=True), "10.0.0.3": manager("m2")},
+        )
+        table.failed("10.0.0.2")
+        self.assertEqual(names(table.managers()), ["m2", "m1"])
+        table.seen("10.0.0.2", AGENT_PORT, manager("m1", leader=True))
+        self.assertEqual(names(table.managers()), ["m1", "m2"])
+
+    def test_raft_names_the_leader(self) -> None:
+        """The node list's leader wins over the identities, which lag behind an election."""
+        table = make_table(
+            worker("w"),
+            {
+                "10.0.0.2": manager("m1", leader=True),
+                "10.0.0.3": manager("m2"),
+                "10.0.0.4": manager("m3"),
+            },
+        )
+        table.follow("id-m3", frozenset())
+        self.assertEqual(names(table.managers()), ["m3", "m1", "m2"])
+        table.follow("", frozenset())  # no leader named: the identities say
+        self.assertEqual(names(table.managers())[0], "m1")
+
+    def test_unreachable_to_raft_is_passed_over(self) -> None:
+        table = make_table(
+            worker("w"),
+            {"10.0.0.2": manager("m1", leader=True), "10.0.0.3": manager("m2")},
+        )
+        table.follow("id-m1", frozenset({"id-m1"}))
+        self.assertEqual(names(table.managers()), ["m2", "m1"])
+
+    def test_all_down_still_listed(self) -> None:
+        """The next is tried if one fails: the least failed first."""
+        table = make_table(worker("w"), {"10.0.0.2": manager("m1"), "10.0.0.3": manager("m2")})
+        table.failed("10.0.0.2")
+        table.failed("10.0.0.2")
+        table.failed("10.0.0.3")
+        self.assertEqual(names(table.managers()), ["m2", "m1"])
+
     def test_me_included(self) -> None:
         table = make_table(manager("a", leader=True), {"10.0.0.2": manager("b")})
         self.assertEqual(names(table.managers()), ["a", "b"])
