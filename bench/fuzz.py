@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import functools
 import json
+import signal
 import socket
 import ssl
 import sys
@@ -459,6 +460,14 @@ def fuzz(run: Run, budget: float, examples: int, seed: int | None) -> None:
             break  # one seeded batch is the reproducible form
 
 
+def _seconds(value: str) -> float:
+    return float(value.removesuffix("s"))
+
+
+def _exit(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
+
+
 def _knows(agent: Agent, names: set[str]) -> bool:
     return {p["NodeName"] for p in agent.request("GET", "/agents").json()} == names
 
@@ -467,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.fuzz", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--budget", type=float, default=600.0, help="seconds of fuzzing (600)")
+    parser.add_argument(
+        "--budget", type=_seconds, default=600.0, help="seconds of fuzzing: 600 or 600s (600)"
+    )
     parser.add_argument("--examples", type=int, default=10**9, help="stop after this many inputs")
     parser.add_argument("--seed", type=int, help="one seeded batch of 50, to replay")
     parser.add_argument("--json", type=Path, help="write the counts here")
@@ -477,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot run the lab: {why}", file=sys.stderr)
         return 2
     started = time.monotonic()
+    # A CI timeout's SIGTERM unwinds through the lab's teardown too.
+    signal.signal(signal.SIGTERM, _exit)
     with Lab(nodes=2, managers=1) as lab:
         agents = [lab.start_agent(node) for node in lab.nodes]
         for agent in agents:
