@@ -133,6 +133,7 @@ HEADER_NAMES = [
     "X-SwarmAgent-Hop",
     "X-Registry-Auth",
 ]
+PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
 HEADER_VALUES = [
     "node1",
     "node2",
@@ -175,7 +176,7 @@ def _maybe_odd(text: st.SearchStrategy[str]) -> st.SearchStrategy[bytes]:
 
 
 @st.composite
-def _method_path(draw: st.DrawFn) -> tuple[bytes, bytes]:
+def _method_path(draw: st.DrawFn, odd: bool = True) -> tuple[bytes, bytes]:
     kind = draw(st.integers(0, 9))
     if kind < 6:
         method, path = draw(st.sampled_from(["GET", "HEAD"])), draw(st.sampled_from(READ_PATHS))
@@ -186,6 +187,8 @@ def _method_path(draw: st.DrawFn) -> tuple[bytes, bytes]:
         method, path = draw(TOKEN), draw(st.sampled_from(WRITE_PATHS))
     if draw(st.booleans()) and path.startswith("/") and not path.startswith("/v"):
         path = draw(st.sampled_from(["/v1.41", "/v1.24", "/v9.99", "/v1.x"])) + path
+    if not odd:
+        return method.encode(), path.encode()
     return (
         draw(_maybe_odd(st.just(method))),
         draw(_maybe_odd(st.just(path))),
@@ -209,7 +212,7 @@ def header_value(draw: st.DrawFn, signer: Signer) -> bytes:
     if kind < 12:
         value = draw(_maybe_odd(st.sampled_from(HEADER_VALUES)))
     elif kind < 15:
-        value = draw(_maybe_odd(st.text(max_size=40)))
+        value = draw(_maybe_odd(st.text(PRINTABLE, max_size=40)))
     elif kind < 18:
         value = draw(st.sampled_from([signer.public_key_hex, signer.sign(), "AAAA", "zz"])).encode()
     else:  # sizes around the limits: 8 KiB, 16 KiB and beyond
@@ -248,7 +251,9 @@ def chunked_body(draw: st.DrawFn) -> bytes:
     return out + b"0\r\n" + trailers + b"\r\n"
 
 
-FRAMINGS = ["none", "length", "chunked", "both", "bad length", "two lengths", "bad te"]
+#: Framings, the readable ones more often.
+FRAMINGS = ["none"] * 4 + ["length"] * 3 + ["chunked"] * 3 + ["both"]
+FRAMINGS += ["bad length", "two lengths", "bad te"]
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,45 @@ class Input:
     data: bytes
     agent: int
     certificate: bool
+
+
+#: The agent's own headers, with values that mean something to it.
+ROUTING_HEADERS = [
+    (TARGET, ["node1", "node2", "nosuchnode", "", "node1,node2"]),
+    (MANAGER_OPERATION, ["1", "true", ""]),
+    (BROADCAST, ["all", "node1", "node2,node1", ",", "nosuchnode"]),
+    ("X-SwarmAgent-Hop", ["id", ""]),
+]
+
+
+@st.composite
+def clean_inputs(draw: st.DrawFn, signer: Signer, agents: int) -> Input:
+    """A well-formed request, for the routes behind the parser: the agent's
+    own headers, a body as long as its framing says."""
+    method, path = draw(_method_path(odd=False))
+    headers = [(b"Host", b"node1")]
+    for name, values in draw(st.lists(st.sampled_from(ROUTING_HEADERS), max_size=3)):
+        headers.append((name.encode(), draw(st.sampled_from(values)).encode()))
+    certificate = draw(st.integers(0, 4)) > 0
+    if not certificate or draw(st.integers(0, 4)) == 0:
+        headers += [
+            (PUBLIC_KEY_HEADER.encode(), signer.public_key_hex.encode()),
+            (SIGNATURE_HEADER.encode(), signer.sign().encode()),
+        ]
+    body = draw(st.binary(max_size=64))
+    if draw(st.booleans()):
+        headers.append((b"Content-Length", b"%d" % len(body)))
+    else:
+        headers.append((b"Transfer-Encoding", b"chunked"))
+        body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    head = [method + b" " + path + b" HTTP/1.1"] + [n + b": " + v for n, v in headers]
+    data = b"\r\n".join(head) + b"\r\n\r\n" + body
+    return Input(data, draw(st.integers(0, agents - 1)), certificate)
+
+
+def requests(signer: Signer, agents: int) -> st.SearchStrategy[Input]:
+    """Every input: well-formed ones for the routes, odd ones for the parsers."""
+    return st.one_of(clean_inputs(signer, agents), inputs(signer, agents))
 
 
 @st.composite
@@ -444,7 +488,7 @@ def fuzz(run: Run, budget: float, examples: int, seed: int | None) -> None:
         suppress_health_check=list(HealthCheck),
         print_blob=False,
     )
-    @given(inputs(run.signer, len(run.agents)))
+    @given(requests(run.signer, len(run.agents)))
     def batch(item: Input) -> None:
         # Past the budget only a finding's shrinking goes on, for a while.
         spent = time.monotonic() > ends or run.examples >= examples

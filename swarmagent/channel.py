@@ -57,6 +57,7 @@ class AgentChannel(HTTPChannel):
     _head_size = 0
     _refused = False
     _receiving = 0
+    _closing = False
 
     def dataReceived(self, data: bytes) -> None:
         # After the refusal nothing the client sends is parsed (nor resets the idle timeout).
@@ -73,6 +74,10 @@ class AgentChannel(HTTPChannel):
         # requests queued) the buffer holds the start of one line, without a
         # CRLF: any LF in it is bare.
         if self._receiving or self._refused or not self.line_mode or self.paused:
+            return
+        # Closing (twisted.web refused the request itself, say): parsing
+        # stopped mid-buffer, leaving what followed there, CRLFs and all.
+        if self._closing:
             return
         if b"\n" in self._buffer:
             self._refuse(
@@ -106,6 +111,10 @@ class AgentChannel(HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         # One line (request line or header) longer than the whole head may be.
         self._too_large()
+
+    def loseConnection(self) -> None:
+        self._closing = True
+        super().loseConnection()
 
     def _too_large(self) -> None:
         self._refuse(

@@ -141,6 +141,16 @@ class BareLineFeedTests(unittest.TestCase):
         self.channel.dataReceived(b"\r\n\r\nGET /ping HTTP/1.1\r\nHost: agent\r\n\r\n")
         self.assertEqual(self.transport.value(), answered)
 
+    def test_after_twisted_web_refused(self) -> None:
+        """Its own refusal stops parsing mid-buffer: one answer, no second close."""
+        self.channel.dataReceived(
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n"
+        )
+        out = self.transport.value()
+        self.assertEqual(out.count(b"HTTP/1.1 "), 1, out)
+        self.assertNotIn(b"bare LF", out)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_line_feeds_in_bodies_are_served(self) -> None:
         """Bodies with LFs, sized and chunked, pipelined in one read, each answered."""
         sized = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\na\nb\n\n"
