@@ -35,7 +35,7 @@ from swarmagent.routing import (
     swarm_network,
 )
 from swarmagent.wire import BROADCAST
-from tests.helpers import make_table, manager, standalone, worker
+from tests.helpers import AGENT_PORT, make_table, manager, standalone, worker
 
 LIST_KINDS = {
     "/containers/json": "containers",
@@ -205,6 +205,27 @@ class ManagerTests(SynchronousTestCase):
         decision = go(table, "/services")
         assert isinstance(decision, Forward)
         self.assertEqual(decision.peer.name, "zz")
+
+    def test_a_leader_that_stopped_answering_is_passed_over(self) -> None:
+        """At its first failed probe, for the next manager (issue #14, item 5);
+        back first once it answers."""
+        table = make_table(
+            worker("a"),
+            {"10.0.0.2": manager("m1", leader=True), "10.0.0.3": manager("m2")},
+        )
+        table.failed("10.0.0.2")
+        self.assertEqual(go(table, "/services"), Forward(peer(table, "m2")))
+        table.seen("10.0.0.2", AGENT_PORT, manager("m1", leader=True))
+        self.assertEqual(go(table, "/services"), Forward(peer(table, "m1")))
+
+    def test_the_leader_raft_names(self) -> None:
+        """A new leader, named by the node list before the identities say so."""
+        table = make_table(
+            worker("a"),
+            {"10.0.0.2": manager("m1", leader=True), "10.0.0.3": manager("m2")},
+        )
+        table.follow("id-m2", frozenset({"id-m1"}))
+        self.assertEqual(go(table, "/services"), Forward(peer(table, "m2")))
 
     def test_target_does_not_matter(self) -> None:
         """Swarm-scoped calls describe the swarm, not a node."""
