@@ -88,6 +88,8 @@ ALL_FAULTS = (
     "cut-leader",
     "rolling-restart",
 )
+#: Faults that make the swarm elect a new leader when they hit the leader.
+ELECTING = ("restart-engine", "cut-link", "freeze-engine", "cut-leader")
 SHORT_FAULTS = ("kill-agent", "cut-link", "freeze-engine", "cut-leader")
 
 
@@ -112,6 +114,8 @@ class Record:
     outcome: str  # ok | missing | http-NNN | timeout | conn-error | wrong | stream-drop | stall
     detail: str = ""
     missing: tuple[str, ...] = ()
+    #: Missing nodes whose own engine, asked at once, did not answer within the fan-out deadline.
+    slow: tuple[str, ...] = ()
     verdict: str = ""  # ok | expected | unexpected
 
 
@@ -126,6 +130,8 @@ class Window:
     healed: float | None = None
     #: Managers' answers may fail while the swarm elects a new leader.
     election: bool = False
+    #: When every manager named the same leader again, after an election.
+    leader_back: float | None = None
 
     @property
     def heal_seconds(self) -> float | None:
@@ -161,7 +167,9 @@ class Journal:
     def election_during(self, t0: float, t1: float) -> bool:
         with self.lock:
             return any(
-                w.election and w.start - 1 <= t1 and t0 <= (w.healed or w.end or 1e18) + 1
+                w.election
+                and w.start - 1 <= t1
+                and t0 <= max(w.healed or 0, w.leader_back or 0, w.end or 1e18) + 1
                 for w in self.windows
             )
 
@@ -219,8 +227,9 @@ class Load:
         outcome: str,
         detail: str = "",
         missing: tuple[str, ...] = (),
+        slow: tuple[str, ...] = (),
     ) -> None:
-        rec = Record(t0, time.monotonic(), kind, entry, node, outcome, detail[:300], missing)
+        rec = Record(t0, time.monotonic(), kind, entry, node, outcome, detail[:600], missing, slow)
         rec.verdict = classify(rec, self.journal)
         self.journal.add(rec)
 
@@ -228,7 +237,7 @@ class Load:
     def attempt(self, kind: str, entry: str, node: str) -> Iterator[dict[str, Any]]:
         """Record one request: the body fills ``out`` (outcome, detail, missing)."""
         t0 = time.monotonic()
-        out: dict[str, Any] = {"outcome": "ok", "detail": "", "missing": ()}
+        out: dict[str, Any] = {"outcome": "ok", "detail": "", "missing": (), "slow": ()}
         try:
             yield out
         except TimeoutError as e:
@@ -241,7 +250,9 @@ class Load:
         except (OSError, http.client.HTTPException, docker.errors.DockerException) as e:
             timed_out = "timed out" in str(e).lower()
             out.update(outcome="timeout" if timed_out else "conn-error", detail=repr(e))
-        self.record(t0, kind, entry, node, out["outcome"], out["detail"], out["missing"])
+        self.record(
+            t0, kind, entry, node, out["outcome"], out["detail"], out["missing"], out["slow"]
+        )
 
     def loop(self, fn: Callable[[], None], pause: float) -> Callable[[], None]:
         def run_loop() -> None:
@@ -286,14 +297,16 @@ class Load:
         node: str = "",
         signed: bool = False,
         check: Callable[[Any], str] | None = None,
+        targeted: bool = True,
     ) -> Any:
-        """GET ``path`` through ``entry``; the parsed JSON if it answered 200."""
+        """GET ``path`` through ``entry`` (targeted at ``node`` if ``targeted``);
+        the parsed JSON if it answered 200."""
         result = None
         with self.attempt(kind, entry.name, node) as out:
             conn = entry.connect(DEADLINE + 10, signed)
             try:
                 headers = dict(self.signer.headers()) if signed else {}
-                if node:
+                if node and targeted:
                     headers[TARGET] = node
                 conn.request("GET", path, headers=headers)
                 r = conn.getresponse()
@@ -304,8 +317,11 @@ class Load:
             finally:
                 conn.close()
             out["missing"] = missing
+            if missing:
+                why, out["slow"] = self.why_missing(entry, path, missing)
             if r.status != 200:
-                out.update(outcome=f"http-{r.status}", detail=body[:300].decode("utf-8", "replace"))
+                detail = body[:300].decode("utf-8", "replace")
+                out.update(outcome=f"http-{r.status}", detail=f"{detail} {why if missing else ''}")
             else:
                 result = json.loads(body)
                 wrong = check(result) if check else ""
@@ -313,8 +329,42 @@ class Load:
                     out.update(outcome="wrong", detail=wrong)
                     result = None
                 elif missing:
-                    out["outcome"] = "missing"
+                    out.update(outcome="missing", detail=why)
         return result
+
+    def why_missing(
+        self, entry: Entry, path: str, missing: tuple[str, ...]
+    ) -> tuple[str, tuple[str, ...]]:
+        """What the entry's status says of the missing nodes, and which of their
+        engines, asked the same path directly, take longer than the fan-out deadline
+        themselves (then the agent was right to name them)."""
+        notes = []
+        with contextlib.suppress(Exception):
+            conn = entry.connect(5)
+            try:
+                conn.request("GET", "/swarmagent/status")
+                silent = json.loads(conn.getresponse().read()).get("Silent") or []
+            finally:
+                conn.close()
+            notes += [
+                f"silent {n.get('Name')}: {n.get('Why')} since {n.get('Since')}" for n in silent
+            ]
+        slow = []
+        for name in missing:
+            if name not in {n.name for n in self.lab.nodes} or name in self.lab.cut:
+                continue
+            t0 = time.monotonic()
+            engine = UnixHTTPConnection(self.lab.node(name).socket, FANOUT_TIMEOUT)
+            try:
+                engine.request("GET", path)
+                engine.getresponse().read()
+                notes.append(f"{name}'s engine answered in {time.monotonic() - t0:.2f} s")
+            except (OSError, http.client.HTTPException) as e:
+                slow.append(name)
+                notes.append(f"{name}'s engine: {e!r} after {time.monotonic() - t0:.1f} s")
+            finally:
+                engine.close()
+        return "; ".join(notes), tuple(slow)
 
     # -- the roles -----------------------------------------------------------
 
@@ -323,7 +373,8 @@ class Load:
             """Portainer's snapshot: the signed list, then each running container inspected."""
             items = self.get(entry, "/containers/json?all=1", "snapshot-list", signed=True)
             for item in (items or [])[:12]:
-                if item.get("State") != "running":
+                # The lifecycle role's containers come and go: a 404 for them is right.
+                if item.get("State") != "running" or "soak" in (item.get("Labels") or {}):
                     continue
                 node = item["Portainer"]["Agent"]["NodeName"]
                 cid = item["Id"]
@@ -350,25 +401,12 @@ class Load:
             node = self.rng.choice(self.lab.nodes).name
             cid = self.sleepers[node]
 
-            same = same_id(cid)
-            if self.rng.random() < 0.5:
-                self.get(entry, f"/containers/{cid}/json", "inspect-targeted", node, check=same)
-            else:
-                # Untargeted: the agent finds the container; a fault on its node is named.
-                with self.attempt("inspect-untargeted", entry.name, node) as out:
-                    conn = entry.connect(DEADLINE + 10)
-                    try:
-                        conn.request("GET", f"/containers/{cid}/json")
-                        r = conn.getresponse()
-                        body = r.read()
-                    finally:
-                        conn.close()
-                    if r.status != 200:
-                        out.update(
-                            outcome=f"http-{r.status}", detail=body[:300].decode("utf-8", "replace")
-                        )
-                    elif same(json.loads(body)):
-                        out.update(outcome="wrong", detail="another container")
+            # Untargeted, the agent finds the container; a fault on its node is named.
+            targeted = self.rng.random() < 0.5
+            kind = "inspect-targeted" if targeted else "inspect-untargeted"
+            self.get(
+                entry, f"/containers/{cid}/json", kind, node, targeted=targeted, check=same_id(cid)
+            )
 
         return inspects
 
@@ -523,8 +561,9 @@ def classify(rec: Record, journal: Journal) -> str:
 
     if down(rec.entry):
         return "expected"
-    if rec.outcome == "missing":
-        return "expected" if all(down(n) for n in rec.missing) else "unexpected"
+    if rec.missing:  # a list without them, or a 404 of a lookup that could not ask them
+        named_right = all(down(n) or n in rec.slow for n in rec.missing)
+        return "expected" if named_right else "unexpected"
     if rec.node and down(rec.node):
         return "expected"
     named = [n for n in ("node1", "node2", "node3", "node4", "node5") if n in rec.detail]
@@ -663,20 +702,31 @@ def prepare(lab: Lab, load: Load) -> None:
 # Faults: each takes the cluster down somewhere, holds, and puts it back
 
 
-def leader(lab: Lab) -> Node:
-    """The manager the swarm's Raft has as leader, asked of a manager's engine."""
-    for node in lab.nodes[: lab.n_managers]:
-        if node.name in lab.cut:
-            continue
-        with contextlib.suppress(Exception):
+def leader(lab: Lab, timeout: float = 90) -> Node:
+    """The manager the swarm's Raft has as leader, once every manager's engine
+    answers ``/nodes`` and they agree (an election, or a partitioned manager
+    coming back and disrupting the term, makes them answer 500 until then)."""
+
+    def ask() -> Node | None:
+        named = set()
+        for node in lab.nodes[: lab.n_managers]:
+            if node.name in lab.cut:
+                continue
             client = node.docker(timeout=5)
             try:
-                for n in client.nodes.list():
-                    if n.attrs.get("ManagerStatus", {}).get("Leader"):
-                        return lab.node(n.attrs["Description"]["Hostname"])
+                leaders = [
+                    n.attrs["Description"]["Hostname"]
+                    for n in client.nodes.list()
+                    if (n.attrs.get("ManagerStatus") or {}).get("Leader")
+                ]
             finally:
                 client.close()
-    raise RuntimeError("no manager names a leader")
+            if len(leaders) != 1:
+                return None
+            named.add(leaders[0])
+        return lab.node(named.pop()) if len(named) == 1 else None
+
+    return wait_until(ask, timeout, 0.5, "the managers to agree on a leader")
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -700,8 +750,11 @@ class Faults:
         return node
 
     def run(self, name: str, journal: Journal, stop: threading.Event) -> Window:
-        node = leader(self.lab) if name == "cut-leader" else self.victim()
-        window = Window(name, (node.name,), time.monotonic(), election=name == "cut-leader")
+        boss = leader(self.lab)
+        node = boss if name == "cut-leader" else self.victim()
+        # Taking the leader's engine or link away makes the swarm elect another.
+        election = node is boss and name in ELECTING
+        window = Window(name, (node.name,), time.monotonic(), election=election)
         if name == "rolling-restart":
             window.subjects = tuple(n.name for n in self.lab.nodes)
         with journal.lock:
@@ -713,6 +766,10 @@ class Faults:
         finally:
             window.end = time.monotonic()
         self.cluster.wait_healed(window)
+        if window.election:
+            with contextlib.suppress(TimeoutError):
+                leader(self.lab)
+                window.leader_back = time.monotonic()
         for interval in intervals:
             interval[2] = window.healed or time.monotonic()
         heal = window.heal_seconds
@@ -898,7 +955,11 @@ def soak(plan: Plan) -> dict[str, Any]:
             if time.monotonic() > end:
                 log(f"out of time before {name}")
                 break
-            faults.run(name, journal, stop)
+            try:
+                faults.run(name, journal, stop)
+            except Exception as e:  # the soak goes on; the aim "every fault ran" is missed
+                log(f"fault {name} failed: {e!r}")
+                results.setdefault("fault_errors", []).append(f"{name}: {e!r}")
             time.sleep(max(0.0, min(gap, end - time.monotonic())))
         time.sleep(max(0.0, end - time.monotonic()))
         log("load stopping")
@@ -907,6 +968,12 @@ def soak(plan: Plan) -> dict[str, Any]:
         sampling.join()
         cluster.sample()
         results["unhandled"] = cluster.unhandled()
+        logs = plan.out / "agent-logs"  # the lab's folder goes with it
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir(parents=True)
+        for path in cluster.logs:
+            with contextlib.suppress(OSError):
+                shutil.copy(path, logs / f"{path.parent.name}-{path.name}")
     results["records"] = [r.__dict__ for r in journal.records]
     results["windows"] = [{**w.__dict__, "heal_s": w.heal_seconds} for w in journal.windows]
     results["samples"] = journal.samples
@@ -934,7 +1001,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         }
 
     rows = []
-    spans = [(w["start"], (w["healed"] or w["end"]) + 1) for w in windows]
+    spans = [(w["start"], max(w["healed"] or w["end"], w["leader_back"] or 0) + 1) for w in windows]
     for w, (a, b) in zip(windows, spans, strict=True):
         rs = [r for r in records if a <= r["t1"] <= b]
         rows.append(
@@ -944,6 +1011,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "from_s": round(a - t0, 1),
                 "held_s": round(w["end"] - w["start"], 1),
                 "heal_s": None if w["heal_s"] is None else round(w["heal_s"], 2),
+                "leader_s": None if not w["leader_back"] else round(w["leader_back"] - w["end"], 1),
                 **counts(rs),
             }
         )
@@ -1018,22 +1086,27 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         "## Per fault window (from the fault's start until healed, +1 s)",
         "",
-        "| fault | on | at s | held s | healed after s | requests | ok | expected | unexpected "
-        "| outcomes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "*healed after*: until every agent lists every node, none silent, after the fault "
+        "ended; *leader after*: until every manager's engine names the same leader again "
+        "(faults that took the leader away).",
+        "",
+        "| fault | on | at s | held s | healed after s | leader after s | requests | ok | expected "
+        "| unexpected | outcomes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in summary["windows"]:
         heal = "not healed" if w["heal_s"] is None else f"{w['heal_s']:.2f}"
         outcomes = ", ".join(f"{k} {v}" for k, v in w["outcomes"].items())
         out.append(
             f"| {w['fault']} | {w['on']} | {w['from_s']} | {w['held_s']} | {heal} | "
+            f"{'' if w['leader_s'] is None else w['leader_s']} | "
             f"{w['requests']} | {w['ok']} | {w['expected']} | {w['unexpected']} | {outcomes} |"
         )
     for label in ("quiet", "overall"):
         c = summary[label]
         outcomes = ", ".join(f"{k} {v}" for k, v in c["outcomes"].items())
         out.append(
-            f"| *{label}* | | | | | {c['requests']} | {c['ok']} | {c['expected']} | "
+            f"| *{label}* | | | | | | {c['requests']} | {c['ok']} | {c['expected']} | "
             f"{c['unexpected']} | {outcomes} |"
         )
     out += [
