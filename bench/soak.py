@@ -63,6 +63,8 @@ HEAL_AIM = 3 * REFRESH
 HEAL_GIVE_UP = 60.0
 #: A followed stream on a healthy node sends a line a second; this long without one is a stall.
 STREAM_STALL = 10.0
+#: How far above its first 10 s an agent's last sample may be (CPython keeps some high water).
+BAND_SLACK: dict[str, float] = {"rss_mb": 15.0, "fds": 8, "sockets": 8}
 MISSING = "X-SwarmAgent-Missing-Nodes"
 TARGET = "X-PortainerAgent-Target"
 ENTRIES = ("node4", "node5")
@@ -1080,6 +1082,18 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             }
             for k in ("rss_mb", "fds", "sockets")
         }
+    # Each agent process against its own first 10 s under load (a restarted agent is a new one).
+    by_pid: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for smp in results["samples"]:
+        by_pid.setdefault((smp["node"], smp["pid"]), []).append(smp)
+    grown = []
+    for (node, pid), ss in sorted(by_pid.items()):
+        if len(ss) < 10:
+            continue
+        base, last = ss[:5], ss[-1]
+        for key, slack in BAND_SLACK.items():
+            if last[key] > max(b[key] for b in base) + slack:
+                grown.append(f"{node} (pid {pid}) {key} {max(b[key] for b in base)} -> {last[key]}")
     not_healed = [w["name"] for w in windows if w["heal_s"] is None or w["heal_s"] > HEAL_AIM]
     aims = [
         ("zero unexpected failures", not unexpected, f"{len(unexpected)} unexpected"),
@@ -1087,6 +1101,19 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             f"every fault healed within 3 refresh intervals ({HEAL_AIM:.0f} s)",
             not not_healed,
             "all healed" if not not_healed else "missed: " + ", ".join(not_healed),
+        ),
+        (
+            "each agent's RSS, fds and sockets back within its first 10 s' band at the end "
+            f"(+{BAND_SLACK['rss_mb']:.0f} MB, +{BAND_SLACK['fds']:.0f} fds, "
+            f"+{BAND_SLACK['sockets']:.0f} sockets)",
+            not grown,
+            "; ".join(grown) or "all back",
+        ),
+        (
+            "every fault of the schedule ran",
+            not results.get("fault_errors") and len(windows) == len(results["meta"]["faults"]),
+            f"{len(windows)} of {len(results['meta']['faults'])} ran"
+            + "".join(f"; {e}" for e in results.get("fault_errors", [])),
         ),
         (
             "zero unhandled errors in agents' logs",
@@ -1224,7 +1251,7 @@ def plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> bool:
         for node, ss in sorted(by_node.items()):
             ax.plot([s["t"] for s in ss], [s[key] for s in ss], label=node, lw=1)
         ax.set_ylabel(label)
-    axes[0].legend(loc="upper left", ncol=5, fontsize=8)
+    axes[0].legend(loc="lower left", ncol=5, fontsize=8)
     ax = axes[3]
     records = results["records"]
     for verdict, colour in (
