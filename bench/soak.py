@@ -79,6 +79,8 @@ LIST_PATHS = (
 )
 #: Paths only a manager answers: while the swarm elects a leader they may fail.
 MANAGER_PATHS = ("/services", "/tasks", "/nodes")
+#: Lists a manager's engine answers from Raft (swarm-scoped networks too): they wait for a leader.
+RAFT_PATHS = (*MANAGER_PATHS, "/networks")
 ALL_FAULTS = (
     "kill-agent",
     "restart-engine",
@@ -154,6 +156,8 @@ class Journal:
     samples: list[dict[str, Any]] = field(default_factory=list)
     #: When no manager's engine named a leader (sampled each second).
     leaderless: list[float] = field(default_factory=list)
+    #: When each manager's engine named no leader.
+    no_leader: dict[str, list[float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, record: Record) -> None:
@@ -173,27 +177,37 @@ class Journal:
     def election_during(self, t0: float, t1: float) -> bool:
         """Whether, around ``t0``-``t1``, no manager's engine named a leader."""
         with self.lock:
-            return any(t0 - 2 <= t <= t1 + 2 for t in self.leaderless)
+            return any(t0 - 3 <= t <= t1 + 3 for t in self.leaderless)
+
+    def had_no_leader(self, node: str, t0: float, t1: float) -> bool:
+        """Whether, around ``t0``-``t1``, manager ``node``'s engine named no leader."""
+        with self.lock:
+            return any(t0 - 3 <= t <= t1 + 3 for t in self.no_leader.get(node, ()))
 
 
 def watch_leader(lab: Lab, journal: Journal, stop: threading.Event) -> None:
-    """Each second, ask every manager's engine whom it has as leader; note when none has one."""
+    """Each second, ask every manager's engine whom it has as leader; note when
+    one names none (frozen, cut, electing) and when none does."""
     while not stop.wait(1.0):
         named = False
         for node in lab.nodes[: lab.n_managers]:
             conn = UnixHTTPConnection(node.socket, 2)
+            has_one = False
             try:
                 conn.request("GET", "/nodes")
                 r = conn.getresponse()
                 body = r.read()
                 if r.status == 200:
-                    named |= any(
-                        (n.get("ManagerStatus") or {}).get("Leader") for n in json.loads(body)
-                    )
+                    nodes = json.loads(body)
+                    has_one = any((n.get("ManagerStatus") or {}).get("Leader") for n in nodes)
             except (OSError, http.client.HTTPException, ValueError):
                 pass  # frozen, restarting: it names none
             finally:
                 conn.close()
+            named |= has_one
+            if not has_one:
+                with journal.lock:
+                    journal.no_leader.setdefault(node.name, []).append(time.monotonic())
         if not named:
             with journal.lock:
                 journal.leaderless.append(time.monotonic())
@@ -586,7 +600,13 @@ def classify(rec: Record, journal: Journal) -> str:
     if down(rec.entry):
         return "expected"
     if rec.missing:  # a list without them, or a 404 of a lookup that could not ask them
-        named_right = all(down(n) or n in rec.slow for n in rec.missing)
+        # A manager's engine with no leader cannot list what Raft holds: it is right to name it.
+        raft = rec.kind in [f"list {p}" for p in RAFT_PATHS]
+
+        def electing(n: str) -> bool:
+            return raft and journal.had_no_leader(n, rec.t0, rec.t1)
+
+        named_right = all(down(n) or n in rec.slow or electing(n) for n in rec.missing)
         return "expected" if named_right else "unexpected"
     if rec.node and down(rec.node):
         return "expected"
@@ -1021,11 +1041,12 @@ def soak(plan: Plan) -> dict[str, Any]:
         for path in cluster.logs:
             with contextlib.suppress(OSError):
                 shutil.copy(path, logs / f"{path.parent.name}-{path.name}")
-    # Classified once all is known: a fault's heal, the swarm's elections.
-    for rec in journal.records:
-        rec.verdict = classify(rec, journal)
     results["records"] = [r.__dict__ for r in journal.records]
-    results["leaderless_s"] = [round(t - journal.t0, 1) for t in journal.leaderless]
+    results["journal"] = {
+        "down": journal.down,
+        "leaderless": journal.leaderless,
+        "no_leader": journal.no_leader,
+    }
     results["windows"] = [{**w.__dict__, "heal_s": w.heal_seconds} for w in journal.windows]
     results["samples"] = journal.samples
     results["t0"] = journal.t0
@@ -1036,8 +1057,23 @@ def soak(plan: Plan) -> dict[str, Any]:
 # Report
 
 
+def reclassify(results: dict[str, Any]) -> None:
+    """Each request's verdict, once all is known (a fault's heal, the swarm's
+    elections); again on ``--render``, so a rule changed applies to saved runs."""
+    saved = results["journal"]
+    journal = Journal(
+        down=[list(d) for d in saved["down"]],
+        leaderless=list(saved["leaderless"]),
+        no_leader={k: list(v) for k, v in saved["no_leader"].items()},
+    )
+    for r in results["records"]:
+        rec = Record(**{**r, "missing": tuple(r["missing"]), "slow": tuple(r["slow"])})
+        r["verdict"] = classify(rec, journal)
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Counts per window and overall, heal times, resource bands, and the aims."""
+    reclassify(results)
     t0 = results["t0"]
     records = results["records"]
     windows = results["windows"]
