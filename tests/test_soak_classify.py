@@ -68,3 +68,12 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(self.verdict(rec), "unexpected")
         rec = record("stream-drop", took=50, node="node3", kind="logs-follow")
         self.assertEqual(self.verdict(rec), "expected")
+
+    def test_a_manager_missing_from_a_raft_list_while_it_had_no_leader(self) -> None:
+        rec = record("missing", kind="list /networks", missing=("node1",))
+        self.assertEqual(self.verdict(rec), "unexpected")
+        self.journal.no_leader["node1"] = [101.0]
+        self.assertEqual(self.verdict(rec), "expected")
+        # Not for lists an engine answers without Raft.
+        rec = record("missing", kind="list /containers/json", missing=("node1",))
+        self.assertEqual(self.verdict(rec), "unexpected")
