@@ -1,5 +1,7 @@
 """``python -m bench [--smoke]``: every benchmark, results in bench/results/.
 
+``python -m bench soak [--short]`` is the fault soak instead (bench/soak.py).
+
 Runs as root on the lab (tests/lab.py): set ``SALAB_ID`` to keep clear of other labs.
 Exits 0 when the bench ran (targets met or not), non-zero when it crashed.
 """
@@ -168,6 +170,11 @@ def cluster(plan: Plan, results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:
+        from bench import soak  # its own options: python -m bench soak --help
+
+        return soak.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny counts, 1-2 nodes, for CI")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results[/smoke])")

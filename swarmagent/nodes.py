@@ -280,13 +280,17 @@ class Nodes:
         if silence is not None:
             silence.why = why
             return
-        self._silent[node.identity.key] = Silence(node.name, since, why)
+        silence = self._silent[node.identity.key] = Silence(node.name, since, why)
         self.metrics.silent(node.name, since)
         log.warn(
             "Node {node} is not answering ({why}): left out at once until it answers again",
             node=node.name,
             why=why,
         )
+        # Pinged at once, not at the next tick: a call can run out while the
+        # node answers (a manager's /services waits for a Raft leader while
+        # its engine serves containers); then its silence lasts one ping.
+        self._ask_again(node, silence, self._get(node, PING, None, self._ping_timeout))
 
     def _ask_again(self, node: Peer, silence: Silence, call: Deferred[Outcome]) -> None:
         silence.asking = True

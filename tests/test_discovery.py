@@ -478,6 +478,7 @@ class WorkerNodeListTests(DiscoveryCase):
             self.clock,
             99,
             credentials={"X-PortainerAgent-Signature": "sig"},
+            ping_timeout=2,  # as the agent's: a ping is bounded like the list
         )
         return ManagerNodeList(nodes, timeout=2)
 
@@ -520,7 +521,11 @@ class WorkerNodeListTests(DiscoveryCase):
         self.c_agent.answer = [*views, node_doc(worker("e"))]
         self.tick()
         self.assertEqual(self.table.agentless(), [])
-        self.assertEqual(len(self.c_agent.seen), 3)
+        # (Each manager was pinged as it ran out; neither ping was answered.)
+        self.assertEqual([x.uri for x in self.b_agent.seen], [b"/nodes", b"/_ping"])
+        self.assertEqual(
+            [x.uri for x in self.c_agent.seen], [b"/nodes", b"/nodes", b"/_ping", b"/nodes"]
+        )
         # ... and the tick after that reads its list.
         self.tick()
         self.assertEqual(self.table.agentless(), [("id-e", "e")])
