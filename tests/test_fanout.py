@@ -11,7 +11,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent
 
-from swarmagent.fanout import FanOut, Selection, label, parse_list
+from swarmagent.fanout import FanOut, Selection
 from swarmagent.nodes import Nodes, tag
 from swarmagent.peers import Ambiguous, PeerTable
 from tests.helpers import (
@@ -321,22 +321,6 @@ class UnitTests(SynchronousTestCase):
             [{"Id": 1, "Portainer": {"Agent": {"NodeName": "n"}}}, "x", 3],
         )
 
-    def test_parse_list(self) -> None:
-        self.assertEqual(parse_list("images", b"[1]"), ([1], []))
-        self.assertEqual(
-            parse_list("volumes", b'{"Volumes":[1],"Warnings":["w",2]}'), ([1], ["w", "2"])
-        )
-        for kind, body in [
-            ("images", b"{}"),
-            ("images", b"nope"),
-            ("volumes", b"[]"),
-            ("volumes", b'{"Volumes":{"v":1}}'),
-            ("volumes", b'{"Warnings":"w"}'),
-        ]:
-            with self.subTest(kind=kind, body=body), self.assertRaises(Exception) as caught:
-                parse_list(kind, body)
-            self.assertEqual(type(caught.exception).__name__, "NodeFailed")
-
 
 class SwarmNetworkTests(FanOutCase):
     """An overlay network is listed by every node running one of its tasks."""
@@ -391,18 +375,6 @@ class NodeLabelTests(FanOutCase):
         self.b.answer = [{"Id": "b1", "Labels": {"swarmagent.node": "liar"}}]
         doc = self.get("networks", "/networks").response().json()
         self.assertEqual(doc[1]["Labels"], {"swarmagent.node": "b"})
-
-    def test_label_function(self) -> None:
-        items = [{"Labels": None}, {"Labels": {"x": "1"}}, "not an item", {}]
-        self.assertEqual(
-            label(items, "n"),
-            [
-                {"Labels": {"swarmagent.node": "n"}},
-                {"Labels": {"x": "1", "swarmagent.node": "n"}},
-                "not an item",
-                {"Labels": {"swarmagent.node": "n"}},
-            ],
-        )
 
 
 class SelectionTests(FanOutCase):
