@@ -94,6 +94,17 @@ class MergeTests(FanOutCase):
             },
         )
 
+    def test_a_malformed_answer_is_a_missing_node(self) -> None:
+        """A node's answer that is not a whole JSON list (cut short, or a
+        second document after it) is left out and named; the merge is whole."""
+        for body in (b'[{"Id":"b1"},{"Id":"b2"', b'[{"Id":"b1"}]{"Id":"b2"}', b"[1,]"):
+            with self.subTest(body=body):
+                self.b.answer = body
+                response = self.get("containers", "/containers/json").response()
+                self.assertEqual(response.code, 200)
+                self.assertEqual(self.items(response), [("a1", "a"), ("c1", "c")])
+                self.assertEqual(response.header(MISSING), "b")
+
     def test_empty_lists(self) -> None:
         for node in (self.a, self.b, self.c):
             node.answer = []
