@@ -17,9 +17,8 @@ else drops the entry and runs the search above, so a stale entry costs one
 call, never a wrong answer.
 
 A plain inspect (``GET /containers/{id}/json``, of an exec instance or an
-image too) is its own lookup: it is asked as the client sent it (query and
-credentials), and the 200 that places the object is served as the answer,
-not asked again. So an inspect of a listed object costs one request, to its
+image too, with no query) is its own lookup: the 200 that places the object
+is served as the answer, not asked again. So an inspect of a listed object costs one request, to its
 node (Portainer's snapshot inspects every running container that way).
 """
 
@@ -86,9 +85,9 @@ class Locator:
             if target is None:
                 return Local()
             path = target[1]
-        # A plain inspect is asked as sent: the 200 that places it answers it.
-        inspect = request.method == b"GET" and request.path == path
-        asked = request.uri if inspect else path
+        # A plain inspect is its own lookup: the 200 that places it answers
+        # it. Not with a query: ``size`` may outlast the lookup's deadline.
+        inspect = request.method == b"GET" and request.uri == path
         cached = self._cached(request, kind, ident)
         here: Outcome | None = None
         if cached is not None and self._locations is not None:
@@ -96,10 +95,10 @@ class Locator:
             if entry == NAMES:
                 # The name may have been taken on this node since the list
                 # placed it elsewhere: this engine's answer first, as always.
-                here = await self._nodes.get(self._nodes.me, asked)
+                here = await self._nodes.get(self._nodes.me, path)
                 if not isinstance(here, Answered) or here.code != 404:
                     return _served(here, inspect, Local())
-            there = await self._nodes.get(peer, asked, request)
+            there = await self._nodes.get(peer, path, request)
             if isinstance(there, Answered) and there.code == 200:
                 self._locations.remember(entry, ident, peer.identity.key)
                 return _served(there, inspect, Forward(peer))
@@ -107,14 +106,14 @@ class Locator:
         # This agent's own question to its engine; a failure is the relay's
         # to meet and report as usual.
         if here is None:
-            here = await self._nodes.get(self._nodes.me, asked)
+            here = await self._nodes.get(self._nodes.me, path)
         if not isinstance(here, Answered) or here.code != 404:
             return _served(here, inspect, Local())
 
         # The credentials and marks of a forward: each peer serves it from
         # its own engine, never sends it on.
         others = [p for p in self._nodes.table.nodes() if not p.is_self]
-        outcomes = await gatherResults([self._nodes.get(p, asked, request) for p in others])
+        outcomes = await gatherResults([self._nodes.get(p, path, request) for p in others])
         holders: list[Answered] = []
         missing: list[str] = []
         for outcome in outcomes:

@@ -407,17 +407,29 @@ class LocateTests(AgentCase):
         self.assertEqual(client.response().code, 200)
 
     def test_inspect_is_its_own_lookup(self) -> None:
-        """An untargeted inspect is asked once, as sent (its query too): the
-        engine's 200 is the answer, with its headers and the agent's own."""
-        client = self.request("GET", "/v1.41/containers/abc/json?size=1")
+        """An untargeted inspect is asked once: the engine's 200 is the
+        answer, with its headers and the agent's own."""
+        client = self.request("GET", "/v1.41/containers/abc/json")
         [inspect] = self.engine.calls
-        self.assertEqual(inspect.url, b"http://docker/v1.41/containers/abc/json?size=1")
-        answer_with_headers(inspect, 200, b'{"Id":"abc","SizeRw":1}')
+        self.assertEqual(inspect.url, b"http://docker/v1.41/containers/abc/json")
+        answer_with_headers(inspect, 200, b'{"Id":"abc"}')
         self.assertEqual(len(self.engine.calls), 1)
         self.assertEqual(self.peers.calls, [])
         response = client.response()
-        self.assertEqual((response.code, response.body), (200, b'{"Id":"abc","SizeRw":1}'))
+        self.assertEqual((response.code, response.body), (200, b'{"Id":"abc"}'))
         self.assertInspectHeaders(response)
+
+    def test_inspect_with_a_query_is_located_then_sent(self) -> None:
+        """``size=1`` may take longer than the lookup's deadline: it is sent
+        once found, as any other request."""
+        client = self.request("GET", "/v1.41/containers/abc/json?size=1")
+        [inspect] = self.engine.calls
+        self.assertEqual(inspect.url, b"http://docker/v1.41/containers/abc/json")
+        answer(inspect, 200, b'{"Id":"abc"}')
+        [_, call] = self.engine.calls
+        self.assertEqual(call.url, b"http://docker/v1.41/containers/abc/json?size=1")
+        call.respond(200, {b"Content-Type": [b"application/json"]}, length=2).deliver(b"{}")
+        self.assertEqual(client.response().body, b"{}")
 
     def test_found_on_another_node_is_forwarded_there(self) -> None:
         client = self.request("GET", "/v1.41/containers/abc/logs?follow=1")
@@ -698,9 +710,9 @@ class CachedLocateTests(AgentCase):
         """Portainer's snapshot: the inspect is asked of the listed node alone,
         and its answer is served."""
         self.list_containers()
-        client = self.request("GET", "/v1.41/containers/x3full/json?size=1")
+        client = self.request("GET", "/v1.41/containers/x3full/json")
         [inspect] = self.peers.calls
-        self.assertEqual(inspect.url, b"https://10.0.0.3:9001/v1.41/containers/x3full/json?size=1")
+        self.assertEqual(inspect.url, b"https://10.0.0.3:9001/v1.41/containers/x3full/json")
         self.assertEqual(inspect.header(b"x-portaineragent-target"), [b"id-c"])
         self.assertEqual(inspect.header(b"x-swarmagent-hop"), [b"id-a"])
         self.assertIsNotNone(inspect.header(b"x-portaineragent-signature"))
@@ -727,11 +739,11 @@ class CachedLocateTests(AgentCase):
 
     def test_moved_inspect_is_served_from_where_the_search_finds_it(self) -> None:
         """The listed node answers 404: never served from there; the search's
-        one holder answers, with the query kept."""
+        one holder answers."""
         self.list_containers()
-        client = self.request("GET", "/containers/x3full/json?size=1")
+        client = self.request("GET", "/containers/x3full/json")
         answer(self.peers.calls.pop(0), 404, NOT_FOUND)
-        self.assertFullSearch(b"/containers/x3full/json?size=1")
+        self.assertFullSearch(b"/containers/x3full/json")
         self.answer_peers((404, 404, 200, 404), b'{"Id":"x3full","Moved":true}')
         self.assertEqual(len(self.peers.calls), 4)
         self.assertEqual(client.response().json(), {"Id": "x3full", "Moved": True})
