@@ -23,7 +23,6 @@ from typing import Any
 from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Cooperator
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher, textFileLogObserver
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -36,7 +35,7 @@ from swarmagent.config import EngineAddress
 from swarmagent.diskusage import ClusterDiskUsage
 from swarmagent.fanout import FanOut
 from swarmagent.locate import Locator
-from swarmagent.logs import json_observer
+from swarmagent.logfile import LogFile
 from swarmagent.metrics import Metrics
 from swarmagent.nodes import Nodes
 from swarmagent.peers import MANAGER, NodeIdentity, Peer, PeerTable
@@ -58,8 +57,8 @@ class _Engine(Resource):
         return b'{"Id":"abc"}'
 
 
-def _site(metrics: Metrics | None, access_log: bool | None) -> Site:
-    clock = MemoryReactorClock()
+def _site(clock: MemoryReactorClock, metrics: Metrics | None, lines: LogFile | None) -> Site:
+    """``metrics`` None: no accounting; ``lines`` None: metrics only."""
     table = PeerTable(Peer("10.0.0.1", 9001, NodeIdentity("a", "id-a", MANAGER), is_self=True))
     engine = RequestTraversalAgent(_Engine())
     nodes = Nodes(table, engine, engine, clock, 5, metrics=metrics)
@@ -67,8 +66,8 @@ def _site(metrics: Metrics | None, access_log: bool | None) -> Site:
     endpoints = EngineEndpoints(clock, EngineAddress("unix", path="/x.sock"), 5)
     authorizer = Authorizer(Verifier(secret="bench"), None)
     requests = None
-    if metrics is not None and access_log is not None:
-        requests = RequestLog(metrics, clock, authorizer.who, access_log=access_log)
+    if metrics is not None:
+        requests = RequestLog(metrics, clock, authorizer.who, lines)
     root = AgentRoot(
         nodes,
         Relay(engine, endpoints, cooperator, metrics),
@@ -108,28 +107,27 @@ def run_observability(plan: ObservabilityPlan, log: Callable[[str], None]) -> di
         for k, v in Signer.generate("bench").headers().items()
     )
     sink = io.StringIO()
-    setups: dict[str, tuple[Metrics | None, bool | None, Any]] = {
-        "none": (None, None, None),
-        "metrics": (Metrics(), False, None),
-        "metrics+text_log": (Metrics(), True, textFileLogObserver(sink)),
-        "metrics+json_log": (Metrics(), True, json_observer(sink)),
+    # The metrics, and the access lines' format (None: no lines).
+    setups: dict[str, tuple[Metrics | None, bool | None]] = {
+        "none": (None, None),
+        "metrics": (Metrics(), None),
+        "metrics+text_log": (Metrics(), False),
+        "metrics+json_log": (Metrics(), True),
     }
     paths = {"ping": b"/ping", "local_inspect": b"/containers/abc/json"}
     out: dict[str, Any] = {"plan": plan.__dict__, "cells": []}
     for label, path in paths.items():
         runs: dict[str, list[float]] = {name: [] for name in setups}
         for _ in range(plan.repetitions):
-            for name, (metrics, access_log, observer) in setups.items():
-                site = _site(metrics, access_log)
-                if observer is not None:
-                    globalLogPublisher.addObserver(observer)
-                try:
-                    runs[name].append(_cpu_per_request(site, path, plan.requests, signed))
-                finally:
-                    if observer is not None:
-                        globalLogPublisher.removeObserver(observer)
-                    sink.seek(0)
-                    sink.truncate()
+            for name, (metrics, as_json) in setups.items():
+                clock = MemoryReactorClock()
+                lines = None if as_json is None else LogFile(sink, clock, json=as_json)
+                site = _site(clock, metrics, lines)
+                # The lines' flush (once a reactor turn) is not run: as for a
+                # StringIO, it costs nothing.
+                runs[name].append(_cpu_per_request(site, path, plan.requests, signed))
+                sink.seek(0)
+                sink.truncate()
         cell: dict[str, Any] = {"endpoint": label}
         base = median(runs["none"])
         for name, values in runs.items():

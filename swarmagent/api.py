@@ -35,6 +35,7 @@ from swarmagent.routing import (
     ClusterDF,
     ClusterList,
     Forward,
+    Inspected,
     Local,
     Locate,
     Located,
@@ -245,6 +246,8 @@ class AgentRoot(Resource):
                 return local or self._engine_proxy
             case Forward(peer):
                 return PeerProxy(self._peer_relay, self._nodes, peer)
+            case Inspected(_, headers, body):
+                return _InspectedResource(headers, body)
             case Locate(kind, ident):
                 located_as = served_as or "locate"
                 return DeferredResource(self._locate(request, kind, ident, local, located_as))
@@ -308,6 +311,8 @@ class AgentRoot(Resource):
                 route, nodes = "local", (self._table.me.name,)
             case Forward(peer):
                 route, nodes = "forwarded", (peer.name,)
+            case Inspected(peer):
+                route, nodes = "local" if peer.is_self else "forwarded", (peer.name,)
             case ClusterList() | ClusterDF():
                 route = "cluster_list"
             case Broadcast():
@@ -389,6 +394,22 @@ class _Gone(Resource):
 
     def render(self, request: Request) -> Rendered:
         return NOT_DONE_YET
+
+
+class _InspectedResource(Resource):
+    """A node's answer to the inspect the lookup sent it, which was the request."""
+
+    isLeaf = True
+
+    def __init__(self, headers: tuple[tuple[bytes, list[bytes]], ...], body: bytes) -> None:
+        super().__init__()
+        self._headers = headers
+        self._body = body
+
+    def render(self, request: Request) -> bytes:
+        for name, values in self._headers:
+            request.responseHeaders.setRawHeaders(name, values)
+        return self._body
 
 
 class _NotFoundResource(Resource):

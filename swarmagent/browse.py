@@ -893,7 +893,9 @@ class BrowseResource(Resource):
     async def _volume(self, name: str) -> Root:
         url = ENGINE_BASE + b"/volumes/" + quote(name, safe="").encode("ascii")
         try:
-            code, body = await get_within(self._engine, url, Headers(), self._clock, self._timeout)
+            code, body, _ = await get_within(
+                self._engine, url, Headers(), self._clock, self._timeout
+            )
         except Exception as e:
             raise Refused(502, f"unable to inspect volume {name}: {describe(e)}") from e
         try:

@@ -122,20 +122,20 @@ def peer_url(address: str, port: int, path: bytes) -> bytes:
     return f"https://{host}:{port}".encode("ascii") + path
 
 
-async def get(client: IAgent, url: bytes, headers: Headers) -> tuple[int, bytes]:
-    """GET ``url`` and read the whole answer: its status and body.
+async def get(client: IAgent, url: bytes, headers: Headers) -> tuple[int, bytes, Headers]:
+    """GET ``url`` and read the whole answer: its status, body and headers.
 
     Straight on the ``IAgent``: treq re-parses URLs with hyperlink, which
     rejects an IPv6 literal host (``https://[fd00::3]:9001/``).
     """
     response: IResponse = await client.request(b"GET", url, headers)
     body: bytes = await readBody(response)
-    return response.code, body
+    return response.code, body, response.headers
 
 
 def get_within(
     client: IAgent, url: bytes, headers: Headers, clock: IReactorTime, timeout: float
-) -> Deferred[tuple[int, bytes]]:
+) -> Deferred[tuple[int, bytes, Headers]]:
     """:func:`get`, failing with ``TimeoutError`` if it takes over ``timeout`` s."""
     # A cancelled HTTP call fails with its own error (ResponseNeverReceived
     # wrapping CancelledError), not CancelledError: name the deadline here.

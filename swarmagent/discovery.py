@@ -75,7 +75,7 @@ class HTTPProbe:
         """Return the identity the agent at ``address:port`` reports."""
         url = peer_url(address, port, IDENTITY_PATH)
         headers = self._headers.copy()
-        code, body = await get_within(self._client, url, headers, self._clock, self._timeout)
+        code, body, _ = await get_within(self._client, url, headers, self._clock, self._timeout)
         if code != 200:
             raise ValueError(f"identity probe answered {code}")
         return NodeIdentity.from_json(json.loads(body))

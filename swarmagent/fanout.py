@@ -2,14 +2,14 @@
 
 Each item is marked with its node twice: the Portainer tag the UI reads,
 and a label (``swarmagent.node``) that the docker CLI can show
-(``docker ps --format '{{.Label "swarmagent.node"}}'``).
+(``docker ps --format '{{.Label "swarmagent.node"}}'``). Both are put in as
+bytes (``nodelist.py``): the items' values go out as each engine sent them.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TypeGuard
 from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -17,8 +17,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from swarmagent.clientgone import watch_gone
-from swarmagent.locations import KINDS, NAMES, Locations, container_names, item_ids
+from swarmagent.locations import KINDS, NAMES, Locations
 from swarmagent.logs import logger
+from swarmagent.nodelist import node_list
 from swarmagent.nodes import (
     NO_AGENT,
     Answered,
@@ -26,12 +27,10 @@ from swarmagent.nodes import (
     Nodes,
     answer_all_failed,
     name_missing,
-    tag,
 )
 from swarmagent.peers import MANAGER, Peer
 from swarmagent.signature import SIGNATURE_HEADER
 from swarmagent.twisted_types import Rendered
-from swarmagent.wire import NODE_LABEL
 
 log = logger(__name__)
 
@@ -87,36 +86,6 @@ class Selection:
     absent: tuple[str, ...] = ()
     #: The query sent to each (None: the client's own).
     query: str | None = None
-
-
-def label(items: list[object], node_name: str) -> list[object]:
-    """Add the node label to each item; ``Labels`` may be null or absent."""
-    for item in items:
-        if isinstance(item, dict):
-            labels = item.get("Labels")
-            if not isinstance(labels, dict):
-                labels = item["Labels"] = {}
-            labels[NODE_LABEL] = node_name
-    return items
-
-
-def parse_list(kind: str, body: bytes) -> tuple[list[object], list[str]]:
-    """The items and engine warnings of one node's list answer."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise NodeFailed("answer is not JSON") from None
-    if kind == "volumes":
-        if not isinstance(doc, dict):
-            raise NodeFailed("volume answer is not an object")
-        volumes = doc.get("Volumes") or []
-        warnings = doc.get("Warnings") or []
-        if not isinstance(volumes, list) or not isinstance(warnings, list):
-            raise NodeFailed("volume answer has the wrong shape")
-        return volumes, [str(w) for w in warnings]
-    if not isinstance(doc, list):
-        raise NodeFailed("answer is not a list")
-    return doc, []
 
 
 def whole_list(query: bytes) -> bool:
@@ -224,8 +193,7 @@ class FanOut:
 def _list_of(outcome: Answered | NodeFailed, kind: str, once: bool) -> _List | NodeFailed:
     """One node's answer as its list, or why it gave none.
 
-    Encoded as soon as it arrives, while other nodes are still awaited; many
-    small encodes are also cheaper than one of everything.
+    Tagged as soon as it arrives, while other nodes are still awaited.
     """
     if isinstance(outcome, NodeFailed):
         return outcome
@@ -233,17 +201,17 @@ def _list_of(outcome: Answered | NodeFailed, kind: str, once: bool) -> _List | N
     if outcome.code != 200:
         return outcome.refusal()
     try:
-        items, warnings = parse_list(kind, outcome.body)
+        tagged = node_list(
+            kind,
+            outcome.body,
+            node.name,
+            once=once,
+            ids=kind in KINDS,
+            names=kind == "containers",
+        )
     except NodeFailed as e:
         return e.of(node.name)
-    ids = item_ids(items) if kind in KINDS else []
-    names = container_names(items) if kind == "containers" else []
-    items = label(tag(items, node.name), node.name)
-    swarm: dict[str, bytes] = {}
-    if once:
-        swarm = {str(i.get("Id")): _encode_items([i]) for i in items if _swarm_scoped(i)}
-        items = [i for i in items if not _swarm_scoped(i)]
-    return _List(node, _encode_items(items), warnings, swarm, ids, names)
+    return _List(node, tagged.items, tagged.warnings, tagged.swarm, tagged.ids, tagged.names)
 
 
 class _ListResource(Resource):
@@ -257,12 +225,3 @@ class _ListResource(Resource):
 
     def render_GET(self, request: Request) -> Rendered:
         return self._fanout.render(request, self._kind, self._selection)
-
-
-def _swarm_scoped(item: object) -> TypeGuard[dict[str, object]]:
-    return isinstance(item, dict) and item.get("Scope") == "swarm"
-
-
-def _encode_items(items: list[object]) -> bytes:
-    """``items`` as JSON without the enclosing brackets (b"" for none)."""
-    return json.dumps(items, separators=(",", ":"))[1:-1].encode("utf-8")

@@ -12,9 +12,14 @@ missing path in ``/archive``) is the engine's answer, not a cue to look
 elsewhere.
 
 An object a recent cluster list (or lookup) placed on another node is asked
-there first (``locations.py``): its 200 serves the request there, in one
-call; anything else drops the entry and runs the search above, so a stale
-entry costs one call, never a wrong answer.
+there first (``locations.py``): its 200 serves the request there; anything
+else drops the entry and runs the search above, so a stale entry costs one
+call, never a wrong answer.
+
+A plain inspect (``GET /containers/{id}/json``, of an exec instance or an
+image too, with no query) is its own lookup: the 200 that places the object
+is served as the answer, not asked again. So an inspect of a listed object costs one request, to its
+node (Portainer's snapshot inspects every running container that way).
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import re
 from urllib.parse import quote
 
 from twisted.internet.defer import gatherResults
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from swarmagent.locations import KINDS, NAMES, Locations
 from swarmagent.logs import logger
 from swarmagent.nodes import Answered, NodeFailed, Nodes, Outcome
 from swarmagent.peers import Peer
-from swarmagent.routing import AmbiguousObject, Forward, Local, Located, NotFound
+from swarmagent.proxy import HOP_BY_HOP, OWN_HEADERS
+from swarmagent.routing import AmbiguousObject, Forward, Inspected, Local, Located, NotFound
 
 log = logger(__name__)
 
@@ -78,6 +85,9 @@ class Locator:
             if target is None:
                 return Local()
             path = target[1]
+        # A plain inspect is its own lookup: the 200 that places it answers
+        # it. Not with a query: ``size`` may outlast the lookup's deadline.
+        inspect = request.method == b"GET" and request.uri == path
         cached = self._cached(request, kind, ident)
         here: Outcome | None = None
         if cached is not None and self._locations is not None:
@@ -87,18 +97,18 @@ class Locator:
                 # placed it elsewhere: this engine's answer first, as always.
                 here = await self._nodes.get(self._nodes.me, path)
                 if not isinstance(here, Answered) or here.code != 404:
-                    return Local()
+                    return _served(here, inspect, Local())
             there = await self._nodes.get(peer, path, request)
             if isinstance(there, Answered) and there.code == 200:
                 self._locations.remember(entry, ident, peer.identity.key)
-                return Forward(peer)
+                return _served(there, inspect, Forward(peer))
             self._locations.forget(entry, ident)
         # This agent's own question to its engine; a failure is the relay's
         # to meet and report as usual.
         if here is None:
             here = await self._nodes.get(self._nodes.me, path)
         if not isinstance(here, Answered) or here.code != 404:
-            return Local()
+            return _served(here, inspect, Local())
 
         # The credentials and marks of a forward: each peer serves it from
         # its own engine, never sends it on.
@@ -126,7 +136,7 @@ class Locator:
         ):
             # Several nodes holding the same image give the same answer to a
             # read: any of them will do. A write must say which one.
-            return Forward(holders[0].node)
+            return _served(holders[0], inspect, Forward(holders[0].node))
         if holders:
             return AmbiguousObject(kind, ident, tuple(h.node for h in holders))
         return NotFound(here.body, tuple(missing))
@@ -187,6 +197,24 @@ class Locator:
             )
             return Local()
         return Forward(leader) if there.code == 200 and _swarm_scoped(there.body) else Local()
+
+
+def _served(outcome: Outcome, inspect: bool, otherwise: Located) -> Located:
+    """The lookup's own answer, if it answers the request (a plain inspect's
+    200); else ``otherwise``, where the request is to be sent."""
+    if not (inspect and isinstance(outcome, Answered) and outcome.code == 200):
+        return otherwise
+    return Inspected(outcome.node, _end_to_end(outcome.headers), outcome.body)
+
+
+def _end_to_end(headers: Headers) -> tuple[tuple[bytes, list[bytes]], ...]:
+    """A node's answer headers for the client: not the framing (the body is
+    whole), not its agent's own headers (this agent sets its own)."""
+    tokens = {
+        t.strip().lower() for v in headers.getRawHeaders(b"connection", []) for t in v.split(b",")
+    }
+    drop = HOP_BY_HOP | OWN_HEADERS | tokens
+    return tuple((n, list(v)) for n, v in headers.getAllRawHeaders() if n.lower() not in drop)
 
 
 def _swarm_scoped(inspect: bytes) -> bool:

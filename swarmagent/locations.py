@@ -93,22 +93,3 @@ class Locations:
             if len(self._entries) <= self._max_entries and stamp >= oldest:
                 break
             del self._entries[key]
-
-
-def item_ids(items: Iterable[object]) -> list[str]:
-    """Each list item's ``Id``."""
-    return [
-        i["Id"] for i in items if isinstance(i, dict) and isinstance(i.get("Id"), str) and i["Id"]
-    ]
-
-
-def container_names(items: Iterable[object]) -> list[str]:
-    """Each container's names, as a request spells them (``/web`` → ``web``;
-    a link's ``/a/b`` is not one)."""
-    return [
-        name[1:]
-        for item in items
-        if isinstance(item, dict) and isinstance(item.get("Names"), list)
-        for name in item["Names"]
-        if isinstance(name, str) and name.startswith("/") and name.count("/") == 1 and name[1:]
-    ]

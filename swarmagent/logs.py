@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import IO
-
 from twisted.logger import (
     FilteringLogObserver,
-    ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogPublisher,
-    jsonFileLogObserver,
 )
 
 # Log level is process-wide by nature (one LOG_LEVEL per agent), so the
@@ -28,11 +24,6 @@ def logger(namespace: str) -> Logger:
 def set_level(level: LogLevel) -> None:
     """Show the agent's events at ``level`` and above."""
     _predicate.setLogLevelForNamespace("", level)
-
-
-def json_observer(out: IO[str]) -> ILogObserver:
-    """Every event as one JSON object per line (twisted.logger's own encoding)."""
-    return jsonFileLogObserver(out, recordSeparator="")
 
 
 def shows(namespace: str, level: LogLevel) -> bool:

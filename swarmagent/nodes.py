@@ -20,7 +20,7 @@ caller is answered at once), one such call at a time.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -66,6 +66,8 @@ class Answered:
     node: Peer
     code: int
     body: bytes
+    #: As the node sent them (what :meth:`Nodes.get` read; none otherwise).
+    headers: Headers = field(default_factory=Headers, compare=False, repr=False)
 
     def refusal(self) -> NodeFailed:
         """This answer as a failure, for a caller that needed another status."""
@@ -257,7 +259,7 @@ class Nodes:
         client, url, headers = self.copy(node, path, request)
         started = self.clock.seconds()
 
-        def answered(result: tuple[int, bytes]) -> Outcome:
+        def answered(result: tuple[int, bytes, Headers]) -> Outcome:
             self.metrics.node_call(node.name, self.clock.seconds() - started)
             if status_failed(result[0]):
                 self.metrics.node_failed(node.name, "http_status")

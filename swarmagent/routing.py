@@ -191,8 +191,18 @@ class AmbiguousObject:
     peers: tuple[Peer, ...]
 
 
+@dataclass(frozen=True)
+class Inspected:
+    """Already answered: the request was the inspect the lookup sent ``peer``
+    (a 200, its end-to-end headers and body, to serve as they are)."""
+
+    peer: Peer
+    headers: tuple[tuple[bytes, list[bytes]], ...]
+    body: bytes
+
+
 #: Where a located request is served (see :class:`Locate`).
-Located = Local | Forward | NotFound | AmbiguousObject
+Located = Local | Forward | Inspected | NotFound | AmbiguousObject
 
 Route = (
     Local

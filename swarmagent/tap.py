@@ -38,7 +38,8 @@ from swarmagent.halfclose import HalfCloseTLSFactory
 from swarmagent.hostinfo import HostInfoResource
 from swarmagent.locate import Locator
 from swarmagent.locations import Locations
-from swarmagent.logs import json_observer, set_level
+from swarmagent.logfile import LogFile
+from swarmagent.logs import set_level
 from swarmagent.metrics import Metrics, MetricsResource
 from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
@@ -59,18 +60,16 @@ IDLE_TIMEOUT = 120
 
 class _PoolService(MultiService):
     """Closes the pooled connections when the agent stops; sets twistd's log
-    observer when the agent has its own (``--log-format json``)."""
+    observer to the agent's own (``logfile.py``)."""
 
-    def __init__(
-        self, pools: list[HTTPConnectionPool], log_observer: ILogObserver | None = None
-    ) -> None:
+    def __init__(self, pools: list[HTTPConnectionPool], log_observer: ILogObserver) -> None:
         super().__init__()
         self._pools = pools
         self._log_observer = log_observer
 
     def setServiceParent(self, parent: IServiceCollection) -> None:
         # twistd reads the application's ILogObserver once it holds its services.
-        if self._log_observer is not None and isinstance(parent, Componentized):
+        if isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self._log_observer)
         super().setServiceParent(parent)
 
@@ -191,6 +190,8 @@ def makeService(
     authorizer = Authorizer(verifier, server_tls)
     # Where the lists just served put each object: the lookups ask there first.
     locations = Locations(reactor)
+    # Every log line, the access lines among them, on stdout.
+    log_file = LogFile(sys.stdout, reactor, json=options["log-format"] == "json")
     root = AgentRoot(
         nodes,
         Relay(engine_client, engine_endpoints, cooperator, metrics),
@@ -220,7 +221,9 @@ def makeService(
             )
         ),
         metrics=metrics,
-        requests=RequestLog(metrics, reactor, authorizer.who, access_log=options["access-log"]),
+        requests=RequestLog(
+            metrics, reactor, authorizer.who, log_file if options["access-log"] else None
+        ),
         status=StatusResource(discovery, options),
     )
     # The idle timeout also closes connections that never send a request.
@@ -232,8 +235,7 @@ def makeService(
     endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
     endpoint = endpoint_class(reactor, port, interface=host)
 
-    observer = json_observer(sys.stdout) if options["log-format"] == "json" else None
-    service = _PoolService([engine_pool, peer_pool], observer)
+    service = _PoolService([engine_pool, peer_pool], log_file)
     # Half-closeable TLS: a hijacked stream's end of input is a close_notify.
     https = HalfCloseTLSFactory(server_tls, False, site, reactor)
     StreamServerEndpointService(endpoint, https).setServiceParent(service)

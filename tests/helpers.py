@@ -211,8 +211,8 @@ class Seen:
 class FakeNode(Resource):
     """A node's engine (or agent) answering list requests.
 
-    ``answer`` is a JSON document, or None to never answer; ``code`` is the
-    status to answer with.
+    ``answer`` is a JSON document (bytes: the body as they are), or None to
+    never answer; ``code`` is the status to answer with.
     """
 
     isLeaf = True
@@ -230,7 +230,7 @@ class FakeNode(Resource):
             self.hanging.append(request)
             return NOT_DONE_YET
         request.setResponseCode(self.code)
-        return _json(self.answer)
+        return self.answer if isinstance(self.answer, bytes) else _json(self.answer)
 
 
 class ByHost(Resource):

@@ -158,6 +158,14 @@ class AgentCase(SynchronousTestCase):
         for name, values in AGENT_HEADERS.items():
             self.assertEqual(response.headers.get(name), values, name)
 
+    def assertInspectHeaders(self, response: Response) -> None:
+        """An inspect served from the lookup's answer: the engine's headers, this
+        agent's own (not the peer's), no hop-by-hop header."""
+        self.assertAgentHeaders(response)
+        self.assertEqual(response.header("content-type"), "application/json")
+        self.assertEqual(response.header("api-version"), "1.41")
+        self.assertIsNone(response.header("x-hop"))
+
     def assertError(self, response: Response, code: int, message: str, details: str) -> None:
         self.assertEqual(response.code, code)
         self.assertEqual(response.header("content-type"), "application/json")
@@ -357,6 +365,21 @@ def answer(call: UpstreamCall, code: int, body: bytes = b"{}") -> None:
     response.end()
 
 
+def answer_with_headers(call: UpstreamCall, code: int, body: bytes) -> None:
+    """Answer an inspect whole, as a peer's agent does: the engine's headers,
+    that agent's own, and framing."""
+    headers = {
+        b"Content-Type": [b"application/json"],
+        b"Api-Version": [b"1.41"],
+        b"Portainer-Agent": [b"0.0-other"],
+        b"Connection": [b"close, X-Hop"],
+        b"X-Hop": [b"1"],
+    }
+    response = call.respond(code, headers, length=len(body))
+    response.deliver(body)
+    response.end()
+
+
 class LocateTests(AgentCase):
     """A request naming one container or exec instance, with no target header,
     is served where that object is. Peers are asked in table order: b, c, n4, n5."""
@@ -372,16 +395,41 @@ class LocateTests(AgentCase):
                 answer(call, code, b'{"Id":"abc"}' if code == 200 else NOT_FOUND)
 
     def test_found_here_is_served_here(self) -> None:
-        client = self.request("GET", "/v1.41/containers/abc/json?size=1")
+        client = self.request("GET", "/v1.41/containers/abc/top?ps_args=aux")
         [inspect] = self.engine.calls
         self.assertEqual(inspect.url, b"http://docker/v1.41/containers/abc/json")
         self.assertEqual(inspect.method, b"GET")
         answer(inspect, 200)
         self.assertEqual(self.peers.calls, [])
         [_, call] = self.engine.calls
-        self.assertEqual(call.url, b"http://docker/v1.41/containers/abc/json?size=1")
+        self.assertEqual(call.url, b"http://docker/v1.41/containers/abc/top?ps_args=aux")
         call.respond(200, {b"Content-Type": [b"application/json"]}).end()
         self.assertEqual(client.response().code, 200)
+
+    def test_inspect_is_its_own_lookup(self) -> None:
+        """An untargeted inspect is asked once: the engine's 200 is the
+        answer, with its headers and the agent's own."""
+        client = self.request("GET", "/v1.41/containers/abc/json")
+        [inspect] = self.engine.calls
+        self.assertEqual(inspect.url, b"http://docker/v1.41/containers/abc/json")
+        answer_with_headers(inspect, 200, b'{"Id":"abc"}')
+        self.assertEqual(len(self.engine.calls), 1)
+        self.assertEqual(self.peers.calls, [])
+        response = client.response()
+        self.assertEqual((response.code, response.body), (200, b'{"Id":"abc"}'))
+        self.assertInspectHeaders(response)
+
+    def test_inspect_with_a_query_is_located_then_sent(self) -> None:
+        """``size=1`` may take longer than the lookup's deadline: it is sent
+        once found, as any other request."""
+        client = self.request("GET", "/v1.41/containers/abc/json?size=1")
+        [inspect] = self.engine.calls
+        self.assertEqual(inspect.url, b"http://docker/v1.41/containers/abc/json")
+        answer(inspect, 200, b'{"Id":"abc"}')
+        [_, call] = self.engine.calls
+        self.assertEqual(call.url, b"http://docker/v1.41/containers/abc/json?size=1")
+        call.respond(200, {b"Content-Type": [b"application/json"]}, length=2).deliver(b"{}")
+        self.assertEqual(client.response().body, b"{}")
 
     def test_found_on_another_node_is_forwarded_there(self) -> None:
         client = self.request("GET", "/v1.41/containers/abc/logs?follow=1")
@@ -452,10 +500,10 @@ class LocateTests(AgentCase):
         self.assertEqual(inspect.url, b"http://docker/v1.41/images/busybox/json")
         answer(inspect, 404, NOT_FOUND)
         self.peer_answers(404, 200, 200, 404)
-        [forward] = self.peers.calls[4:]
-        self.assertEqual(forward.url, b"https://10.0.0.3:9001/v1.41/images/busybox/json")
-        forward.respond(200, {b"Content-Type": [b"application/json"]}).end()
+        # The first holder's inspect is the answer: nothing is asked again.
+        self.assertEqual(len(self.peers.calls), 4)
         self.assertEqual(client.response().code, 200)
+        self.assertEqual(client.response().json(), {"Id": "abc"})
 
     def test_different_images_by_one_name_is_409(self) -> None:
         client = self.request("GET", "/images/app/json")
@@ -659,19 +707,58 @@ class CachedLocateTests(AgentCase):
         self.assertIsNone(self.where("shared"))
         self.assertIsNone(self.where("db/alias"))
 
-    def test_listed_container_costs_one_inspect(self) -> None:
+    def test_listed_container_inspect_costs_one_request(self) -> None:
+        """Portainer's snapshot: the inspect is asked of the listed node alone,
+        and its answer is served."""
         self.list_containers()
         client = self.request("GET", "/v1.41/containers/x3full/json")
         [inspect] = self.peers.calls
         self.assertEqual(inspect.url, b"https://10.0.0.3:9001/v1.41/containers/x3full/json")
         self.assertEqual(inspect.header(b"x-portaineragent-target"), [b"id-c"])
         self.assertEqual(inspect.header(b"x-swarmagent-hop"), [b"id-a"])
+        self.assertIsNotNone(inspect.header(b"x-portaineragent-signature"))
         self.assertEqual(self.engine.calls, [])
+        answer_with_headers(inspect, 200, b'{"Id":"x3full"}')
+        self.assertEqual(len(self.peers.calls), 1)
+        response = client.response()
+        self.assertEqual((response.code, response.body), (200, b'{"Id":"x3full"}'))
+        self.assertInspectHeaders(response)
+        self.assertEqual(self.where("x3full"), "id-c")
+
+    def test_listed_container_other_request_is_confirmed_then_sent(self) -> None:
+        """Anything but a plain inspect: one inspect of the listed node, then
+        the request itself, there (never replayed elsewhere after a 404)."""
+        self.list_containers()
+        self.request("POST", "/v1.41/containers/x3full/stop")
+        [inspect] = self.peers.calls
+        self.assertEqual(inspect.url, b"https://10.0.0.3:9001/v1.41/containers/x3full/json")
         answer(inspect, 200, b'{"Id":"x3full"}')
         [forward] = self.peers.calls[1:]
-        self.assertEqual(forward.url, b"https://10.0.0.3:9001/v1.41/containers/x3full/json")
-        forward.respond(200, {b"Content-Type": [b"application/json"]}, length=2).deliver(b"{}")
-        self.assertEqual(client.response().code, 200)
+        self.assertEqual(forward.url, b"https://10.0.0.3:9001/v1.41/containers/x3full/stop")
+        self.assertEqual(forward.method, b"POST")
+        self.assertEqual(self.engine.calls, [])
+
+    def test_moved_inspect_is_served_from_where_the_search_finds_it(self) -> None:
+        """The listed node answers 404: never served from there; the search's
+        one holder answers."""
+        self.list_containers()
+        client = self.request("GET", "/containers/x3full/json")
+        answer(self.peers.calls.pop(0), 404, NOT_FOUND)
+        self.assertFullSearch(b"/containers/x3full/json")
+        self.answer_peers((404, 404, 200, 404), b'{"Id":"x3full","Moved":true}')
+        self.assertEqual(len(self.peers.calls), 4)
+        self.assertEqual(client.response().json(), {"Id": "x3full", "Moved": True})
+        self.assertEqual(self.where("x3full"), "n4")
+
+    def test_listed_node_failing_is_never_served(self) -> None:
+        """A 500 (or any answer but a 200) from the listed node is not the answer."""
+        self.list_containers()
+        client = self.request("GET", "/containers/x3full/json")
+        answer(self.peers.calls.pop(0), 500, b'{"message":"boom"}')
+        self.assertFullSearch(b"/containers/x3full/json")
+        self.answer_peers((404, 404, 404, 404), b"")
+        self.assertEqual(client.response().code, 404)
+        self.assertIsNone(self.where("x3full"))
 
     def test_name_from_a_whole_list(self) -> None:
         """A name costs this node's inspect (it may have been taken here since
@@ -690,13 +777,11 @@ class CachedLocateTests(AgentCase):
 
     def test_name_taken_here_since_the_list_is_served_here(self) -> None:
         self.list_containers()
-        self.request("GET", "/containers/web/json")
+        client = self.request("GET", "/containers/web/json")
         answer(self.engine.calls[0], 200, b'{"Id":"a9full","Name":"/web"}')
         self.assertEqual(self.peers.calls, [])
-        self.assertEqual(
-            [c.url for c in self.engine.calls],
-            [b"http://docker/containers/web/json", b"http://docker/containers/web/json"],
-        )
+        self.assertEqual([c.url for c in self.engine.calls], [b"http://docker/containers/web/json"])
+        self.assertEqual(client.response().json()["Id"], "a9full")
 
     def test_no_link_names(self) -> None:
         self.list_containers()
@@ -776,10 +861,10 @@ class CachedLocateTests(AgentCase):
 
     def test_entry_for_this_node_asks_the_engine(self) -> None:
         self.list_containers()
-        self.request("GET", "/containers/a1full/json")
+        self.request("GET", "/containers/a1full/top")
         answer(self.engine.calls[0], 200, b'{"Id":"a1full"}')
         self.assertEqual(self.peers.calls, [])
-        self.assertEqual(self.engine.calls[1].url, b"http://docker/containers/a1full/json")
+        self.assertEqual(self.engine.calls[1].url, b"http://docker/containers/a1full/top")
 
     def test_exec_found_by_a_search_costs_one_inspect_next(self) -> None:
         self.request("POST", "/exec/e1full/start")
@@ -791,6 +876,12 @@ class CachedLocateTests(AgentCase):
         [inspect] = self.peers.calls
         self.assertEqual(inspect.url, b"https://10.0.0.5:9001/exec/e1full/json")
         self.assertEqual(self.engine.calls, [])
+        self.peers.calls.clear()
+        client = self.request("GET", "/exec/e1full/json")
+        [inspect] = self.peers.calls
+        answer_with_headers(inspect, 200, b'{"ID":"e1full","Running":true}')
+        self.assertEqual(len(self.peers.calls), 1)
+        self.assertEqual(client.response().json(), {"ID": "e1full", "Running": True})
 
     def test_prefix_found_by_a_search_is_not_kept(self) -> None:
         self.request("GET", "/containers/x3/json")
@@ -801,9 +892,12 @@ class CachedLocateTests(AgentCase):
     def test_listed_image_read_costs_one_inspect_write_searches(self) -> None:
         self.lists[3].answer = [{"Id": "sha256:i3"}]
         self.assertEqual(self.get("/images/json").code, 200)
-        self.request("GET", "/images/sha256:i3/json")
+        client = self.request("GET", "/images/sha256:i3/json")
         [inspect] = self.peers.calls
         self.assertEqual(inspect.url, b"https://10.0.0.3:9001/images/sha256:i3/json")
+        answer_with_headers(inspect, 200, b'{"Id":"sha256:i3"}')
+        self.assertEqual(client.response().json(), {"Id": "sha256:i3"})
+        self.assertEqual(len(self.peers.calls), 1)
         self.peers.calls.clear()
         self.request("DELETE", "/images/sha256:i3")
         self.assertFullSearch(b"/images/sha256:i3/json")

@@ -11,7 +11,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent
 
-from swarmagent.fanout import FanOut, Selection, label, parse_list
+from swarmagent.fanout import FanOut, Selection
 from swarmagent.nodes import Nodes, tag
 from swarmagent.peers import Ambiguous, PeerTable
 from tests.helpers import (
@@ -93,6 +93,17 @@ class MergeTests(FanOutCase):
                 "Portainer": {"Agent": {"NodeName": "b"}},
             },
         )
+
+    def test_a_malformed_answer_is_a_missing_node(self) -> None:
+        """A node's answer that is not a whole JSON list (cut short, or a
+        second document after it) is left out and named; the merge is whole."""
+        for body in (b'[{"Id":"b1"},{"Id":"b2"', b'[{"Id":"b1"}]{"Id":"b2"}', b"[1,]"):
+            with self.subTest(body=body):
+                self.b.answer = body
+                response = self.get("containers", "/containers/json").response()
+                self.assertEqual(response.code, 200)
+                self.assertEqual(self.items(response), [("a1", "a"), ("c1", "c")])
+                self.assertEqual(response.header(MISSING), "b")
 
     def test_empty_lists(self) -> None:
         for node in (self.a, self.b, self.c):
@@ -321,22 +332,6 @@ class UnitTests(SynchronousTestCase):
             [{"Id": 1, "Portainer": {"Agent": {"NodeName": "n"}}}, "x", 3],
         )
 
-    def test_parse_list(self) -> None:
-        self.assertEqual(parse_list("images", b"[1]"), ([1], []))
-        self.assertEqual(
-            parse_list("volumes", b'{"Volumes":[1],"Warnings":["w",2]}'), ([1], ["w", "2"])
-        )
-        for kind, body in [
-            ("images", b"{}"),
-            ("images", b"nope"),
-            ("volumes", b"[]"),
-            ("volumes", b'{"Volumes":{"v":1}}'),
-            ("volumes", b'{"Warnings":"w"}'),
-        ]:
-            with self.subTest(kind=kind, body=body), self.assertRaises(Exception) as caught:
-                parse_list(kind, body)
-            self.assertEqual(type(caught.exception).__name__, "NodeFailed")
-
 
 class SwarmNetworkTests(FanOutCase):
     """An overlay network is listed by every node running one of its tasks."""
@@ -391,18 +386,6 @@ class NodeLabelTests(FanOutCase):
         self.b.answer = [{"Id": "b1", "Labels": {"swarmagent.node": "liar"}}]
         doc = self.get("networks", "/networks").response().json()
         self.assertEqual(doc[1]["Labels"], {"swarmagent.node": "b"})
-
-    def test_label_function(self) -> None:
-        items = [{"Labels": None}, {"Labels": {"x": "1"}}, "not an item", {}]
-        self.assertEqual(
-            label(items, "n"),
-            [
-                {"Labels": {"swarmagent.node": "n"}},
-                {"Labels": {"x": "1", "swarmagent.node": "n"}},
-                "not an item",
-                {"Labels": {"swarmagent.node": "n"}},
-            ],
-        )
 
 
 class SelectionTests(FanOutCase):

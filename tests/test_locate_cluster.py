@@ -12,6 +12,7 @@ import subprocess
 from typing import ClassVar
 
 import docker
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lab import IMAGE, Lab, sdk_client
 from tests.labcase import LabTestCase, engine_containers, explain
@@ -166,6 +167,49 @@ class LocateTests(LabTestCase):
         self.assertEqual((r.status, r.json()["Id"]), (200, second.id), r.body[:300])
         r = agent.request("GET", f"/containers/{first.id}/json")
         self.assertEqual(r.status, 404, r.body[:300])
+
+    def metric(self, agent: str, name: str, label: str) -> dict[str, float]:
+        """``agent``'s samples named ``name``, summed by the value of ``label``."""
+        r = self.agent(agent).request("GET", "/metrics")
+        self.assertEqual(r.status, 200, r.body[:300])
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(r.body.decode()):
+            for s in family.samples:
+                if s.name == name:
+                    key = s.labels.get(label, "")
+                    out[key] = out.get(key, 0.0) + s.value
+        return out
+
+    def requests_served(self, agent: str) -> float:
+        """Docker API requests ``agent`` has served (not its own routes, /metrics among them)."""
+        counts = self.metric(agent, "swarmagent_requests_total", "route")
+        return sum(n for route, n in counts.items() if route != "own")
+
+    @explain
+    def test_a_listed_container_is_inspected_with_one_request(self) -> None:
+        """Portainer's snapshot: after a whole list, an untargeted inspect of
+        node3's container is one request from node1's agent, to node3's (node2
+        is not asked), and node3's answer is served with the agent's headers."""
+        cid = self.containers["node3"]
+        agent = self.agent("node1")
+        listed = agent.request("GET", "/containers/json?all=1")
+        self.assertEqual(listed.status, 200, listed.body[:300])
+        calls = "swarmagent_node_call_seconds_count"
+        before = self.metric("node1", calls, "node")
+        served = {n: self.requests_served(n) for n in ("node2", "node3")}
+
+        r = agent.request("GET", f"/containers/{cid}/json")
+        self.assertEqual((r.status, r.json()["Id"]), (200, cid), r.body[:300])
+        self.assertEqual(r.headers["Content-Type"], "application/json")
+        self.assertIsNotNone(r.headers["Api-Version"])
+        self.assertEqual(len(r.headers.get_all("Portainer-Agent") or []), 1)
+
+        after = self.metric("node1", calls, "node")
+        asked = {n: after.get(n, 0) - before.get(n, 0) for n in ("node2", "node3")}
+        self.assertEqual(asked, {"node2": 0, "node3": 1})
+        self.assertEqual(
+            {n: self.requests_served(n) - served[n] for n in served}, {"node2": 0, "node3": 1}
+        )
 
     def remove(self, client: docker.DockerClient, name: str) -> None:
         with contextlib.suppress(docker.errors.NotFound):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from swarmagent.locations import Locations, container_names, item_ids
+from swarmagent.locations import Locations
 
 
 class LocationsTests(SynchronousTestCase):
@@ -59,19 +59,3 @@ class LocationsTests(SynchronousTestCase):
     def test_a_list_over_the_bound_keeps_the_bound(self) -> None:
         self.locations.learn("images", [("n1", [f"sha256:{i}" for i in range(5)])])
         self.assertEqual(len(self.locations), 3)
-
-
-class ListIdentsTests(SynchronousTestCase):
-    def test_ids(self) -> None:
-        items: list[object] = [{"Id": "a"}, {"Id": ""}, {"Id": None}, {}, "x", {"Id": "b"}]
-        self.assertEqual(item_ids(items), ["a", "b"])
-
-    def test_container_names(self) -> None:
-        items: list[object] = [
-            {"Names": ["/web", "/db/alias"]},
-            {"Names": None},
-            {"Names": ["/", "bare", 7]},
-            {},
-            {"Names": ["/x"]},
-        ]
-        self.assertEqual(container_names(items), ["web", "x"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import ssl
@@ -129,6 +130,24 @@ class ProcessTests(TestCase):
         self.assertNotIn("hunter2", raw)
         # twisted.web's own combined-log line is gone.
         self.assertNotIn(' HTTP/1.1\\" ', raw)
+
+    def test_text_access_lines_under_twistd(self) -> None:
+        """The access line as twistd's text lines look, on stdout beside them
+        (flushed without more traffic), and no twisted.web combined-log line."""
+        url, out = self.start_agent()
+        signer = Signer.generate()
+        self.assertEqual(self.get(url, "/agents?token=hunter2", signer.headers()), 200)
+        access = re.compile(
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[swarmagent\.access#info\] "
+            r"GET /agents own nodes=\S+ 200 \d+B [\d.]+ms client=key:[0-9a-f]{16} missing=-$",
+            re.MULTILINE,
+        )
+        wait_until(lambda: access.search(out.read_text()), 10, 0.2, "the access line of /agents")
+        raw = out.read_text()
+        # twistd's own lines, in the same format, around it.
+        self.assertRegex(raw, r"\[-\] |\[twisted|\[swarmagent\.")
+        self.assertNotIn("hunter2", raw)
+        self.assertNotIn(' HTTP/1.1" ', raw)
 
     def test_head_too_large_is_answered_and_closed(self) -> None:
         """Issue #14 item 6: a client that keeps sending a head of 20 KB, 200 KB or
