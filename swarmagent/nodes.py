@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
@@ -319,6 +319,55 @@ class Nodes:
         if silence is not None:
             self.metrics.answering(silence.name)
         return silence
+
+    def silence(self, node: Peer) -> Silence | None:
+        """``node``'s silence, while it is silent."""
+        return self._silent.get(node.identity.key)
+
+    def answer_of(self, node: Peer, pending: Deferred[IResponse]) -> Deferred[IResponse]:
+        """``pending``, the answer to a request sent to ``node``, bounded by the node's life.
+
+        A request has no deadline of its own (a stop waits out its grace
+        period, an export takes its time), but a node that stopped answering
+        must not hold it for ever: with no answer head within the deadline,
+        the node is pinged. One that answers the ping is only slow at this
+        request and is waited for again; one that does not is silent, and
+        the request is given up: ``TimeoutError`` with the reason.
+        """
+        result: Deferred[IResponse] = Deferred(lambda _: pending.cancel())
+        timer: list[IDelayedCall] = []
+
+        def check() -> None:
+            timer.clear()
+            self._get(node, PING, None, self._ping_timeout).addCallback(pinged)
+
+        def pinged(outcome: Outcome) -> None:
+            if result.called:
+                return
+            if isinstance(outcome, Answered):
+                timer.append(self.clock.callLater(self._timeout, check))
+                return
+            silence = self._silent.get(node.identity.key)
+            why = silence.describe() if silence is not None else outcome.why
+            result.errback(
+                TimeoutError(f"no answer within {self._timeout:g} s, nor to a ping: {why}")
+            )
+            pending.cancel()
+
+        def settled(outcome: IResponse | Failure) -> None:
+            for call in timer:
+                call.cancel()
+            timer.clear()
+            if result.called:
+                return  # given up, or cancelled: its end is of no use
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        timer.append(self.clock.callLater(self._timeout, check))
+        pending.addBoth(settled)
+        return result
 
     def silences(self) -> dict[str, Silence]:
         """The silent nodes, by node key."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -29,7 +31,7 @@ from swarmagent.metrics import Metrics
 from swarmagent.peers import Peer
 from swarmagent.tunnel import hijack, wants_upgrade
 from swarmagent.twisted_types import Rendered, request_body
-from swarmagent.wire import AGENT_HEADERS
+from swarmagent.wire import AGENT_HEADERS, MISSING_NODES
 
 if TYPE_CHECKING:
     # nodes.py builds each node's copy of a request with request_headers.
@@ -108,6 +110,10 @@ def body_length(method: bytes, response: IResponse) -> int | None:
     return None if length is UNKNOWN_LENGTH else int(length)
 
 
+#: A request's answer, bounded by its node's life (``Nodes.answer_of``).
+Bounded = Callable[[Deferred[IResponse]], Deferred[IResponse]]
+
+
 class _BodyRelay(Protocol):
     """Writes an upstream body to the client as it arrives.
 
@@ -162,18 +168,34 @@ class Relay:
         content.seek(0)
         return FileBodyProducer(content, cooperator=self._cooperator)
 
-    def __call__(self, request: Request, url: bytes, headers: Headers, unreachable: str) -> None:
-        """Relay ``request`` to ``url``; ``unreachable`` names the upstream in errors."""
+    def __call__(
+        self,
+        request: Request,
+        url: bytes,
+        headers: Headers,
+        unreachable: str,
+        bound: Bounded | None = None,
+    ) -> None:
+        """Relay ``request`` to ``url``; ``unreachable`` names the upstream in
+        errors; ``bound`` (``Nodes.answer_of`` for the upstream's node) gives
+        up waiting for the answer head when the node stops answering."""
         if wants_upgrade(request):
             endpoint = self._endpoints.endpointForURI(URI.fromBytes(url))
             hijack(request, endpoint, headers, AGENT_HEADERS, unreachable, self._metrics)
             return
-        Deferred.fromCoroutine(self._relay(request, url, headers, unreachable))
+        Deferred.fromCoroutine(self._relay(request, url, headers, unreachable, bound))
 
     async def _relay(
-        self, request: Request, url: bytes, headers: Headers, unreachable: str
+        self,
+        request: Request,
+        url: bytes,
+        headers: Headers,
+        unreachable: str,
+        bound: Bounded | None,
     ) -> None:
         pending = self._client.request(request.method, url, headers, self._body(request))
+        if bound is not None:
+            pending = bound(pending)
         gone = watch_gone(request, then=pending.cancel)
         try:
             response = await pending
@@ -181,7 +203,9 @@ class Relay:
             if not gone() and not isinstance(e, CancelledError):
                 why = describe(e)
                 log.warn("{upstream}: {why}", upstream=unreachable, why=why)
-                request.write(write_error(request, 502, unreachable, why))
+                # The bound's TimeoutError: the node stopped answering.
+                code = 504 if isinstance(e, TimeoutError) else 502
+                request.write(write_error(request, code, unreachable, why))
                 request.finish()
             return
         request.setResponseCode(response.code, response.phrase)
@@ -235,8 +259,10 @@ class EngineProxy(ReverseProxyResource):
 
     def render(self, request: Request) -> Rendered:
         request.defaultContentType = None
-        _, url, headers = self._nodes.copy(self._nodes.me, request.uri, request)
-        self._relay(request, url, headers, "Unable to reach the Docker engine")
+        me = self._nodes.me
+        _, url, headers = self._nodes.copy(me, request.uri, request)
+        bound = partial(self._nodes.answer_of, me)
+        self._relay(request, url, headers, "Unable to reach the Docker engine", bound)
         return NOT_DONE_YET
 
 
@@ -256,6 +282,13 @@ class PeerProxy(ReverseProxyResource):
 
     def render(self, request: Request) -> Rendered:
         request.defaultContentType = None
+        unreachable = f"Unable to reach the agent of node {self._peer.name}"
+        silence = self._nodes.silence(self._peer)
+        if silence is not None:
+            # Known silent: answered at once, as lists name it missing.
+            request.responseHeaders.setRawHeaders(MISSING_NODES, [self._peer.name.encode()])
+            return write_error(request, 502, unreachable, silence.describe())
         _, url, headers = self._nodes.copy(self._peer, request.uri, request)
-        self._relay(request, url, headers, f"Unable to reach the agent of node {self._peer.name}")
+        bound = partial(self._nodes.answer_of, self._peer)
+        self._relay(request, url, headers, unreachable, bound)
         return NOT_DONE_YET

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -335,6 +338,84 @@ class SilenceTests(NodesCase):
         )
         self.answer(-1)
         self.assertIsNone(value("swarmagent_node_silent_since_seconds", {"node": "b"}))
+
+
+class AnswerOfTests(NodesCase):
+    """A request with no deadline of its own is bounded by its node's life."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pending: Deferred[IResponse] = Deferred()
+        self.cancelled: list[bool] = []
+        self.pending.addErrback(self.dropped)
+        self.bounded = self.nodes.answer_of(self.b, self.pending)
+
+    def dropped(self, reason: Failure) -> Failure:
+        self.cancelled.append(reason.check(CancelledError) is not None)
+        return reason
+
+    def ping(self) -> Any:
+        ping = self.peers.calls[-1]
+        self.assertEqual(ping.url, b"https://10.0.0.2:9001" + PING)
+        return ping
+
+    def test_an_answer_in_time_is_passed_on_and_nothing_is_asked(self) -> None:
+        answer = cast(IResponse, object())  # whatever the request gets
+        self.pending.callback(answer)
+        self.assertIs(self.successResultOf(self.bounded), answer)
+        self.clock.advance(TIMEOUT * 10)
+        self.assertEqual(self.peers.calls, [])
+
+    def test_a_node_that_answers_its_ping_is_waited_for(self) -> None:
+        """A slow request (a stop waiting out its grace period) is not given up."""
+        for _ in range(3):
+            self.clock.advance(TIMEOUT)
+            response = self.ping().respond(200)
+            response.deliver(b"OK")
+            response.end()
+        self.assertNoResult(self.bounded)
+        self.assertEqual(len(self.peers.calls), 3)
+        answer = cast(IResponse, object())  # whatever the request gets
+        self.pending.callback(answer)
+        self.assertIs(self.successResultOf(self.bounded), answer)
+        self.assertEqual(self.cancelled, [])
+
+    def test_a_node_that_does_not_answer_its_ping_is_given_up(self) -> None:
+        self.clock.advance(1_700_000_000)  # past the deadline: the ping is sent
+        self.ping()
+        self.assertNoResult(self.bounded)
+        self.clock.advance(TIMEOUT)  # the ping runs out its own deadline
+        failure = self.failureResultOf(self.bounded, TimeoutError)
+        self.assertEqual(
+            str(failure.value),
+            f"no answer within {TIMEOUT:g} s, nor to a ping: not answering since "
+            f"2023-11-14T22:13:20+00:00: no answer within {TIMEOUT:g} s",
+        )
+        self.assertEqual(self.cancelled, [True])  # the request itself is dropped
+        self.assertIn("id-b", self.nodes.silences())
+
+    def test_a_ping_refused_at_once_gives_it_up(self) -> None:
+        self.clock.advance(TIMEOUT)
+        self.ping().result.errback(ConnectionRefusedError("refused"))
+        failure = self.failureResultOf(self.bounded, TimeoutError)
+        self.assertIn("nor to a ping: refused", str(failure.value))
+        self.assertEqual(self.cancelled, [True])
+
+    def test_cancelling_it_cancels_the_request_and_stops_the_watch(self) -> None:
+        self.bounded.cancel()
+        self.failureResultOf(self.bounded, CancelledError)
+        self.assertEqual(self.cancelled, [True])
+        self.clock.advance(TIMEOUT * 10)
+        self.assertEqual(self.peers.calls, [])
+
+    def test_an_answer_while_the_ping_is_out_wins(self) -> None:
+        self.clock.advance(TIMEOUT)
+        self.ping()
+        answer = cast(IResponse, object())  # whatever the request gets
+        self.pending.callback(answer)
+        self.assertIs(self.successResultOf(self.bounded), answer)
+        self.clock.advance(TIMEOUT)  # the ping runs out: nothing more happens
+        self.assertEqual(self.cancelled, [])
 
 
 class FailureTests(SynchronousTestCase):

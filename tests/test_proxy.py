@@ -352,3 +352,57 @@ class PeerTests(RelayCase):
         self.assertEqual(answer.header("api-version"), "1.46")
         for name in ("portainer-agent", "portainer-agent-api-version", "portainer-agent-platform"):
             self.assertNotIn(name, answer.headers)
+
+
+class StalledNodeTests(RelayCase):
+    """A relayed request waits for a slow node, not for one that stopped answering."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.peer = Peer("10.0.0.2", AGENT_PORT, worker("b"))
+        relay = Relay(self.upstream, PeerEndpoints(self.clock, 5, ClientTLS()), self.cooperator)
+        self.site = make_site(PeerProxy(relay, self.nodes, self.peer), self.clock)
+
+    def forward(self) -> Client:
+        return Client(self.site).send("GET", "/containers/abc/json")
+
+    def test_a_node_that_stops_answering_gets_a_504_within_two_deadlines(self) -> None:
+        client = self.forward()
+        forwarded = self.upstream.calls[0]
+        self.clock.advance(5)  # no answer head within the deadline: the node is pinged
+        ping = self.upstream.calls[1]
+        self.assertEqual(ping.url, b"https://10.0.0.2:9001/_ping")
+        self.assertEqual(client.raw, b"")
+        self.clock.advance(5)  # nor an answer to the ping
+        answer = client.response()
+        self.assertEqual(answer.code, 504)
+        self.assertEqual(answer.json()["message"], "Unable to reach the agent of node b")
+        self.assertIn("nor to a ping: not answering since", answer.json()["details"])
+        self.assertTrue(forwarded.cancelled)
+
+    def test_then_a_forward_to_it_fails_at_once_naming_it(self) -> None:
+        self.forward()
+        self.clock.advance(5)
+        self.clock.advance(5)
+        asked = len(self.upstream.calls)
+        answer = self.forward().response()
+        self.assertEqual(answer.code, 502)
+        self.assertEqual(answer.header("x-swarmagent-missing-nodes"), "b")
+        self.assertIn("Not answering since", answer.json()["details"])
+        self.assertEqual(len(self.upstream.calls), asked)  # not sent
+
+    def test_a_slow_answer_from_a_node_that_pings_is_waited_for(self) -> None:
+        client = self.forward()
+        for round in range(3):
+            self.clock.advance(5)
+            ping = self.upstream.calls[-1]
+            self.assertEqual(ping.url, b"https://10.0.0.2:9001/_ping", round)
+            pong = ping.respond(200)
+            pong.deliver(b"OK")
+            pong.end()
+        response = self.upstream.calls[0].respond(200, {b"content-type": [b"application/json"]})
+        response.deliver(b"{}")
+        response.end()
+        answer = client.response()
+        self.assertEqual((answer.code, answer.body), (200, b"{}"))
+        self.assertEqual(self.nodes.silences(), {})
