@@ -1,0 +1,79 @@
+"""Part 9: the cluster-wide list over 1 to 30 fake nodes (bench/fake.py), no root.
+
+Every cell is: N fake nodes (nginx on a unix socket per node, a static
+``/containers/json`` of C synthetic containers in Docker's shape, an active
+swarm worker in ``/info``), a real agent per node (``makeService``, TLS,
+discovery through a hosts file), and ``GET /containers/json?all=1`` through
+node1's agent, with Portainer's signature headers and no target, against the
+bench client reading the N engine sockets itself (in parallel threads, and one
+after the other), interleaved. A static answer costs the engine almost
+nothing, so the ratio is stricter than on real engines (the lab grid of part
+2). Node counts grow (agents are added, never removed, so no idle agent
+probes the cluster); the container count changes under each node count.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import profile
+from bench.client import Target, get
+from bench.fake import FakeCluster
+from bench.fanout import PATH, measure_cell
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """Node counts, containers per node, repetitions per container count."""
+
+    node_counts: tuple[int, ...] = (1, 3, 10, 30)
+    containers: tuple[int, ...] = (10, 100, 500)
+    repetitions: tuple[int, ...] = (20, 10, 6)
+    #: The agents' discovery interval: each tick probes every other agent.
+    refresh: int = 10
+    #: Profile the entry agent at this (nodes, containers) cell, if py-spy is there.
+    profile_cell: tuple[int, int] | None = (10, 500)
+
+
+def _lists(entry: Target, seconds: float) -> None:
+    conn = entry.connect(60)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        get(conn, PATH, dict(entry.headers))
+    conn.close()
+
+
+def run_grid(plan: GridPlan, log: Any) -> dict[str, Any]:
+    """Every node count x container count on one fake cluster."""
+    cells: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}
+    biggest = max(plan.node_counts)
+    with FakeCluster(biggest, plan.containers[0], refresh=plan.refresh) as fc:
+        entry = fc.nodes[0]
+        started: list[Any] = []
+        for n in sorted(plan.node_counts):
+            members = fc.nodes[:n]
+            t0 = time.monotonic()
+            fc.set_members(members)
+            fc.start_agents([m for m in members if m not in started])
+            started = list(members)
+            fc.wait_members(entry, {m.name for m in members}, timeout=3 * plan.refresh + 30)
+            log(f"  {n} fake nodes with agents in {time.monotonic() - t0:.1f} s")
+            pids = [m.pid for m in members]
+            engines = [Target("engine", unix=m.socket) for m in members]
+            for count, reps in zip(plan.containers, plan.repetitions, strict=True):
+                fc.set_containers(count)
+                target = fc.agent(entry)
+                cells.append(measure_cell(target, entry.pid, pids, engines, count, reps, log))
+                if plan.profile_cell == (n, count) and profile.available():
+                    log(f"  profile: entry agent under sequential lists, {n} x {count}")
+                    with tempfile.TemporaryDirectory() as tmp:
+                        raw = Path(tmp) / "grid.raw"
+                        profile.record(entry.pid, 6, raw, functools.partial(_lists, target, 6))
+                        profiles[f"fan-out (fake) {n} x {count}"] = profile.summarize(raw)
+    return {"plan": plan.__dict__, "path": PATH, "cells": cells, "profiles": profiles}
