@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import profile, report
+from bench import aims, profile, report
 from bench.client import Target, get, load
 from bench.cluster import (
     agent_pid,
@@ -31,17 +31,24 @@ from bench.cluster import (
     start_agents,
 )
 from bench.discovery import run_discovery
+from bench.fake import FakeCluster
 from bench.fanout import PATH as LIST_PATH
 from bench.fanout import FanoutPlan, run_fanout
+from bench.grid import GridPlan, run_grid
 from bench.leaks import LeakPlan, run_leaks
 from bench.nginx import Nginx
 from bench.observability import ObservabilityPlan, run_observability
 from bench.passthrough import PassthroughPlan, run_passthrough
+from bench.snapshot import SnapshotPlan, run_snapshot
 from bench.streams import StreamPlan, run_streams
+from bench.wrk import WrkPlan, run_wrk
 from tests.lab import Lab
 
 HERE = Path(__file__).resolve().parent
 NGINX_PORT = 9080
+#: The reference nginx TLS proxy's port on the fake node1's loopback address.
+PROXY_PORT = 9443
+PARTS = "wrk,grid,snapshot,single,cluster,observability"
 
 
 @dataclass(frozen=True)
@@ -56,17 +63,23 @@ class Plan:
     profile: bool
     leaks: LeakPlan
     observability: ObservabilityPlan
+    wrk: WrkPlan
+    grid: GridPlan
+    snapshot: SnapshotPlan
 
 
 FULL = Plan(
     "full",
     PassthroughPlan(),
     StreamPlan(),
-    FanoutPlan(),
+    FanoutPlan(node_counts=(1, 3, 10)),
     discovery_reps=5,
     profile=True,
     leaks=LeakPlan(),
     observability=ObservabilityPlan(),
+    wrk=WrkPlan(),
+    grid=GridPlan(),
+    snapshot=SnapshotPlan(),
 )
 SMOKE = Plan(
     "smoke",
@@ -77,7 +90,14 @@ SMOKE = Plan(
     profile=False,
     leaks=LeakPlan(rounds=2, streams=20),
     observability=ObservabilityPlan(requests=500, repetitions=2),
-)
+    wrk=WrkPlan(
+        concurrencies=(16,), endpoints=("ping",), rounds=1, warmup=0, duration=1,
+        http_client_duration=0.5, profile=False,
+    ),
+    grid=GridPlan(node_counts=(2,), containers=(5,), repetitions=(3,), refresh=2,
+                  profile_cell=None, idle_wait=0.5),
+    snapshot=SnapshotPlan(node_counts=(2,), running=2, rounds=1, profile=False),
+)  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -167,6 +187,21 @@ def cluster(plan: Plan, results: dict[str, Any]) -> None:
         results["discovery"] = run_discovery(lab, agents[0], other.node, plan.discovery_reps, log)
 
 
+def wrk_part(plan: Plan, results: dict[str, Any]) -> None:
+    """Part 8 on a fake cluster of three loopback nodes (node1 not in a swarm)."""
+    # Discovery ticks every 10 s: the two peers found each other at start.
+    with FakeCluster(3, 100, standalone=True, refresh=10) as fc:
+        fc.start_agents(fc.nodes)
+        fc.wait_members(fc.nodes[1], {"node2", "node3"})
+        proxy = fc.start_proxy(fc.nodes[0], PROXY_PORT)
+        time.sleep(2)
+        results["wrk"] = run_wrk(fc, proxy, plan.wrk, log)
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny counts, 1-2 nodes, for CI")
@@ -174,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument(
         "--parts",
-        default="single,cluster,observability",
-        help="single (1,3,4), cluster (2,5,6), observability (7, in process), comma-separated",
+        default=PARTS,
+        help="wrk (8, fake cluster), grid (9, fake cluster), snapshot (10, lab), single "
+        "(1,3,4), cluster (2,5,6), observability (7, in process), comma-separated",
+    )
+    parser.add_argument(
+        "--note", default="", help="what else ran on the machine, for the results' header"
     )
     parser.add_argument(
         "--render", type=Path, help="only re-write latest.md and the plot from JSON"
@@ -190,7 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = SMOKE if args.smoke else FULL
     if args.no_profile:
-        plan = Plan(**{**plan.__dict__, "profile": False})
+        plan = Plan(
+            **{
+                **plan.__dict__,
+                "profile": False,
+                "wrk": WrkPlan(**{**plan.wrk.__dict__, "profile": False}),
+                "grid": GridPlan(**{**plan.grid.__dict__, "profile_cell": None}),
+                "snapshot": SnapshotPlan(**{**plan.snapshot.__dict__, "profile": False}),
+            }
+        )
     out: Path = args.out or (HERE / "results" / ("smoke" if args.smoke else ""))
     ok, why = Lab.can_run()
     if not ok:
@@ -203,11 +250,22 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python "
             f"{platform.python_version()}, SALAB_ID={os.environ.get('SALAB_ID', '0')}",
+            "loadavg_start": loadavg(),
+            "noise": args.note,
         }
     }
     status = 0
     try:
         parts = args.parts.split(",")
+        if "wrk" in parts:
+            log("part 8: passthrough CPU per request, wrk and http.client, fake cluster")
+            wrk_part(plan, results)
+        if "grid" in parts:
+            log("part 9: cluster-wide list over fake nodes")
+            results["grid"] = run_grid(plan.grid, log)
+        if "snapshot" in parts:
+            log("part 10: Portainer's snapshot on a lab swarm")
+            results["snapshot"] = run_snapshot(plan.snapshot, log)
         if "single" in parts:
             single_node(plan, results)
         if "cluster" in parts:
@@ -219,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         status = 1
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    results["meta"]["loadavg_end"] = loadavg()
     results["meta"]["complete"] = status == 0
     results["targets"] = report.targets(results)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{results['meta']['seconds']:.0f} s")  # fmt: skip
     for t in results["targets"]:
         log(f"  {'MET ' if t['met'] else 'MISS'} {t['target']}: {t['figure']}")
+    for a in aims.aims(results):
+        log(f"  {'MET ' if a['met'] else 'MISS'} {a['aim']}: {a['measured']} ({a['ratio']})")
     return status
 
 

@@ -7,7 +7,8 @@ performance-options.md §0):
 - ``/_ping``: ``OK`` with Docker's header set;
 - ``/containers/json``: a static list of synthetic containers in Docker's item
   shape (about 840 bytes each; 100 of them are 84 KB), served with a
-  Content-Length (a real engine chunks anything over 2 KB);
+  Content-Length (a real engine chunks anything over 2 KB); the same bytes
+  answer ``/containers/{anything}/json``;
 - ``/info``: "not in a swarm" for a standalone node, else an active swarm
   worker with its own node ID (no manager, so no node list is expected).
 
@@ -69,6 +70,9 @@ ENGINE_SERVER = """\
         location ~ ^(/v[0-9.]+)?/info$ {{ rewrite ^ /info.json break; }}
         location ~ ^(/v[0-9.]+)?/version$ {{ rewrite ^ /version.json break; }}
         location ~ ^(/v[0-9.]+)?/containers/json$ {{ rewrite ^ /containers.json break; }}
+        # The same bytes on an inspect path: a request a target forwards (a list is
+        # fanned out whatever its target, unless the target is the agent's own node).
+        location ~ ^(/v[0-9.]+)?/containers/[^/]+/json$ {{ rewrite ^ /containers.json break; }}
         location / {{ return 404 '{{"message":"not in the fake engine"}}'; }}
     }}
 """

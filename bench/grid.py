@@ -25,6 +25,7 @@ from bench import profile
 from bench.client import Target, get
 from bench.fake import FakeCluster
 from bench.fanout import PATH, measure_cell
+from bench.measure import rss_mb
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class GridPlan:
     refresh: int = 10
     #: Profile the entry agent at this (nodes, containers) cell, if py-spy is there.
     profile_cell: tuple[int, int] | None = (10, 500)
+    #: Seconds the cluster idles before the entry agent's RSS is read.
+    idle_wait: float = 3.0
 
 
 def _lists(entry: Target, seconds: float) -> None:
@@ -52,6 +55,7 @@ def run_grid(plan: GridPlan, log: Any) -> dict[str, Any]:
     """Every node count x container count on one fake cluster."""
     cells: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
+    idle: dict[str, float] = {}
     biggest = max(plan.node_counts)
     with FakeCluster(biggest, plan.containers[0], refresh=plan.refresh) as fc:
         entry = fc.nodes[0]
@@ -64,6 +68,8 @@ def run_grid(plan: GridPlan, log: Any) -> dict[str, Any]:
             started = list(members)
             fc.wait_members(entry, {m.name for m in members}, timeout=3 * plan.refresh + 30)
             log(f"  {n} fake nodes with agents in {time.monotonic() - t0:.1f} s")
+            time.sleep(plan.idle_wait)  # idle: discovery ticks only
+            idle[str(n)] = round(rss_mb(entry.pid), 1)
             pids = [m.pid for m in members]
             engines = [Target("engine", unix=m.socket) for m in members]
             for count, reps in zip(plan.containers, plan.repetitions, strict=True):
@@ -76,4 +82,10 @@ def run_grid(plan: GridPlan, log: Any) -> dict[str, Any]:
                         raw = Path(tmp) / "grid.raw"
                         profile.record(entry.pid, 6, raw, functools.partial(_lists, target, 6))
                         profiles[f"fan-out (fake) {n} x {count}"] = profile.summarize(raw)
-    return {"plan": plan.__dict__, "path": PATH, "cells": cells, "profiles": profiles}
+    return {
+        "plan": plan.__dict__,
+        "path": PATH,
+        "cells": cells,
+        "idle_rss_mb": idle,
+        "profiles": profiles,
+    }

@@ -29,11 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import profile
 from bench.client import Target, load
 from bench.fake import PORT, FakeCluster
 from bench.measure import cpu_seconds, percentile, spread
 
-ENDPOINTS = {"ping": "/_ping", "list100": "/containers/json?all=1"}
+#: ``list100`` is the 84 KB list of 100 containers, asked on an inspect path
+#: (the fake engine answers it there too) so that the peer's target forwards
+#: it: route() fans out a list whatever its target, unless it names the entry.
+ENDPOINTS = {"ping": "/_ping", "list100": "/containers/list100/json"}
 
 #: wrk's report, one JSON line, from its ``done`` hook.
 DONE = """
@@ -59,6 +63,8 @@ class WrkPlan:
     #: Also drive each way in with the bench's own http.client generator.
     http_client: bool = True
     http_client_duration: float = 2.0
+    #: py-spy the agents under the highest load, if py-spy is there.
+    profile: bool = True
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ def wrk(target: Target, path: str, conc: int, seconds: float, lua: Path) -> dict
     """One wrk run (one thread, ``conc`` keep-alive TLS connections); its report."""
     url = f"https://{target.host}:{target.port}{path}"
     # wrk takes whole seconds.
-    cmd = ["wrk", "-t1", f"-c{conc}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(lua), url]
+    window = f"-d{max(1, round(seconds))}s"
+    cmd = ["wrk", "-t1", f"-c{conc}", window, "--timeout", "10s", "-s", str(lua), url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("WRK "):
@@ -152,7 +159,8 @@ def run_wrk(fc: FakeCluster, proxy: Target, plan: WrkPlan, log: Any) -> dict[str
                 for g, w in order:
                     if g == "wrk":
                         lua = scripts[w.name]
-                        wrk(w.target, path, conc, plan.warmup, lua)
+                        if plan.warmup:
+                            wrk(w.target, path, conc, plan.warmup, lua)
                         go = functools.partial(_wrk_run, w.target, path, conc, plan.duration, lua)
                     else:
                         go = functools.partial(
@@ -180,8 +188,22 @@ def run_wrk(fc: FakeCluster, proxy: Target, plan: WrkPlan, log: Any) -> dict[str
                         for w in ways
                     )
                 )
+    profiles: dict[str, Any] = {}
+    if plan.profile and profile.available():
+        top = max(plan.concurrencies)
+        for way in ways[1:]:
+            for label in plan.endpoints:
+                log(f"  profile: {way.name} under wrk c={top} {label}")
+                with tempfile.TemporaryDirectory() as tmp:
+                    raw = Path(tmp) / "wrk.raw"
+                    work = functools.partial(
+                        wrk, way.target, ENDPOINTS[label], top, 5, scripts[way.name]
+                    )
+                    profile.record(way.pids[0], 5, raw, work)
+                    profiles[f"wrk {way.name} {label} c={top}"] = profile.summarize(raw)
     return {
         "plan": plan.__dict__,
+        "profiles": profiles,
         "signature": "Portainer's two signature headers (P-256 key, signing MD5(AGENT_SECRET)), "
         "the same pair on every request: the agent verifies it once and then serves it "
         "from its cache, as it does for Portainer's reused signatures",
