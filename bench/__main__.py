@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         "(1,3,4), cluster (2,5,6), observability (7, in process), comma-separated",
     )
     parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other parts' figures from the results folder's latest.json",
+    )
+    parser.add_argument(
         "--note", default="", help="what else ran on the machine, for the results' header"
     )
     parser.add_argument(
@@ -254,23 +259,35 @@ def main(argv: list[str] | None = None) -> int:
             "noise": args.note,
         }
     }
+    parts = args.parts.split(",")
+    if args.update and (out / "latest.json").exists():
+        earlier: dict[str, Any] = json.loads((out / "latest.json").read_text())
+        kept = {k: v for k, v in earlier.items() if k not in ("meta", "targets")}
+        results = {**kept, "meta": results["meta"]}
+        results["meta"]["kept_from"] = f"{earlier['meta']['date']} ({', '.join(kept)})"
+        results["meta"]["loadavg_parts"] = dict(earlier["meta"].get("loadavg_parts", {}))
     status = 0
     try:
-        parts = args.parts.split(",")
         if "wrk" in parts:
+            results["meta"].setdefault("loadavg_parts", {})["wrk"] = loadavg()
             log("part 8: passthrough CPU per request, wrk and http.client, fake cluster")
             wrk_part(plan, results)
         if "grid" in parts:
+            results["meta"].setdefault("loadavg_parts", {})["grid"] = loadavg()
             log("part 9: cluster-wide list over fake nodes")
             results["grid"] = run_grid(plan.grid, log)
         if "snapshot" in parts:
+            results["meta"].setdefault("loadavg_parts", {})["snapshot"] = loadavg()
             log("part 10: Portainer's snapshot on a lab swarm")
             results["snapshot"] = run_snapshot(plan.snapshot, log)
         if "single" in parts:
+            results["meta"].setdefault("loadavg_parts", {})["single"] = loadavg()
             single_node(plan, results)
         if "cluster" in parts:
+            results["meta"].setdefault("loadavg_parts", {})["cluster"] = loadavg()
             cluster(plan, results)
         if "observability" in parts:
+            results["meta"].setdefault("loadavg_parts", {})["observability"] = loadavg()
             log("part 7: metrics and access log, per request, in process")
             results["observability"] = run_observability(plan.observability, log)
     except Exception:

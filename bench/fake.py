@@ -348,8 +348,9 @@ class FakeCluster:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
+        # Many Pythons importing Twisted at once on two busy cores take a while.
         for n in nodes:
-            _wait_ok(self.agent(n), n.proc, n.dir / "agent.log", "/ping")
+            _wait_ok(self.agent(n), n.proc, n.dir / "agent.log", "/ping", 60 + 5 * len(nodes))
 
     def agent(self, node: FakeNode, target: str = "") -> Target:
         """The agent of ``node`` over TLS, with Portainer's signature headers (and a target)."""

@@ -105,6 +105,14 @@ def markdown(results: dict[str, Any]) -> str:
             if "loadavg_start" in meta
             else ""
         )
+        + (
+            "Load average at the start of each part: "
+            + ", ".join(f"{k} {v}" for k, v in meta["loadavg_parts"].items())
+            + ". "
+            if meta.get("loadavg_parts")
+            else ""
+        )
+        + (f"Parts kept from the run of {meta['kept_from']}. " if meta.get("kept_from") else "")
         + "Parts 1-7 drive every path with one client library (`http.client`, keep-alive; "
         "the agent over HTTPS with a client certificate, the engine on its unix socket), "
         "medians with p25-p75 in brackets; parts 8-10 are issue #12's method (wrk, CPU per "
