@@ -62,7 +62,17 @@ def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
                     p50 - base_p50 <= margin,
                     "passthrough" if way == "agent" else "peer",
                 )
-    grid = results.get("grid", {}).get("cells", [])
+    every = results.get("grid", {}).get("cells", [])
+    grid = [c for c in every if "error" not in c]
+    for c in every:
+        if "error" in c:
+            add(
+                f"cluster list at {c['nodes']} x {c['per_node']} (fake grid)",
+                c["error"],
+                "-",
+                False,
+                "fan-out",
+            )
     if grid:
         worst = max(grid, key=lambda c: c["agent/parallel"])
         ok = sum(c["agent/parallel"] <= FANOUT_LIMIT for c in grid)
@@ -253,6 +263,9 @@ def _grid_section(results: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in part["cells"]:
+        if "error" in c:
+            lines.append(f"| {c['nodes']} | {c['per_node']} | {c['error']} |" + " |" * 7)
+            continue
         lines.append(
             f"| {c['nodes']} | {c['per_node']} | {_s(c['ms']['agent'])} | "
             f"{_s(c['ms']['parallel'])} | {_s(c['ms']['sequential'])} | "

@@ -234,7 +234,12 @@ class FakeCluster:
     """``nodes`` fake engines (node1 is standalone if ``standalone``), certificates, agents."""
 
     def __init__(
-        self, nodes: int, containers: int = 100, standalone: bool = False, refresh: int = 1
+        self,
+        nodes: int,
+        containers: int = 100,
+        standalone: bool = False,
+        refresh: int = 1,
+        fanout_timeout: int = 10,
     ) -> None:
         """``refresh``: the agents' discovery interval (s); each tick costs CPU in a window."""
         self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-fake{LAB_ID}-"))
@@ -252,6 +257,7 @@ class FakeCluster:
         self.signer = Signer.generate(SECRET)
         self._containers = containers
         self._refresh = refresh
+        self._fanout_timeout = fanout_timeout
         self.engines: subprocess.Popen[bytes] | None = None
         self.proxy: subprocess.Popen[bytes] | None = None
 
@@ -326,7 +332,7 @@ class FakeCluster:
             "AGENT_PORT": str(PORT),
             "DOCKER_HOST": "unix://" + node.socket,
             "AGENT_REFRESH_INTERVAL": str(self._refresh),
-            "AGENT_FANOUT_TIMEOUT": "10",
+            "AGENT_FANOUT_TIMEOUT": str(self._fanout_timeout),
             "DATA_PATH": str(node.dir / "agent-data"),
             "AGENT_SECRET": SECRET,
             "AGENT_TLS_CERT": str(self.tls / certs.SERVER_CERT),
