@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,14 @@ NGINX_PORT = 9080
 #: The reference nginx TLS proxy's port on the fake node1's loopback address.
 PROXY_PORT = 9443
 PARTS = "wrk,grid,snapshot,single,cluster,observability"
+DESCRIPTIONS = {
+    "wrk": "part 8, passthrough CPU per request, wrk and http.client, fake cluster",
+    "grid": "part 9, cluster-wide list over fake nodes",
+    "snapshot": "part 10, Portainer's snapshot on a lab swarm",
+    "single": "parts 1, 3, 4 on a one-node lab",
+    "cluster": "parts 2, 5, 6 on a lab",
+    "observability": "part 7, metrics and access log, per request, in process",
+}
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,19 @@ def wrk_part(plan: Plan, results: dict[str, Any]) -> None:
         results["wrk"] = run_wrk(fc, proxy, plan.wrk, log)
 
 
+def save(
+    out: Path, results: dict[str, Any], started: float, status: int, final: bool = False
+) -> None:
+    """Write latest.json and latest.md as they stand (complete: the last write, no crash)."""
+    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    results["meta"]["loadavg_end"] = loadavg()
+    results["meta"]["complete"] = final and status == 0
+    results["targets"] = report.targets(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "latest.md").write_text(report.markdown(results))
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -266,40 +288,29 @@ def main(argv: list[str] | None = None) -> int:
         results = {**kept, "meta": results["meta"]}
         results["meta"]["kept_from"] = f"{earlier['meta']['date']} ({', '.join(kept)})"
         results["meta"]["loadavg_parts"] = dict(earlier["meta"].get("loadavg_parts", {}))
+    runs: dict[str, Callable[[], None]] = {
+        "wrk": lambda: wrk_part(plan, results),
+        "grid": lambda: results.update(grid=run_grid(plan.grid, log)),
+        "snapshot": lambda: results.update(snapshot=run_snapshot(plan.snapshot, log)),
+        "single": lambda: single_node(plan, results),
+        "cluster": lambda: cluster(plan, results),
+        "observability": lambda: results.update(
+            observability=run_observability(plan.observability, log)
+        ),
+    }
     status = 0
     try:
-        if "wrk" in parts:
-            results["meta"].setdefault("loadavg_parts", {})["wrk"] = loadavg()
-            log("part 8: passthrough CPU per request, wrk and http.client, fake cluster")
-            wrk_part(plan, results)
-        if "grid" in parts:
-            results["meta"].setdefault("loadavg_parts", {})["grid"] = loadavg()
-            log("part 9: cluster-wide list over fake nodes")
-            results["grid"] = run_grid(plan.grid, log)
-        if "snapshot" in parts:
-            results["meta"].setdefault("loadavg_parts", {})["snapshot"] = loadavg()
-            log("part 10: Portainer's snapshot on a lab swarm")
-            results["snapshot"] = run_snapshot(plan.snapshot, log)
-        if "single" in parts:
-            results["meta"].setdefault("loadavg_parts", {})["single"] = loadavg()
-            single_node(plan, results)
-        if "cluster" in parts:
-            results["meta"].setdefault("loadavg_parts", {})["cluster"] = loadavg()
-            cluster(plan, results)
-        if "observability" in parts:
-            results["meta"].setdefault("loadavg_parts", {})["observability"] = loadavg()
-            log("part 7: metrics and access log, per request, in process")
-            results["observability"] = run_observability(plan.observability, log)
+        for part in PARTS.split(","):
+            if part not in parts:
+                continue
+            results["meta"].setdefault("loadavg_parts", {})[part] = loadavg()
+            log(f"{part}: {DESCRIPTIONS[part]}")
+            runs[part]()
+            save(out, results, started, status)  # a later crash keeps this part
     except Exception:
         traceback.print_exc()
         status = 1
-    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
-    results["meta"]["loadavg_end"] = loadavg()
-    results["meta"]["complete"] = status == 0
-    results["targets"] = report.targets(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "latest.md").write_text(report.markdown(results))
+    save(out, results, started, status, final=True)
     plotted = report.plot(results, out / "fanout.png")
     log(f"results in {out} ({'with' if plotted else 'without'} plot), "
         f"{results['meta']['seconds']:.0f} s")  # fmt: skip

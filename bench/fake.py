@@ -20,6 +20,7 @@ rewrites to change who is in the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -356,7 +357,7 @@ class FakeCluster:
                 )
         # Many Pythons importing Twisted at once on two busy cores take a while.
         for n in nodes:
-            _wait_ok(self.agent(n), n.proc, n.dir / "agent.log", "/ping", 60 + 5 * len(nodes))
+            _wait_ok(self.agent(n), n.proc, n.dir / "agent.log", "/ping", 120 + 10 * len(nodes))
 
     def agent(self, node: FakeNode, target: str = "") -> Target:
         """The agent of ``node`` over TLS, with Portainer's signature headers (and a target)."""
@@ -373,7 +374,13 @@ class FakeCluster:
 
     def wait_members(self, node: FakeNode, names: set[str], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while (have := self.members_of(node)) != names:
+        have: set[str] = set()
+        while True:
+            # A busy agent may not answer within 5 s: ask again.
+            with contextlib.suppress(OSError):
+                have = self.members_of(node)
+            if have == names:
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{node.name} knows {sorted(have)}, not {sorted(names)}")
             time.sleep(0.1)

@@ -68,9 +68,16 @@ def run_grid(plan: GridPlan, log: Any) -> dict[str, Any]:
             members = fc.nodes[:n]
             t0 = time.monotonic()
             fc.set_members(members)
-            fc.start_agents([m for m in members if m not in started])
-            started = list(members)
-            fc.wait_members(entry, {m.name for m in members}, timeout=3 * plan.refresh + 30)
+            try:
+                fc.start_agents([m for m in members if m not in started])
+                started = list(members)
+                fc.wait_members(entry, {m.name for m in members}, timeout=3 * plan.refresh + 30)
+            except (RuntimeError, OSError) as e:
+                # Too busy a machine to start the agents: say so, keep the smaller cells.
+                log(f"  {n} fake nodes: not started ({e!s:.300})")
+                cells += [{"nodes": n, "per_node": c, "error": f"agents did not start: {e!s:.200}"}
+                          for c in plan.containers]  # fmt: skip
+                break
             log(f"  {n} fake nodes with agents in {time.monotonic() - t0:.1f} s")
             time.sleep(plan.idle_wait)  # idle: discovery ticks only
             idle[str(n)] = round(rss_mb(entry.pid), 1)
