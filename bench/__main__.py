@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         for part in PARTS.split(","):
             if part not in parts:
                 continue
-            results["meta"].setdefault("loadavg_parts", {})[part] = loadavg()
+            now = datetime.datetime.now(datetime.UTC).strftime("%H:%M UTC")
+            results["meta"].setdefault("loadavg_parts", {})[part] = f"{loadavg()} at {now}"
             log(f"{part}: {DESCRIPTIONS[part]}")
             runs[part]()
             save(out, results, started, status)  # a later crash keeps this part

@@ -106,7 +106,7 @@ def markdown(results: dict[str, Any]) -> str:
             else ""
         )
         + (
-            "Load average at the start of each part: "
+            "Load average (1, 5, 15 min) and time at the start of each part: "
             + ", ".join(f"{k} {v}" for k, v in meta["loadavg_parts"].items())
             + ". "
             if meta.get("loadavg_parts")
