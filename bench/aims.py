@@ -145,7 +145,8 @@ def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
     if idle:
         n = max(idle, key=int)
         add(
-            f"idle RSS < {IDLE_RSS_MB:g} MB in a {n}-node cluster (fake grid's entry agent)",
+            f"idle RSS < {IDLE_RSS_MB:g} MB in a {n}-node cluster (fake grid's entry agent, "
+            "after the smaller clusters' lists: a high-water mark)",
             f"{idle[n]} MB",
             f"x{idle[n] / IDLE_RSS_MB:.2f}",
             idle[n] < IDLE_RSS_MB,
@@ -277,7 +278,9 @@ def _grid_section(results: dict[str, Any]) -> list[str]:
     if idle:
         lines += [
             "",
-            "Entry agent's VmRSS once the cluster is known, before the lists: "
+            "Entry agent's VmRSS once each cluster is known, before its lists (but after "
+            "the smaller clusters' lists, whose high-water mark CPython keeps: only the "
+            "first is a fresh idle figure): "
             + ", ".join(f"{n} nodes {mb} MB" for n, mb in idle.items())
             + ".",
         ]
