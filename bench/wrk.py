@@ -144,8 +144,14 @@ def run_wrk(fc: FakeCluster, proxy: Target, plan: WrkPlan, log: Any) -> dict[str
                            headers=fc.agent(n2, n3.name).headers), (n2.pid, n3.pid)),
     ]  # fmt: skip
     generators = ["wrk"] + (["http.client"] if plan.http_client else [])
-    folder = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
-    scripts = {w.name: script(folder, w.target) for w in ways}
+    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
+        scripts = {w.name: script(Path(tmp), w.target) for w in ways}
+        return _run(ways, scripts, generators, plan, log)
+
+
+def _run(
+    ways: list[Way], scripts: dict[str, Path], generators: list[str], plan: WrkPlan, log: Any
+) -> dict[str, Any]:
     cells: list[dict[str, Any]] = []
     for label in plan.endpoints:
         path = ENDPOINTS[label]
