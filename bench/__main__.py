@@ -19,11 +19,12 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import profile, report
+from bench import aims, profile, report
 from bench.client import Target, get, load
 from bench.cluster import (
     agent_pid,
@@ -33,17 +34,32 @@ from bench.cluster import (
     start_agents,
 )
 from bench.discovery import run_discovery
+from bench.fake import FakeCluster
 from bench.fanout import PATH as LIST_PATH
 from bench.fanout import FanoutPlan, run_fanout
+from bench.grid import GridPlan, run_grid
 from bench.leaks import LeakPlan, run_leaks
 from bench.nginx import Nginx
 from bench.observability import ObservabilityPlan, run_observability
 from bench.passthrough import PassthroughPlan, run_passthrough
+from bench.snapshot import SnapshotPlan, run_snapshot
 from bench.streams import StreamPlan, run_streams
+from bench.wrk import WrkPlan, run_wrk
 from tests.lab import Lab
 
 HERE = Path(__file__).resolve().parent
 NGINX_PORT = 9080
+#: The reference nginx TLS proxy's port on the fake node1's loopback address.
+PROXY_PORT = 9443
+PARTS = "wrk,grid,snapshot,single,cluster,observability"
+DESCRIPTIONS = {
+    "wrk": "part 8, passthrough CPU per request, wrk and http.client, fake cluster",
+    "grid": "part 9, cluster-wide list over fake nodes",
+    "snapshot": "part 10, Portainer's snapshot on a lab swarm",
+    "single": "parts 1, 3, 4 on a one-node lab",
+    "cluster": "parts 2, 5, 6 on a lab",
+    "observability": "part 7, metrics and access log, per request, in process",
+}
 
 
 @dataclass(frozen=True)
@@ -58,17 +74,23 @@ class Plan:
     profile: bool
     leaks: LeakPlan
     observability: ObservabilityPlan
+    wrk: WrkPlan
+    grid: GridPlan
+    snapshot: SnapshotPlan
 
 
 FULL = Plan(
     "full",
     PassthroughPlan(),
     StreamPlan(),
-    FanoutPlan(),
+    FanoutPlan(node_counts=(1, 3, 10)),
     discovery_reps=5,
     profile=True,
     leaks=LeakPlan(),
     observability=ObservabilityPlan(),
+    wrk=WrkPlan(),
+    grid=GridPlan(),
+    snapshot=SnapshotPlan(),
 )
 SMOKE = Plan(
     "smoke",
@@ -79,7 +101,14 @@ SMOKE = Plan(
     profile=False,
     leaks=LeakPlan(rounds=2, streams=20),
     observability=ObservabilityPlan(requests=500, repetitions=2),
-)
+    wrk=WrkPlan(
+        concurrencies=(16,), endpoints=("ping",), rounds=1, warmup=0, duration=1,
+        http_client_duration=0.5, profile=False,
+    ),
+    grid=GridPlan(node_counts=(2,), containers=(5,), repetitions=(3,), refresh=2,
+                  profile_cell=None, idle_wait=0.5),
+    snapshot=SnapshotPlan(node_counts=(2,), running=2, rounds=1, profile=False),
+)  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -169,6 +198,34 @@ def cluster(plan: Plan, results: dict[str, Any]) -> None:
         results["discovery"] = run_discovery(lab, agents[0], other.node, plan.discovery_reps, log)
 
 
+def wrk_part(plan: Plan, results: dict[str, Any]) -> None:
+    """Part 8 on a fake cluster of three loopback nodes (node1 not in a swarm)."""
+    # Discovery ticks every 10 s: the two peers found each other at start.
+    with FakeCluster(3, 100, standalone=True, refresh=10) as fc:
+        fc.start_agents(fc.nodes)
+        fc.wait_members(fc.nodes[1], {"node2", "node3"})
+        proxy = fc.start_proxy(fc.nodes[0], PROXY_PORT)
+        time.sleep(2)
+        results["wrk"] = run_wrk(fc, proxy, plan.wrk, log)
+
+
+def save(
+    out: Path, results: dict[str, Any], started: float, status: int, final: bool = False
+) -> None:
+    """Write latest.json and latest.md as they stand (complete: the last write, no crash)."""
+    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    results["meta"]["loadavg_end"] = loadavg()
+    results["meta"]["complete"] = final and status == 0
+    results["targets"] = report.targets(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "latest.md").write_text(report.markdown(results))
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["soak"]:
@@ -181,8 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument(
         "--parts",
-        default="single,cluster,observability",
-        help="single (1,3,4), cluster (2,5,6), observability (7, in process), comma-separated",
+        default=PARTS,
+        help="wrk (8, fake cluster), grid (9, fake cluster), snapshot (10, lab), single "
+        "(1,3,4), cluster (2,5,6), observability (7, in process), comma-separated",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other parts' figures from the results folder's latest.json",
+    )
+    parser.add_argument(
+        "--note", default="", help="what else ran on the machine, for the results' header"
     )
     parser.add_argument(
         "--render", type=Path, help="only re-write latest.md and the plot from JSON"
@@ -197,7 +263,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     plan = SMOKE if args.smoke else FULL
     if args.no_profile:
-        plan = Plan(**{**plan.__dict__, "profile": False})
+        plan = Plan(
+            **{
+                **plan.__dict__,
+                "profile": False,
+                "wrk": WrkPlan(**{**plan.wrk.__dict__, "profile": False}),
+                "grid": GridPlan(**{**plan.grid.__dict__, "profile_cell": None}),
+                "snapshot": SnapshotPlan(**{**plan.snapshot.__dict__, "profile": False}),
+            }
+        )
     out: Path = args.out or (HERE / "results" / ("smoke" if args.smoke else ""))
     ok, why = Lab.can_run()
     if not ok:
@@ -210,32 +284,48 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python "
             f"{platform.python_version()}, SALAB_ID={os.environ.get('SALAB_ID', '0')}",
+            "loadavg_start": loadavg(),
+            "noise": args.note,
         }
+    }
+    parts = args.parts.split(",")
+    if args.update and (out / "latest.json").exists():
+        earlier: dict[str, Any] = json.loads((out / "latest.json").read_text())
+        kept = {k: v for k, v in earlier.items() if k not in ("meta", "targets")}
+        results = {**kept, "meta": results["meta"]}
+        results["meta"]["kept_from"] = f"{earlier['meta']['date']} ({', '.join(kept)})"
+        results["meta"]["loadavg_parts"] = dict(earlier["meta"].get("loadavg_parts", {}))
+    runs: dict[str, Callable[[], None]] = {
+        "wrk": lambda: wrk_part(plan, results),
+        "grid": lambda: results.update(grid=run_grid(plan.grid, log)),
+        "snapshot": lambda: results.update(snapshot=run_snapshot(plan.snapshot, log)),
+        "single": lambda: single_node(plan, results),
+        "cluster": lambda: cluster(plan, results),
+        "observability": lambda: results.update(
+            observability=run_observability(plan.observability, log)
+        ),
     }
     status = 0
     try:
-        parts = args.parts.split(",")
-        if "single" in parts:
-            single_node(plan, results)
-        if "cluster" in parts:
-            cluster(plan, results)
-        if "observability" in parts:
-            log("part 7: metrics and access log, per request, in process")
-            results["observability"] = run_observability(plan.observability, log)
+        for part in PARTS.split(","):
+            if part not in parts:
+                continue
+            now = datetime.datetime.now(datetime.UTC).strftime("%H:%M UTC")
+            results["meta"].setdefault("loadavg_parts", {})[part] = f"{loadavg()} at {now}"
+            log(f"{part}: {DESCRIPTIONS[part]}")
+            runs[part]()
+            save(out, results, started, status)  # a later crash keeps this part
     except Exception:
         traceback.print_exc()
         status = 1
-    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
-    results["meta"]["complete"] = status == 0
-    results["targets"] = report.targets(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "latest.md").write_text(report.markdown(results))
+    save(out, results, started, status, final=True)
     plotted = report.plot(results, out / "fanout.png")
     log(f"results in {out} ({'with' if plotted else 'without'} plot), "
         f"{results['meta']['seconds']:.0f} s")  # fmt: skip
     for t in results["targets"]:
         log(f"  {'MET ' if t['met'] else 'MISS'} {t['target']}: {t['figure']}")
+    for a in aims.aims(results):
+        log(f"  {'MET ' if a['met'] else 'MISS'} {a['aim']}: {a['measured']} ({a['ratio']})")
     return status
 
 

@@ -76,26 +76,30 @@ def run_fanout(lab: Lab, agents: list[Agent], plan: FanoutPlan, log: Any) -> dic
             members = lab.nodes[:n]
             lab.set_dns(members)
             wait_members(lab, entry, {m.name for m in members})
-            cells.append(_cell(lab, entry, pid, pids[:n], members, count, reps, log))
+            engines = [engine_target(m) for m in members]
+            cell = measure_cell(agent_target(lab, entry), pid, pids[:n], engines, count, reps, log)
+            cells.append(cell)
     return {"plan": plan.__dict__, "path": PATH, "creation": creation, "cells": cells}
 
 
-def _cell(
-    lab: Lab,
-    entry: Agent,
+def measure_cell(
+    entry: Target,
     pid: int,
     pids: list[int],
-    members: list[Any],
+    engines: list[Target],
     count: int,
     reps: int,
     log: Any,
 ) -> dict[str, Any]:
-    direct = Direct([engine_target(m) for m in members])
-    conn: http.client.HTTPConnection = agent_target(lab, entry).connect(60)
-    expected = count * len(members)
+    """One grid cell: the list through ``entry`` (agent PID ``pid``, all agents
+    ``pids``) against the client's own query of ``engines``, interleaved."""
+    direct = Direct(engines)
+    conn: http.client.HTTPConnection = entry.connect(60)
+    headers = dict(entry.headers)
+    expected = count * len(engines)
     try:
         for _ in range(2):  # warm up every connection
-            get(conn, PATH, {})
+            get(conn, PATH, headers)
             direct.parallel()
         times: dict[str, list[float]] = {"agent": [], "parallel": [], "sequential": []}
         cpu = 0.0
@@ -105,7 +109,7 @@ def _cell(
             before = cpu_seconds(pid)
             before_all = sum(cpu_seconds(p) for p in pids)
             t0 = time.perf_counter()
-            status, size = get(conn, PATH, {})
+            status, size = get(conn, PATH, headers)
             times["agent"].append(time.perf_counter() - t0)
             cpu += cpu_seconds(pid) - before
             cpu_all += sum(cpu_seconds(p) for p in pids) - before_all
@@ -120,7 +124,7 @@ def _cell(
         direct.close()
     med = {k: spread([x * 1000 for x in v], 2) for k, v in times.items()}
     cell = {
-        "nodes": len(members),
+        "nodes": len(engines),
         "per_node": count,
         "containers": expected,
         "agent_body_bytes": size,
@@ -132,7 +136,7 @@ def _cell(
         "repetitions": reps,
     }
     log(
-        f"  N={len(members):<2} x{count:<4} agent {med['agent']['median']:.1f} ms, "
+        f"  N={len(engines):<2} x{count:<4} agent {med['agent']['median']:.1f} ms, "
         f"parallel {med['parallel']['median']:.1f} ms, sequential "
         f"{med['sequential']['median']:.1f} ms -> x{cell['agent/parallel']} / "
         f"x{cell['agent/sequential']}; agent CPU {cell['agent_cpu_ms_per_request']} ms/req"

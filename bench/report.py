@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench import aims
+
 FANOUT_LIMIT = 1.2
 ADDED_P50_MS = 0.5
 NGINX_SHARE = 0.5
@@ -95,11 +97,30 @@ def markdown(results: dict[str, Any]) -> str:
         f"# swarmagent bench — {meta['mode']} run, {meta['date']}",
         "",
         f"Machine: {meta['machine']}. Run time {meta['seconds']:.0f} s. "
-        "Figures are medians of repeated runs with p25-p75 in brackets. One client "
-        "library (`http.client`, keep-alive) for every path; the agent is reached over "
-        "HTTPS with a client certificate, the engine on its unix socket.",
+        + (
+            f"Load average {meta['loadavg_start']} at the start and {meta['loadavg_end']} "
+            "at the end: "
+            + (meta.get("noise") or "the run shares the machine with whatever else runs")
+            + ". "
+            if "loadavg_start" in meta
+            else ""
+        )
+        + (
+            "Load average (1, 5, 15 min) and time at the start of each part: "
+            + ", ".join(f"{k} {v}" for k, v in meta["loadavg_parts"].items())
+            + ". "
+            if meta.get("loadavg_parts")
+            else ""
+        )
+        + (f"Parts kept from the run of {meta['kept_from']}. " if meta.get("kept_from") else "")
+        + "Parts 1-7 drive every path with one client library (`http.client`, keep-alive; "
+        "the agent over HTTPS with a client certificate, the engine on its unix socket), "
+        "medians with p25-p75 in brackets; parts 8-10 are issue #12's method (wrk, CPU per "
+        "request, a fake cluster, the snapshot on a lab swarm), medians with min-max.",
         "",
-        "## Targets",
+        *aims.markdown(results),
+        "",
+        "## Targets (before issue #12)",
         "",
         "| Target | Measured | Met |",
         "|---|---|---|",
@@ -262,9 +283,9 @@ def markdown(results: dict[str, Any]) -> str:
                 for n in setups
             ]
             lines.append(f"| {cell['endpoint']} | " + " | ".join(row) + " |")
-    prof = results.get("profile")
+    prof = aims.profiles(results)
     if prof:
-        lines += ["", "## Profile (py-spy, share of the agent's samples)", ""]
+        lines += ["", "## Profiles (py-spy, share of the agent's samples)", ""]
         for name, p in prof.items():
             if not p.get("samples"):
                 continue
