@@ -87,27 +87,68 @@ class RequestLog:
         self, request: Request, served: Served, code: int, sent: int, seconds: float
     ) -> None:
         missing = request.responseHeaders.getRawHeaders(MISSING_NODES, [b""])[0]
-        method = request.method.decode("latin-1")
         # request.path never holds the query.
-        path = request.path.decode("latin-1")
-        nodes = ",".join(served.nodes) or "-"
-        client = self._who(request)
+        self.line(
+            request.method,
+            request.path,
+            served.route,
+            served.nodes,
+            code,
+            sent,
+            seconds,
+            self._who(request),
+            missing,
+        )
+
+    def done(
+        self,
+        method: bytes,
+        path: bytes,
+        route: str,
+        nodes: tuple[str, ...],
+        code: int,
+        sent: int,
+        started: float,
+        who: Callable[[], str],
+    ) -> None:
+        """Count, and log if on, a request served outside twisted.web (the relay's);
+        ``who`` names its client, asked only for a line that is written."""
+        seconds = self._clock.seconds() - started
+        self._metrics.request_done(route, code, seconds)
+        if self._access_log and shows(NAMESPACE, LogLevel.info):
+            self.line(method, path, route, nodes, code, sent, seconds, who(), b"")
+
+    def line(
+        self,
+        method: bytes,
+        path: bytes,
+        route: str,
+        nodes: tuple[str, ...],
+        code: int,
+        sent: int,
+        seconds: float,
+        client: str,
+        missing: bytes,
+    ) -> None:
+        """Write one access log line."""
+        m = method.decode("latin-1")
+        p = path.decode("latin-1")
+        names = ",".join(nodes) or "-"
         missed = missing.decode("utf-8", "replace") or "-"
         ms = round(seconds * 1000, 1)
         # The line is made here, once: twisted.logger's own formatting of a
         # many-field format string costs more than the rest of the request.
         # The fields are in the event too, for --log-format json.
-        line = (
-            f"{method} {path} {served.route} nodes={nodes} {code} {sent}B {ms}ms "
-            f"client={client} missing={missed}"
+        text = (
+            f"{m} {p} {route} nodes={names} {code} {sent}B {ms}ms client={client} missing={missed}"
         )
         log.info(
             "{line}",
-            line=line,
-            method=method,
-            path=path,
-            route=served.route,
-            nodes=nodes,
+            line=text,
+            method=m,
+            path=p,
+            route=route,
+            nodes=names,
             status=code,
             bytes=sent,
             ms=ms,

@@ -98,6 +98,13 @@ SETTINGS: tuple[Setting, ...] = (
         "status, bytes, duration, client).",
     ),
     Setting(
+        "relay",
+        "AGENT_RELAY",
+        "bytes",
+        "bytes or web: who serves plain Docker requests for this node's engine: the byte "
+        "relay (docs/architecture.md) or, as before it, twisted.web's client.",
+    ),
+    Setting(
         "metrics-port",
         "AGENT_METRICS_PORT",
         "",
@@ -274,6 +281,10 @@ class Options(usage.Options):
         if access not in ("on", "off"):
             raise bad("access-log", f"must be on or off; got {self['access-log']!r}")
         self["access-log"] = access == "on"
+        relay = str(self["relay"]).lower()
+        if relay not in ("bytes", "web"):
+            raise bad("relay", f"must be bytes or web; got {self['relay']!r}")
+        self["relay"] = relay
         if self["metrics-port"]:
             try:
                 metrics_port = int(self["metrics-port"])
