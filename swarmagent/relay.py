@@ -221,26 +221,26 @@ class Upstream(Protocol):
             return b""
         head, rest = buf[: end + 4], buf[end + 4 :]
         self._buf = b""
+        door = self.door
+        if head.startswith((b"HTTP/1.1 101 ", b"HTTP/1.1 101\r")):
+            # Switching protocols: what follows is the new protocol's (llhttp
+            # pauses on it, or refuses one without "Connection: upgrade").
+            self._state = "splice"
+            door.answer_head(head, 101, [], False, framed=True)
+            door.upgraded()
+            if rest:
+                door.raw_from_upstream(rest)
+            return b""
         self._fields = []
         self._ended = False
         self._parser = httptools.HttpResponseParser(self)
         try:
             self._parser.feed_data(head)
-        except httptools.HttpParserUpgrade:
-            pass
         except httptools.HttpParserError as e:
             self._broken(f"malformed answer head: {e}")
             return b""
         code = self._parser.get_status_code()
         keep_alive = self._parser.should_keep_alive()
-        door = self.door
-        if code == 101:
-            self._state = "splice"
-            door.answer_head(head, code, self._fields, False, framed=True)
-            door.upgraded()
-            if rest:
-                door.raw_from_upstream(rest)
-            return b""
         if 100 <= code < 200:
             door.interim(head)
             return rest
