@@ -29,7 +29,7 @@ from typing import cast
 from urllib.parse import unquote
 
 import httptools
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -150,6 +150,7 @@ class Upstream(Protocol):
         self._fields: list[tuple[bytes, bytes]] = []
         self._ended = False
         self._expired: IDelayedCall | None = None
+        self._lost: list[Deferred[None]] = []
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -285,6 +286,15 @@ class Upstream(Protocol):
         if self.transport is not None:
             self.transport.loseConnection()
 
+    def when_lost(self) -> Deferred[None]:
+        """Fires once the connection is closed."""
+        d: Deferred[None] = Deferred()
+        if self.transport is None:
+            d.callback(None)
+        else:
+            self._lost.append(d)
+        return d
+
     def idle(self, clock: IReactorTime, seconds: float) -> None:
         """Now in the pool: closed after ``seconds`` unused."""
         self._expired = clock.callLater(seconds, self._close)
@@ -305,6 +315,10 @@ class Upstream(Protocol):
             self._expired.cancel()
             self._expired = None
         self.pool.lost(self)
+        self.transport = None
+        lost, self._lost = self._lost, []
+        for d in lost:
+            d.callback(None)
         door, self.door = self.door, None
         if door is None:
             return
@@ -361,12 +375,14 @@ class UpstreamPool:
         if upstream in self._idle:
             self._idle.remove(upstream)
 
-    def close(self) -> None:
-        """Close every idle connection."""
+    def close(self) -> Deferred[list[None]]:
+        """Close every idle connection; fires once they are closed."""
         idle, self._idle = self._idle, []
+        closed = [upstream.when_lost() for upstream in idle]
         for upstream in idle:
             if upstream.transport is not None:
                 upstream.transport.loseConnection()
+        return gatherResults(closed)
 
 
 @dataclass

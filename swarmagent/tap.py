@@ -82,11 +82,11 @@ class _PoolService(MultiService):
             parent.setComponent(ILogObserver, self._log_observer)
         super().setServiceParent(parent)
 
-    def stopService(self) -> Deferred[list[None]]:
+    def stopService(self) -> Deferred[list[list[None]]]:
         super().stopService()
-        for pool in self._relay_pools:
-            pool.close()
-        return gatherResults([p.closeCachedConnections() for p in self._pools])
+        closing = [p.closeCachedConnections() for p in self._pools]
+        closing += [p.close() for p in self._relay_pools]
+        return gatherResults(closing)
 
 
 class LazyConsoles(Resource):

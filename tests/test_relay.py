@@ -605,7 +605,7 @@ class VouchTests(SynchronousTestCase):
     def test_round_trip(self) -> None:
         for cert in (ClientCert(), ClientCert(untrusted=True), ClientCert(subject="CN=a,O=ü é")):
             leaf = _Recorder()
-            site = InternalSite(leaf)
+            site = InternalSite(leaf, reactor=MemoryReactorClock())
             channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
             assert channel is not None
             channel.makeConnection(HalfCloseTransport())
@@ -660,14 +660,15 @@ class LoopbackTests(TestCase):
         """Listen: the engine, then the front door; its URL."""
         reactor = cast(IAgentReactor, global_reactor)
         engine_port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Site(_Engine())
+            # No idle timers: this test's connections close as it ends.
+            Site(_Engine(), timeout=None)
         )
         self.addCleanup(engine_port.stopListening)
         engine_address = cast(IPv4Address, engine_port.getHost())
         engine = UpstreamPool(
             TCP4ClientEndpoint(reactor, "127.0.0.1", engine_address.port), reactor
         )
-        tree = UpstreamPool(InternalEndpoint(reactor, InternalSite(_Tree())), reactor)
+        tree = UpstreamPool(InternalEndpoint(reactor, InternalSite(_Tree(), timeout=None)), reactor)
         self.addCleanup(engine.close)
         self.addCleanup(tree.close)
         authorizer = Authorizer(Verifier(SECRET), None)
