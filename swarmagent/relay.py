@@ -45,6 +45,7 @@ from zope.interface import implementer
 
 from swarmagent.access import RequestLog
 from swarmagent.auth import OPEN_PATHS, Authorizer
+from swarmagent.eager import send_at_once
 from swarmagent.errors import error_body
 from swarmagent.internal import is_internal, vouch
 from swarmagent.logs import logger
@@ -162,9 +163,7 @@ class Upstream(Protocol):
     def send(self, door: FrontDoor, head: bytes, head_only: bool) -> None:
         """Send a request head; the answer goes to ``door``."""
         assert self.transport is not None
-        if self._expired is not None:
-            self._expired.cancel()
-            self._expired = None
+        self._stop_expiry()
         self.door = door
         self._head_only = head_only
         self._state = "head"
@@ -286,6 +285,10 @@ class Upstream(Protocol):
         if self.transport is not None:
             self.transport.loseConnection()
 
+    def connectionMade(self) -> None:
+        if self.pool.eager:
+            send_at_once(self.transport)
+
     def when_lost(self) -> Deferred[None]:
         """Fires once the connection is closed."""
         d: Deferred[None] = Deferred()
@@ -297,7 +300,17 @@ class Upstream(Protocol):
 
     def idle(self, clock: IReactorTime, seconds: float) -> None:
         """Now in the pool: closed after ``seconds`` unused."""
-        self._expired = clock.callLater(seconds, self._close)
+        self._expired = clock.callLater(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._expired = None
+        self.pool.lost(self)
+        self._close()
+
+    def _stop_expiry(self) -> None:
+        if self._expired is not None:
+            self._expired.cancel()
+            self._expired = None
 
     def readConnectionLost(self) -> None:
         # The far end is done: over HTTP, that ends the connection; in a
@@ -311,9 +324,7 @@ class Upstream(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._expired is not None:
-            self._expired.cancel()
-            self._expired = None
+        self._stop_expiry()
         self.pool.lost(self)
         self.transport = None
         lost, self._lost = self._lost, []
@@ -343,7 +354,10 @@ class UpstreamPool:
         clock: IReactorTime,
         size: int = POOL_SIZE,
         idle: float = POOL_IDLE,
+        eager: bool = True,
     ) -> None:
+        """``eager``: its connections send each write at once (:mod:`swarmagent.eager`)."""
+        self.eager = eager
         self._endpoint = endpoint
         self._clock = clock
         self._size = size
@@ -399,6 +413,8 @@ class Doors:
     own_paths: frozenset[bytes]
     #: Seconds a connection may wait for a whole request head.
     idle_timeout: float = 120.0
+    #: Client connections send each write at once (:mod:`swarmagent.eager`).
+    eager: bool = True
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -435,6 +451,8 @@ class FrontDoor(Protocol):
     def connectionMade(self) -> None:
         transport = self._transport()
         transport.registerProducer(self, True)
+        if self._doors.eager:
+            send_at_once(self.transport)
         self._arm_timer()
 
     def _transport(self) -> StreamTransport:

@@ -708,3 +708,22 @@ class LoopbackTests(TestCase):
         self.assertEqual(json.loads(body)["body"], '{"Image": "x"}')
         code, body = await self._call(url + b"/swarmagent/status")
         self.assertEqual(json.loads(body), {"tree": "/swarmagent/status", "cert": None})
+
+
+class PoolTests(SynchronousTestCase):
+    def test_idle_connection_expires(self) -> None:
+        h = Harness()
+        door, _ = h.connect()
+        door.dataReceived(request())
+        upstream, transport = h.engine.last
+        upstream.dataReceived(OK_PING)
+        h.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        h.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        # Out of the pool at once: the next request opens another.
+        door.dataReceived(request())
+        self.assertEqual(len(h.engine.connections), 2)
+        # Its close, once done, finds its timer spent (it raised AlreadyCalled).
+        upstream.connectionLost(Failure(Exception("closed")))
+        self.assertEqual(h.engine.last[0].door, door)
