@@ -370,7 +370,8 @@ class UpstreamPool:
         """An idle connection, else a new one."""
         while self._idle:
             upstream = self._idle.pop()
-            if upstream.transport is not None and upstream.connected:
+            transport = upstream.transport
+            if transport is not None and not getattr(transport, "disconnecting", False):
                 upstream.reused = True
                 return succeed(upstream)
         d: Deferred[IProtocol] = self._endpoint.connect(self._factory)
