@@ -41,22 +41,25 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from twisted.web.client import URI
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from swarmagent.access import RequestLog
 from swarmagent.auth import OPEN_PATHS, Authorizer
+from swarmagent.clients import peer_url
 from swarmagent.eager import send_at_once
 from swarmagent.errors import error_body
 from swarmagent.internal import is_internal, vouch
 from swarmagent.logs import logger
-from swarmagent.peers import PeerTable
+from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import HOP_BY_HOP, OWN_HEADERS
-from swarmagent.routing import Local, route, strip_version
+from swarmagent.routing import Forward, Local, route, strip_version
 from swarmagent.signature import PUBLIC_KEY_HEADER, SIGNATURE_HEADER
 from swarmagent.tls import ClientCert
 from swarmagent.twisted_types import StreamTransport
 from swarmagent.upgrade import MAX_HEAD
-from swarmagent.wire import AGENT_HEADERS
+from swarmagent.wire import AGENT_HEADERS, BROADCAST, HOP, TARGET
 
 log = logger(__name__)
 
@@ -74,6 +77,8 @@ _SIGNATURE = SIGNATURE_HEADER.lower().encode("ascii")
 _AGENT_MARKS = b"".join(n + b": " + v + b"\r\n" for n, v in AGENT_HEADERS)
 _NETWORK_CREATE = "/networks/create"
 _BODILESS = frozenset({204, 304})
+#: Set anew (or dropped) on another node's copy.
+_PEER_SET = frozenset(h.encode("ascii") for h in (TARGET, HOP, BROADCAST))
 
 
 def _response(code: int, reason: bytes, body: bytes, marks: bytes = _AGENT_MARKS) -> bytes:
@@ -400,6 +405,28 @@ class UpstreamPool:
         return gatherResults(closed)
 
 
+class PeerPools:
+    """One :class:`UpstreamPool` per other agent (by address and port)."""
+
+    def __init__(self, endpoints: IAgentEndpointFactory, clock: IReactorTime) -> None:
+        self._endpoints = endpoints
+        self._clock = clock
+        self._pools: dict[tuple[str, int], UpstreamPool] = {}
+
+    def pool(self, peer: Peer) -> UpstreamPool:
+        """The pool of ``peer``'s agent."""
+        key = (peer.address, peer.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            uri = URI.fromBytes(peer_url(peer.address, peer.port, b"/"))
+            pool = self._pools[key] = UpstreamPool(self._endpoints.endpointForURI(uri), self._clock)
+        return pool
+
+    def close(self) -> Deferred[list[list[None]]]:
+        """Close every idle connection; fires once they are closed."""
+        return gatherResults([pool.close() for pool in self._pools.values()])
+
+
 @dataclass
 class Doors:
     """What every front door shares: the upstreams and the judges."""
@@ -416,6 +443,9 @@ class Doors:
     idle_timeout: float = 120.0
     #: Client connections send each write at once (:mod:`swarmagent.eager`).
     eager: bool = True
+    #: Connections to the other agents: a request for another node is relayed
+    #: there (None: the tree forwards it).
+    peers: PeerPools | None = None
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -434,7 +464,9 @@ class FrontDoor(Protocol):
         self._queued = 0
         self._current: Exchange | None = None
         self._upstream: Upstream | None = None
-        self._internal = False
+        #: Where the current request goes: "tree", "local" (the engine) or "forwarded".
+        self._kind = "tree"
+        self._peer: Peer | None = None
         self._close_after = False
         self._refused = False
         self._splice = False
@@ -647,31 +679,34 @@ class FrontDoor(Protocol):
             self._close_after = True
             self._finish()
             return
-        self._internal = not self._relayable(ex)
+        self._kind, self._peer = self._destination(ex)
         pool = self._pool()
         if not ex.keep_alive or ex.upgrade:
             # An upgrade not agreed to leaves a stream no parser can read.
             self._close_after = True
         pool.get().addCallbacks(self._connected, self._connect_failed)
 
-    def _relayable(self, ex: Exchange) -> bool:
-        """Whether ``ex`` is a plain Docker request for this node's engine."""
+    def _destination(self, ex: Exchange) -> tuple[str, Peer | None]:
+        """Where ``ex`` goes: the engine for a plain Docker request for this node
+        ("local"), another node's agent for one for it ("forwarded", when peers
+        are relayed too), else the tree."""
+        tree = ("tree", None)
         path = ex.path
         if ex.upgrade or not path.startswith(b"/"):
-            return False
+            return tree
         bare_text = strip_version(unquote(path.decode("latin-1")))
         bare = strip_version(path.decode("latin-1")).encode("latin-1")
         if bare in self._doors.own_paths or bare in OPEN_PATHS:
-            return False
+            return tree
         segments = bare_text.split("/")
         if "." in segments or ".." in segments:
-            return False  # the tree answers 400
+            return tree  # the tree answers 400
         headers: dict[str, str] = {}
         key = signature = None
         for name, value in ex.headers:
             lower = name.lower()
             if lower == b"upgrade":
-                return False
+                return tree
             if lower == _KEY and key is None:
                 key = value
             elif lower == _SIGNATURE and signature is None:
@@ -680,9 +715,9 @@ class FrontDoor(Protocol):
             if text not in headers:
                 headers[text] = value.decode("latin-1")
         if not self._doors.authorizer.judge(self._client_cert(), key, signature).accepted:
-            return False  # the tree refuses it, and counts it
+            return tree  # the tree refuses it, and counts it
         if ex.method == b"POST" and bare_text == _NETWORK_CREATE:
-            return False  # the body says whether a manager must serve it
+            return tree  # the body says whether a manager must serve it
         decision = route(
             ex.method.decode("latin-1"),
             unquote(path.decode("latin-1")),
@@ -690,7 +725,12 @@ class FrontDoor(Protocol):
             self._doors.table,
             query=ex.target.partition(b"?")[2].decode("latin-1"),
         )
-        return isinstance(decision, Local)
+        match decision:
+            case Local():
+                return ("local", None)
+            case Forward(peer) if self._doors.peers is not None:
+                return ("forwarded", peer)
+        return tree
 
     def _client_cert(self) -> ClientCert:
         # Once per connection, after the handshake (a request proves it is done).
@@ -701,7 +741,7 @@ class FrontDoor(Protocol):
     def _request_head(self, ex: Exchange) -> bytes:
         """The head sent upstream."""
         framing = self._framing(ex)
-        if self._internal:
+        if self._kind == "tree":
             assert self.transport is not None
             client = self.transport.getPeer()
             lines = [b"%s %s HTTP/%s" % (ex.method, ex.target, ex.version.encode("ascii"))]
@@ -713,7 +753,7 @@ class FrontDoor(Protocol):
             lines += [n + b": " + v for n, v in vouch(client, self._client_cert())]
             lines += framing
             return b"\r\n".join(lines) + b"\r\n\r\n"
-        return self._engine_head(ex, framing)
+        return self._copy_head(ex, framing)
 
     def _framing(self, ex: Exchange) -> list[bytes]:
         te = ex.header(b"transfer-encoding")
@@ -724,29 +764,52 @@ class FrontDoor(Protocol):
             return [b"Content-Length: " + length]
         return []
 
-    def _engine_head(self, ex: Exchange, framing: list[bytes]) -> bytes:
-        # As Nodes.copy builds this node's copy: end-to-end headers, none of the agents'.
+    def _copy_head(self, ex: Exchange, framing: list[bytes]) -> bytes:
+        """The head of a node's copy, as :meth:`~swarmagent.nodes.Nodes.copy` builds it.
+
+        This node's (the engine's): end-to-end headers, none of the agents'.
+        Another node's: end-to-end headers with the agents' (the client's
+        credentials among them), targeted at it and hop-marked with this
+        node's key, without the broadcast header.
+        """
         connection = [v for n, v in ex.headers if n.lower() == b"connection"]
         drop = HOP_BY_HOP | _tokens(connection)
+        peer = self._peer
+        if peer is None:
+            host = b"docker"
+            agent_marks: list[bytes] = []
+        else:
+            drop = drop | _PEER_SET
+            address = f"[{peer.address}]" if ":" in peer.address else peer.address
+            host = f"{address}:{peer.port}".encode("ascii")
+            agent_marks = [
+                b"X-PortainerAgent-Target: " + peer.identity.key.encode("utf-8"),
+                b"X-SwarmAgent-Hop: " + self._doors.table.me.identity.key.encode("utf-8"),
+            ]
         lines = [
             b"%s %s HTTP/%s" % (ex.method, ex.target, ex.version.encode("ascii")),
-            b"Host: docker",
+            b"Host: " + host,
         ]
         forwarded: list[bytes] = []
         for name, value in ex.headers:
             lower = name.lower()
-            if lower in drop or lower.startswith((b"x-portaineragent-", b"x-swarmagent-")):
+            if lower in drop:
+                continue
+            if lower.startswith((b"x-portaineragent-", b"x-swarmagent-")) and (
+                peer is None or is_internal(lower)
+            ):
                 continue
             if lower == b"x-forwarded-for":
                 forwarded.append(value)
                 continue
             lines.append(name + b": " + value)
         assert self.transport is not None
-        host = getattr(self.transport.getPeer(), "host", None)
-        if host:
-            forwarded.append(host.encode("ascii"))
+        client = getattr(self.transport.getPeer(), "host", None)
+        if client:
+            forwarded.append(client.encode("ascii"))
         if forwarded:
             lines.append(b"X-Forwarded-For: " + b", ".join(forwarded))
+        lines += agent_marks
         lines += framing
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
@@ -790,12 +853,18 @@ class FrontDoor(Protocol):
         self.upstream_failed(reason.getErrorMessage(), before_head=True)
 
     def _pool(self) -> UpstreamPool:
-        return self._doors.internal if self._internal else self._doors.engine
+        if self._kind == "local":
+            return self._doors.engine
+        if self._kind == "forwarded" and self._peer is not None and self._doors.peers is not None:
+            return self._doors.peers.pool(self._peer)
+        return self._doors.internal
 
     def _unreachable(self) -> str:
-        if self._internal:
-            return "Unable to reach the agent"
-        return "Unable to reach the Docker engine"
+        if self._kind == "local":
+            return "Unable to reach the Docker engine"
+        if self._peer is not None:
+            return f"Unable to reach the agent of node {self._peer.name}"
+        return "Unable to reach the agent"
 
     # the answer (called by Upstream)
     def interim(self, head: bytes) -> None:
@@ -821,12 +890,13 @@ class FrontDoor(Protocol):
             return
         if not keep_alive or not framed:
             self._close_after = True
-        if self._internal and not self._close_after:
+        tree = self._kind == "tree"
+        if tree and not self._close_after:
             self._write(ex, head)
             return
         line = head[: head.find(b"\r\n") + 2]
         out = [line]
-        if self._internal:
+        if tree:
             drop: frozenset[bytes] | set[bytes] = {b"connection"}
         else:
             out.append(_AGENT_MARKS)
@@ -932,7 +1002,7 @@ class FrontDoor(Protocol):
 
     def _log(self, ex: Exchange) -> None:
         # The resource tree counts (and logs) what it serves.
-        if self._internal and not ex.refusal:
+        if self._kind == "tree" and not ex.refusal:
             return
         doors = self._doors
 
@@ -940,12 +1010,18 @@ class FrontDoor(Protocol):
             key = next((v for n, v in ex.headers if n.lower() == _KEY), None)
             return doors.authorizer.name(self._client_cert(), key)
 
-        refused = bool(ex.refusal)
+        nodes: tuple[str, ...] = ()
+        if ex.refusal:
+            route_name = "error"
+        elif self._peer is not None:
+            route_name, nodes = "forwarded", (self._peer.name,)
+        else:
+            route_name, nodes = "local", (doors.table.me.name,)
         doors.requests.done(
             ex.method,
             ex.path,
-            "error" if refused else "local",
-            () if refused else (doors.table.me.name,),
+            route_name,
+            nodes,
             ex.code,
             ex.sent,
             ex.started,

@@ -44,7 +44,7 @@ from swarmagent.metrics import Metrics, MetricsResource
 from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
-from swarmagent.relay import Doors, FrontDoorFactory, UpstreamPool
+from swarmagent.relay import Doors, FrontDoorFactory, PeerPools, UpstreamPool
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
 from swarmagent.statuspage import StatusResource
 from swarmagent.tls import HTTP11Site, from_settings
@@ -69,7 +69,7 @@ class _PoolService(MultiService):
         self,
         pools: list[HTTPConnectionPool],
         log_observer: ILogObserver | None = None,
-        relay_pools: list[UpstreamPool] | None = None,
+        relay_pools: list[UpstreamPool | PeerPools] | None = None,
     ) -> None:
         super().__init__()
         self._pools = pools
@@ -246,13 +246,14 @@ def makeService(
 
     observer = json_observer(sys.stdout) if options["log-format"] == "json" else None
     front: IProtocolFactory = site
-    relay_pools: list[UpstreamPool] = []
+    relay_pools: list[UpstreamPool | PeerPools] = []
     if options["relay"] == "bytes":
         # The front door: plain Docker requests relayed as bytes, every other
         # request to the resource tree over a private socket pair.
         engine_upstreams = UpstreamPool(engine_endpoints.endpointForURI(ENGINE_URI), reactor)
         tree_upstreams = UpstreamPool(InternalEndpoint(reactor, site), reactor)
-        relay_pools = [engine_upstreams, tree_upstreams]
+        peer_upstreams = PeerPools(peer_endpoints, reactor)
+        relay_pools = [engine_upstreams, tree_upstreams, peer_upstreams]
         front = FrontDoorFactory(
             Doors(
                 engine=engine_upstreams,
@@ -263,6 +264,7 @@ def makeService(
                 clock=reactor,
                 own_paths=root.own_paths(),
                 idle_timeout=IDLE_TIMEOUT,
+                peers=peer_upstreams,
             )
         )
     service = _PoolService([engine_pool, peer_pool], observer, relay_pools)

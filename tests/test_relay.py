@@ -26,8 +26,9 @@ from twisted.internet.interfaces import (
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.client import URI, Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -42,6 +43,7 @@ from swarmagent.relay import (
     Doors,
     FrontDoor,
     FrontDoorFactory,
+    PeerPools,
     Upstream,
     UpstreamPool,
 )
@@ -91,13 +93,25 @@ class FakeEndpoint:
         return value
 
 
+@implementer(IAgentEndpointFactory)
+class FakePeers:
+    """Each other agent's endpoint, by URI."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[bytes, FakeEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return self.endpoints.setdefault(uri.toBytes(), FakeEndpoint())
+
+
 class Harness:
     """A front door's shared parts, with fake upstreams."""
 
-    def __init__(self, table: PeerTable | None = None) -> None:
+    def __init__(self, table: PeerTable | None = None, peers: bool = False) -> None:
         self.clock = MemoryReactorClock()
         self.engine = FakeEndpoint()
         self.tree = FakeEndpoint()
+        self.peers = FakePeers()
         self.metrics = Metrics()
         authorizer = Authorizer(Verifier(SECRET), None)
         self.table = table if table is not None else make_table(standalone("node-a"))
@@ -110,6 +124,7 @@ class Harness:
             clock=self.clock,
             own_paths=OWN,
             idle_timeout=120.0,
+            peers=PeerPools(self.peers, self.clock) if peers else None,
         )
 
     def connect(self) -> tuple[FrontDoor, HalfCloseTransport]:
@@ -567,6 +582,52 @@ class TreeTests(SynchronousTestCase):
         h.tree.last[0].dataReceived(OK_PING)
         door.dataReceived(request(target="/_ping", extra="X-PortainerAgent-Target: node-a\r\n"))
         self.assertEqual(len(h.engine.connections), 1)
+
+    def test_forwarded_relayed_to_the_peer(self) -> None:
+        h = Harness(make_table(manager("node-a"), {"10.0.0.2": manager("node-b")}), peers=True)
+        door, client = h.connect()
+        door.dataReceived(
+            request(
+                # The CLI pings with its config's headers, a broadcast's among them.
+                target="/v1.41/_ping",
+                extra="X-PortainerAgent-Target: node-b\r\nX-SwarmAgent-Broadcast: all\r\n"
+                "X-SwarmAgent-Internal-Cert: verified CN=forged\r\n",
+            )
+        )
+        self.assertEqual(h.engine.connections + h.tree.connections, [])
+        peer = h.peers.endpoints[b"https://10.0.0.2:9001/"]
+        lines = head_lines(peer.sent())
+        self.assertEqual(lines[0], b"GET /v1.41/_ping HTTP/1.1")
+        self.assertIn(b"Host: 10.0.0.2:9001", lines)
+        # Targeted at node-b and hop-marked with this node's key, as Nodes.copy does.
+        self.assertIn(b"X-PortainerAgent-Target: id-node-b", lines)
+        self.assertIn(b"X-SwarmAgent-Hop: id-node-a", lines)
+        for name, value in SIGNED.items():
+            self.assertIn(f"{name}: {value}".encode(), lines)
+        names = header_names(peer.sent())
+        self.assertNotIn(b"x-swarmagent-broadcast", names)
+        self.assertNotIn(b"x-swarmagent-internal-cert", names)
+        self.assertEqual(names.count(b"x-portaineragent-target"), 1)
+        # The peer's own agent headers give way to this agent's.
+        peer.last[0].dataReceived(
+            b"HTTP/1.1 200 OK\r\nPortainer-Agent: 0.0.1\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        raw = client.value()
+        self.assertNotIn(b"Portainer-Agent: 0.0.1", head_lines(raw))
+        self.assertIn(b"Portainer-Agent-API-Version: 2", head_lines(raw))
+        self.assertTrue(raw.endswith(b"\r\n\r\n{}"))
+        self.assertEqual(h.count("forwarded", "2xx"), 1)
+
+    def test_unreachable_peer(self) -> None:
+        h = Harness(make_table(manager("node-a"), {"10.0.0.2": manager("node-b")}), peers=True)
+        door, client = h.connect()
+        h.peers.endpointForURI(URI.fromBytes(b"https://10.0.0.2:9001/"))
+        h.peers.endpoints[b"https://10.0.0.2:9001/"].refuse = ConnectionRefusedError("down")
+        door.dataReceived(request(extra="X-PortainerAgent-Target: node-b\r\n"))
+        raw = client.value()
+        self.assertEqual(head_lines(raw)[0], b"HTTP/1.1 502 Bad Gateway")
+        doc = json.loads(raw.partition(b"\r\n\r\n")[2])
+        self.assertEqual(doc["message"], "Unable to reach the agent of node node-b")
 
     def test_upgrade_spliced_with_half_close(self) -> None:
         data = request(
