@@ -1,20 +1,20 @@
-"""The front door: each request head parsed strictly, a plain Docker request relayed as bytes.
+"""The front door: each request head parsed strictly, plain Docker requests relayed as bytes.
 
 Every client connection is a :class:`FrontDoor` (under the half-closeable TLS
 of :mod:`swarmagent.halfclose`). It parses request heads with ``httptools``
 (llhttp, strict: CL and TE together, a duplicate Content-Length, obs-fold, a
 bare LF or a bad chunk size is a 400 and a close), authorizes each request as
 ``AgentRoot`` does and asks :func:`~swarmagent.routing.route` where it goes.
-A request the engine serves as it is (:class:`~swarmagent.routing.Local`) is
-relayed on a pooled keep-alive connection to the engine: its head rewritten
-as :meth:`~swarmagent.nodes.Nodes.copy` would (end-to-end headers, no agent
-headers, ``X-Forwarded-For``), its body as it comes; only the answer's head
-and framing are read, its body bytes pass through untouched. Every other
-request (the agent's own routes, lists, lookups, peers, upgrades, refusals)
-goes, with who the client is, to the twisted.web resource tree over a private
-socket pair (:mod:`swarmagent.internal`): the connection stays here. An
-answer of ``101`` turns the connection into a raw splice both ways, half-close
-included.
+A request for this node's engine (:class:`~swarmagent.routing.Local`) is
+relayed on a pooled keep-alive connection to the engine, one for another node
+(:class:`~swarmagent.routing.Forward`) on one to that node's agent: its head
+rewritten as :meth:`~swarmagent.nodes.Nodes.copy` builds that node's copy,
+its body as it comes; only the answer's head and framing are read, its body
+bytes pass through untouched. Every other request (the agent's own routes,
+lists, lookups, broadcasts, events, upgrades, refusals) goes, with who the
+client is, to the twisted.web resource tree over a private socket pair
+(:mod:`swarmagent.internal`): the connection stays here. An answer of ``101``
+turns the connection into a raw splice both ways, half-close included.
 
 One request is served at a time per connection, in order: pipelined requests
 wait, their bodies buffered (the client is paused past :data:`QUEUE_LIMIT`).
