@@ -437,8 +437,9 @@ class Doors:
     table: PeerTable
     requests: RequestLog
     clock: IReactorTime
-    #: The paths the resource tree answers itself (AgentRoot.own_paths()).
-    own_paths: frozenset[bytes]
+    #: Whether the resource tree answers a path (without its version) itself
+    #: (AgentRoot.answers).
+    own: Callable[[bytes], bool]
     #: Seconds a connection may wait for a whole request head.
     idle_timeout: float = 120.0
     #: Client connections send each write at once (:mod:`swarmagent.eager`).
@@ -696,7 +697,7 @@ class FrontDoor(Protocol):
             return tree
         bare_text = strip_version(unquote(path.decode("latin-1")))
         bare = strip_version(path.decode("latin-1")).encode("latin-1")
-        if bare in self._doors.own_paths or bare in OPEN_PATHS:
+        if bare in OPEN_PATHS or self._doors.own(bare):
             return tree
         segments = bare_text.split("/")
         if "." in segments or ".." in segments:

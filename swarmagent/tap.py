@@ -262,7 +262,7 @@ def makeService(
                 table=table,
                 requests=requests,
                 clock=reactor,
-                own_paths=root.own_paths(),
+                own=root.answers,
                 idle_timeout=IDLE_TIMEOUT,
                 peers=peer_upstreams,
             )

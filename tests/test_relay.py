@@ -122,7 +122,7 @@ class Harness:
             table=self.table,
             requests=RequestLog(self.metrics, self.clock, authorizer.who),
             clock=self.clock,
-            own_paths=OWN,
+            own=OWN.__contains__,
             idle_timeout=120.0,
             peers=PeerPools(self.peers, self.clock) if peers else None,
         )
@@ -740,7 +740,7 @@ class LoopbackTests(TestCase):
             table=make_table(standalone("node-a")),
             requests=RequestLog(Metrics(), reactor, authorizer.who),
             clock=reactor,
-            own_paths=OWN,
+            own=OWN.__contains__,
         )
         front = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             FrontDoorFactory(doors)

@@ -83,7 +83,9 @@ class MakeServiceTests(SynchronousTestCase):
         assert isinstance(factory, TLSMemoryBIOFactory)
         door = factory.wrappedFactory
         assert isinstance(door, FrontDoorFactory)
-        self.assertIn(b"/swarmagent/status", door.doors.own_paths)
+        self.assertTrue(door.doors.own(b"/swarmagent/status"))
+        self.assertTrue(door.doors.own(b"/v1/browse/some-volume/ls"))
+        self.assertFalse(door.doors.own(b"/containers/json"))
         self.assertEqual(door.doors.idle_timeout, IDLE_TIMEOUT)
 
     def test_listens_on_ipv6(self) -> None:
