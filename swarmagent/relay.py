@@ -52,6 +52,7 @@ from swarmagent.eager import send_at_once
 from swarmagent.errors import error_body
 from swarmagent.internal import is_internal, vouch
 from swarmagent.logs import logger
+from swarmagent.metrics import Metrics
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import HOP_BY_HOP, OWN_HEADERS
 from swarmagent.routing import Forward, Local, route, strip_version
@@ -117,6 +118,8 @@ class Exchange:
     sent: int = 0
     #: Refused before serving: the whole answer to send, then close.
     refusal: bytes = b""
+    #: Counted as an open stream (its answer relayed here).
+    streaming: bool = False
 
     def header(self, lower: bytes) -> bytes | None:
         for name, value in self.headers:
@@ -442,6 +445,8 @@ class Doors:
     own: Callable[[bytes], bool]
     #: Seconds a connection may wait for a whole request head.
     idle_timeout: float = 120.0
+    #: Counts the relayed answers as streams (RequestLog counts the requests).
+    metrics: Metrics = field(default_factory=Metrics)
     #: Client connections send each write at once (:mod:`swarmagent.eager`).
     eager: bool = True
     #: Connections to the other agents: a request for another node is relayed
@@ -895,6 +900,10 @@ class FrontDoor(Protocol):
         if tree and not self._close_after:
             self._write(ex, head)
             return
+        if not tree:
+            # As twisted.web's relay counted each answer it streamed.
+            ex.streaming = True
+            self._doors.metrics.stream_opened("stream")
         line = head[: head.find(b"\r\n") + 2]
         out = [line]
         if tree:
@@ -917,6 +926,8 @@ class FrontDoor(Protocol):
     def answer_body(self, data: bytes) -> None:
         ex = self._current
         if ex is not None:
+            if ex.streaming:
+                self._doors.metrics.relayed_bytes("stream", len(data))
             self._write(ex, data)
 
     def _write(self, ex: Exchange, data: bytes) -> None:
@@ -1002,6 +1013,9 @@ class FrontDoor(Protocol):
             self._arm_timer()
 
     def _log(self, ex: Exchange) -> None:
+        if ex.streaming:
+            ex.streaming = False
+            self._doors.metrics.stream_closed("stream")
         # The resource tree counts (and logs) what it serves.
         if self._kind == "tree" and not ex.refusal:
             return

@@ -265,6 +265,7 @@ def makeService(
                 own=root.answers,
                 idle_timeout=IDLE_TIMEOUT,
                 peers=peer_upstreams,
+                metrics=metrics,
             )
         )
     service = _PoolService([engine_pool, peer_pool], observer, relay_pools)

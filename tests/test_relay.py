@@ -125,6 +125,7 @@ class Harness:
             own=OWN.__contains__,
             idle_timeout=120.0,
             peers=PeerPools(self.peers, self.clock) if peers else None,
+            metrics=self.metrics,
         )
 
     def connect(self) -> tuple[FrontDoor, HalfCloseTransport]:
@@ -195,6 +196,14 @@ class EngineRelayTests(SynchronousTestCase):
         self.assertNotIn(b"keep-alive", header_names(raw))
         self.assertTrue(raw.endswith(b"\r\n\r\nOK"))
         self.assertEqual(self.h.count("local", "2xx"), 1)
+        # Counted as a stream while it was relayed, as twisted.web's relay did.
+        registry = self.h.metrics.registry
+        self.assertEqual(
+            registry.get_sample_value("swarmagent_open_streams", {"kind": "stream"}), 0
+        )
+        self.assertEqual(
+            registry.get_sample_value("swarmagent_relayed_bytes_total", {"kind": "stream"}), 2
+        )
 
     def test_keep_alive_reuses_the_upstream(self) -> None:
         for _ in range(3):
