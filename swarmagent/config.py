@@ -100,9 +100,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "relay",
         "AGENT_RELAY",
-        "bytes",
-        "bytes or web: who serves plain Docker requests for this node's engine: the byte "
-        "relay (docs/architecture.md) or, as before it, twisted.web's client.",
+        "web",
+        "web or bytes: who serves each client connection: twisted.web, or the front door "
+        "that relays plain Docker requests (this node's engine, another node's agent) as "
+        "bytes and hands the rest to twisted.web (docs/architecture.md).",
     ),
     Setting(
         "metrics-port",

@@ -77,8 +77,8 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(site.timeOut, IDLE_TIMEOUT)
 
     def test_relay_in_front(self) -> None:
-        # By default the front door serves each connection, the Site behind it.
-        self.start(self.make("--port", "9443"))
+        # With the byte relay the front door serves each connection, the Site behind it.
+        self.start(self.make("--port", "9443", "--relay", "bytes"))
         [(_, factory, _, _)] = self.reactor.tcpServers
         assert isinstance(factory, TLSMemoryBIOFactory)
         door = factory.wrappedFactory
