@@ -95,23 +95,66 @@ class RequestLog:
         seconds: float,
     ) -> None:
         missing = request.responseHeaders.getRawHeaders(MISSING_NODES, [b""])[0]
-        method = request.method.decode("latin-1")
         # request.path never holds the query.
-        path = request.path.decode("latin-1")
-        nodes = ",".join(served.nodes) or "-"
-        client = self._who(request)
+        self.line(
+            out,
+            request.method,
+            request.path,
+            served.route,
+            served.nodes,
+            code,
+            sent,
+            seconds,
+            self._who(request),
+            missing,
+        )
+
+    def done(
+        self,
+        method: bytes,
+        path: bytes,
+        route: str,
+        nodes: tuple[str, ...],
+        code: int,
+        sent: int,
+        started: float,
+        who: Callable[[], str],
+    ) -> None:
+        """Count, and log if on, a request served outside twisted.web (the relay's);
+        ``who`` names its client, asked only for a line that is written."""
+        seconds = self._clock.seconds() - started
+        self._metrics.request_done(route, code, seconds)
+        out = self._access_log
+        if out is not None and shows(NAMESPACE, LogLevel.info):
+            self.line(out, method, path, route, nodes, code, sent, seconds, who(), b"")
+
+    def line(
+        self,
+        out: LogFile,
+        method: bytes,
+        path: bytes,
+        route: str,
+        nodes: tuple[str, ...],
+        code: int,
+        sent: int,
+        seconds: float,
+        client: str,
+        missing: bytes,
+    ) -> None:
+        """Write one access log line."""
+        m = method.decode("latin-1")
+        p = path.decode("latin-1")
+        names = ",".join(nodes) or "-"
         missed = missing.decode("utf-8", "replace") or "-"
         ms = round(seconds * 1000, 1)
-        line = (
-            f"{method} {path} {served.route} nodes={nodes} {code} {sent}B {ms}ms "
-            f"client={client} missing={missed}"
-        )
+        client_part = f"client={client} missing={missed}"
+        line = f"{m} {p} {route} nodes={names} {code} {sent}B {ms}ms {client_part}"
         # The fields are keys of the line's JSON object (--log-format json).
         fields: dict[str, object] = {
-            "method": method,
-            "path": path,
-            "route": served.route,
-            "nodes": nodes,
+            "method": m,
+            "path": p,
+            "route": route,
+            "nodes": names,
             "status": code,
             "bytes": sent,
             "ms": ms,

@@ -174,6 +174,13 @@ class AgentRoot(Resource):
             frozenset(self._own) | frozenset(self._consoles) | frozenset(self._host_info) | browse
         )
 
+    def answers(self, bare: bytes) -> bool:
+        """Whether the agent serves a path (without its ``/vX.Y`` prefix) itself,
+        with a route of its own, rather than as a Docker request."""
+        if bare in self._own or bare in self._consoles or bare in self._host_info:
+            return True
+        return self._browse is not None and parse_browse_path(bare.decode("latin-1")) is not None
+
     def getChildWithDefault(self, path: bytes, request: Request) -> IResource:
         for name, value in AGENT_HEADERS:
             request.responseHeaders.setRawHeaders(name, [value])

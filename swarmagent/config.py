@@ -98,6 +98,14 @@ SETTINGS: tuple[Setting, ...] = (
         "status, bytes, duration, client).",
     ),
     Setting(
+        "relay",
+        "AGENT_RELAY",
+        "web",
+        "web or bytes: who serves each client connection: twisted.web, or the front door "
+        "that relays plain Docker requests (this node's engine, another node's agent) as "
+        "bytes and hands the rest to twisted.web (docs/architecture.md).",
+    ),
+    Setting(
         "metrics-port",
         "AGENT_METRICS_PORT",
         "",
@@ -274,6 +282,10 @@ class Options(usage.Options):
         if access not in ("on", "off"):
             raise bad("access-log", f"must be on or off; got {self['access-log']!r}")
         self["access-log"] = access == "on"
+        relay = str(self["relay"]).lower()
+        if relay not in ("bytes", "web"):
+            raise bad("relay", f"must be bytes or web; got {self['relay']!r}")
+        self["relay"] = relay
         if self["metrics-port"]:
             try:
                 metrics_port = int(self["metrics-port"])

@@ -10,14 +10,14 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IReactorTime, IResolver
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IResolver
 from twisted.internet.task import Cooperator
 from twisted.logger import ILogObserver
 from twisted.names import client as dns_client
 from twisted.names import hosts
 from twisted.names.resolve import ResolverChain
 from twisted.python.components import Componentized
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -26,7 +26,7 @@ from swarmagent.api import AgentRoot
 from swarmagent.auth import Authorizer
 from swarmagent.broadcaster import Broadcaster
 from swarmagent.browse import BrowseResource, threaded
-from swarmagent.clients import EngineEndpoints, PeerEndpoints, make_pool
+from swarmagent.clients import ENGINE_BASE, EngineEndpoints, PeerEndpoints, make_pool
 from swarmagent.config import Options
 from swarmagent.discovery import Discovery, HTTPProbe, ManagerNodeList
 from swarmagent.diskusage import ClusterDiskUsage
@@ -36,6 +36,7 @@ from swarmagent.events import ClusterEvents
 from swarmagent.fanout import FanOut
 from swarmagent.halfclose import HalfCloseTLSFactory
 from swarmagent.hostinfo import HostInfoResource
+from swarmagent.internal import InternalEndpoint, InternalSite
 from swarmagent.locate import Locator
 from swarmagent.locations import Locations
 from swarmagent.logfile import LogFile
@@ -44,6 +45,7 @@ from swarmagent.metrics import Metrics, MetricsResource
 from swarmagent.nodes import Nodes
 from swarmagent.peers import NodeIdentity, Peer, PeerTable
 from swarmagent.proxy import Relay
+from swarmagent.relay import Doors, FrontDoorFactory, PeerPools, UpstreamPool
 from swarmagent.signature import PairingStore, PairingWindow, Signer, Verifier
 from swarmagent.statuspage import StatusResource
 from swarmagent.tls import HTTP11Site, from_settings
@@ -56,15 +58,23 @@ __all__ = ["Options", "makeService"]
 
 # Seconds an idle client connection (or one that never sends a request) is kept.
 IDLE_TIMEOUT = 120
+# Where the relay sends plain Docker requests (the engine's endpoint ignores the host).
+ENGINE_URI = URI.fromBytes(ENGINE_BASE + b"/")
 
 
 class _PoolService(MultiService):
     """Closes the pooled connections when the agent stops; sets twistd's log
     observer to the agent's own (``logfile.py``)."""
 
-    def __init__(self, pools: list[HTTPConnectionPool], log_observer: ILogObserver) -> None:
+    def __init__(
+        self,
+        pools: list[HTTPConnectionPool],
+        log_observer: ILogObserver,
+        relay_pools: list[UpstreamPool | PeerPools] | None = None,
+    ) -> None:
         super().__init__()
         self._pools = pools
+        self._relay_pools = relay_pools or []
         self._log_observer = log_observer
 
     def setServiceParent(self, parent: IServiceCollection) -> None:
@@ -73,9 +83,11 @@ class _PoolService(MultiService):
             parent.setComponent(ILogObserver, self._log_observer)
         super().setServiceParent(parent)
 
-    def stopService(self) -> Deferred[list[None]]:
+    def stopService(self) -> Deferred[list[list[None]]]:
         super().stopService()
-        return gatherResults([p.closeCachedConnections() for p in self._pools])
+        closing = [p.closeCachedConnections() for p in self._pools]
+        closing += [p.close() for p in self._relay_pools]
+        return gatherResults(closing)
 
 
 class LazyConsoles(Resource):
@@ -192,6 +204,9 @@ def makeService(
     locations = Locations(reactor)
     # Every log line, the access lines among them, on stdout.
     log_file = LogFile(sys.stdout, reactor, json=options["log-format"] == "json")
+    requests = RequestLog(
+        metrics, reactor, authorizer.who, log_file if options["access-log"] else None
+    )
     root = AgentRoot(
         nodes,
         Relay(engine_client, engine_endpoints, cooperator, metrics),
@@ -221,23 +236,45 @@ def makeService(
             )
         ),
         metrics=metrics,
-        requests=RequestLog(
-            metrics, reactor, authorizer.who, log_file if options["access-log"] else None
-        ),
+        requests=requests,
         status=StatusResource(discovery, options),
     )
     # The idle timeout also closes connections that never send a request.
     # Bodies are relayed or streamed to disk, never parsed into request.args:
     # twisted.web would read a whole upload into memory to do that.
-    site = HTTP11Site(root, reactor=reactor, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
+    site_class = InternalSite if options["relay"] == "bytes" else HTTP11Site
+    site = site_class(root, reactor=reactor, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
 
     host = options["host"]
     endpoint_class = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
     endpoint = endpoint_class(reactor, port, interface=host)
 
-    service = _PoolService([engine_pool, peer_pool], log_file)
+    front: IProtocolFactory = site
+    relay_pools: list[UpstreamPool | PeerPools] = []
+    if options["relay"] == "bytes":
+        # The front door: plain Docker requests relayed as bytes, every other
+        # request to the resource tree over a private socket pair.
+        engine_upstreams = UpstreamPool(engine_endpoints.endpointForURI(ENGINE_URI), reactor)
+        tree_upstreams = UpstreamPool(InternalEndpoint(reactor, site), reactor)
+        peer_upstreams = PeerPools(peer_endpoints, reactor)
+        relay_pools = [engine_upstreams, tree_upstreams, peer_upstreams]
+        front = FrontDoorFactory(
+            Doors(
+                engine=engine_upstreams,
+                internal=tree_upstreams,
+                authorizer=authorizer,
+                table=table,
+                requests=requests,
+                clock=reactor,
+                own=root.answers,
+                idle_timeout=IDLE_TIMEOUT,
+                peers=peer_upstreams,
+                metrics=metrics,
+            )
+        )
+    service = _PoolService([engine_pool, peer_pool], log_file, relay_pools)
     # Half-closeable TLS: a hijacked stream's end of input is a close_notify.
-    https = HalfCloseTLSFactory(server_tls, False, site, reactor)
+    https = HalfCloseTLSFactory(server_tls, False, front, reactor)
     StreamServerEndpointService(endpoint, https).setServiceParent(service)
     discovery.service(options["refresh-interval"]).setServiceParent(service)
     PairingWindow(verifier, reactor, options["secret-timeout"]).setServiceParent(service)

@@ -170,6 +170,20 @@ def _trust(ctx: SSL.Context, ca: Sequence[x509.Certificate]) -> None:
         store.add_cert(crypto.X509.from_cryptography(cert))
 
 
+@dataclass(frozen=True)
+class ClientCert:
+    """What one connection's client certificate proved."""
+
+    #: The subject (RFC 4514) of a certificate that chained to the CA, else None.
+    subject: str | None = None
+    #: A certificate was presented that did not chain to the CA.
+    untrusted: bool = False
+
+
+#: No certificate, or no TLS.
+NO_CERT = ClientCert()
+
+
 class _ClientCheck:
     """What the verify callback learnt about one connection's client certificate."""
 
@@ -219,7 +233,9 @@ class ServerTLS:
 
     def verified_peer(self, request: Request) -> x509.Certificate | None:
         """The client's certificate if it chained to the CA during this connection's handshake."""
-        conn = _connection(request)
+        return self._verified(_connection(request))
+
+    def _verified(self, conn: object) -> x509.Certificate | None:
         if not isinstance(conn, SSL.Connection):
             return None
         check = self._checks.get(conn)
@@ -229,7 +245,9 @@ class ServerTLS:
 
     def untrusted_client(self, request: Request) -> bool:
         """Whether the client presented a certificate that did not chain to the CA."""
-        conn = _connection(request)
+        return self._untrusted(_connection(request))
+
+    def _untrusted(self, conn: object) -> bool:
         if not isinstance(conn, SSL.Connection):
             return False
         check = self._checks.get(conn)
@@ -241,12 +259,25 @@ class ServerTLS:
         """Whether the request came over a connection with a CA-verified client certificate."""
         return self.verified_peer(request) is not None
 
+    def client_cert(self, transport: object) -> ClientCert:
+        """What ``transport``'s (a TLS connection's) client certificate proved."""
+        conn = _handle(transport)
+        cert = self._verified(conn)
+        if cert is not None:
+            return ClientCert(subject=cert.subject.rfc4514_string())
+        return ClientCert(untrusted=self._untrusted(conn))
+
+
+def _handle(transport: object) -> object:
+    """A transport's ``SSL.Connection`` over TLS (else whatever its handle is)."""
+    # Over TLS the transport is an ISystemHandle whose handle is the SSL.Connection.
+    system = ISystemHandle(transport, None)
+    return system.getHandle() if system is not None else None
+
 
 def _connection(request: Request) -> object:
     """The request's ``SSL.Connection`` over TLS (else whatever its transport's handle is)."""
-    # Over TLS the transport is an ISystemHandle whose handle is the SSL.Connection.
-    transport = ISystemHandle(request.transport, None)
-    return transport.getHandle() if transport is not None else None
+    return _handle(request.transport)
 
 
 @implementer_only(IProtocolFactory, ILoggingContext)

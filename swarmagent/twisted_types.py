@@ -15,6 +15,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IReactorCore,
     IReactorPluggableNameResolver,
+    IReactorSocket,
     IReactorTCP,
     IReactorThreads,
     IReactorTime,
@@ -35,6 +36,7 @@ class IAgentReactor(
     IReactorUNIX,
     IReactorThreads,
     IReactorPluggableNameResolver,
+    IReactorSocket,
 ):
     """Everything ``makeService`` asks of its reactor.
 

@@ -1133,6 +1133,10 @@ class Lab:
             "AGENT_TLS_KEY": str(self.tls / certs.SERVER_KEY),
             "AGENT_TLS_CA": str(self.tls / certs.CA_CERT),
         }
+        # Which path serves plain Docker requests (--relay): the run's choice,
+        # so that every lab test can run on both.
+        if "AGENT_RELAY" in os.environ:
+            base["AGENT_RELAY"] = os.environ["AGENT_RELAY"]
         base.update({k: str(v) for k, v in env.items()})
         return base
 

@@ -47,7 +47,9 @@ def engine_routes() -> list[tuple[str, str]]:
 def agent_root(test: SynchronousTestCase, *argv: str) -> AgentRoot:
     """The AgentRoot of a service made by makeService (no secret, no CA unless given)."""
     options = Options(environ={})
-    options.parseOptions(["--data-path", test.mktemp(), *argv])
+    # twisted.web serving the client (the relay's tree is the same AgentRoot;
+    # tests/test_relay.py checks that the relay hands it every refusal).
+    options.parseOptions(["--data-path", test.mktemp(), "--relay", "web", *argv])
     service = makeService(
         options,
         reactor=agent_reactor(MemoryReactorClock()),

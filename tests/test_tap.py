@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swarmagent.api import AgentRoot
 from swarmagent.config import Options
+from swarmagent.relay import FrontDoorFactory
 from swarmagent.signature import PAIRED_KEY_FILE, PairingStore, Signer
 from swarmagent.tap import IDLE_TIMEOUT, makeService
 from swarmagent.tls import HTTP11Site
@@ -60,7 +61,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIs(timer.clock, self.reactor)
 
     def test_listens(self) -> None:
-        service = self.make("--port", "9443", "--host", "127.0.0.1")
+        service = self.make("--port", "9443", "--host", "127.0.0.1", "--relay", "web")
         self.assertEqual(self.reactor.tcpServers, [])
         self.start(service)
         [(port, factory, _, interface)] = self.reactor.tcpServers
@@ -74,6 +75,18 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(site.resource, AgentRoot)
         self.assertIs(site.reactor, self.reactor)
         self.assertEqual(site.timeOut, IDLE_TIMEOUT)
+
+    def test_relay_in_front(self) -> None:
+        # With the byte relay the front door serves each connection, the Site behind it.
+        self.start(self.make("--port", "9443", "--relay", "bytes"))
+        [(_, factory, _, _)] = self.reactor.tcpServers
+        assert isinstance(factory, TLSMemoryBIOFactory)
+        door = factory.wrappedFactory
+        assert isinstance(door, FrontDoorFactory)
+        self.assertTrue(door.doors.own(b"/swarmagent/status"))
+        self.assertTrue(door.doors.own(b"/v1/browse/some-volume/ls"))
+        self.assertFalse(door.doors.own(b"/containers/json"))
+        self.assertEqual(door.doors.idle_timeout, IDLE_TIMEOUT)
 
     def test_listens_on_ipv6(self) -> None:
         self.start(self.make("--host", "::"))
