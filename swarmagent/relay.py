@@ -521,8 +521,7 @@ class FrontDoor(Protocol):
         current, self._current = self._current, None
         if upstream is not None:
             upstream.door = None
-            if upstream.transport is not None:
-                upstream.transport.loseConnection()
+            _close(upstream)
         if current is not None and not self._splice:
             self._log(current)
 
@@ -538,8 +537,8 @@ class FrontDoor(Protocol):
             cast(StreamTransport, self._upstream.transport).resumeProducing()
 
     def stopProducing(self) -> None:
-        if self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.loseConnection()
+        if self._upstream is not None:
+            _close(self._upstream)
 
     # reading the client
     def dataReceived(self, data: bytes) -> None:
@@ -1045,6 +1044,20 @@ class FrontDoor(Protocol):
 
 
 @implementer(IPushProducer)
+def _close(upstream: Upstream) -> None:
+    """Close ``upstream`` now, though a client is its producer.
+
+    A TLS transport (a peer's) waits for its producer to be unregistered
+    before it sends close_notify and closes TCP: a stream the client
+    abandoned would otherwise stay open upstream, the far agent streaming
+    into it for as long as the stream lasts.
+    """
+    transport = cast("StreamTransport | None", upstream.transport)
+    if transport is not None:
+        transport.unregisterProducer()
+        transport.loseConnection()
+
+
 class _ClientReader:
     """Registered with the upstream transport: its full buffer pauses reading the client."""
 

@@ -67,6 +67,25 @@ def request(
     return head.encode("latin-1") + body
 
 
+class TLSLikeTransport(HalfCloseTransport):
+    """Closes as ``TLSMemoryBIOProtocol`` does: not while a producer is
+    registered, but once it is unregistered (``closed`` says it did)."""
+
+    closed = False
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        self._close_if_ready()
+
+    def unregisterProducer(self) -> None:
+        super().unregisterProducer()
+        self._close_if_ready()
+
+    def _close_if_ready(self) -> None:
+        if self.disconnecting and self.producer is None:
+            self.closed = True
+
+
 @implementer(IStreamClientEndpoint)
 class FakeEndpoint:
     """An upstream: each connection a StringTransport, or a failure to connect."""
@@ -79,7 +98,7 @@ class FakeEndpoint:
         if self.refuse is not None:
             return fail(self.refuse)
         protocol = cast(Upstream, factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2375)))
-        transport = HalfCloseTransport()
+        transport = TLSLikeTransport()
         protocol.makeConnection(transport)
         self.connections.append((protocol, transport))
         return succeed(protocol)
@@ -400,6 +419,32 @@ class EngineRelayTests(SynchronousTestCase):
         _, transport = self.h.engine.last
         self.door.connectionLost(Failure(ConnectionResetError()))
         self.assertTrue(transport.disconnecting)
+
+    def test_abandoned_streams_close_their_upstreams(self) -> None:
+        """A streamed answer the client left, from the engine, a peer and the
+        tree: its upstream closes (a TLS one, too, though the client was its
+        producer)."""
+        h = Harness(make_table(manager("node-a"), {"10.0.0.2": manager("node-b")}), peers=True)
+        streams = {
+            "engine": ("/v1.41/events", "X-PortainerAgent-Target: node-a\r\n", h.engine),
+            "peer": ("/v1.41/events", "X-PortainerAgent-Target: node-b\r\n", None),
+            # Every node's events, merged.
+            "tree": ("/v1.41/events", "", h.tree),
+        }
+        for name, (target, extra, endpoint) in streams.items():
+            with self.subTest(name):
+                door, _ = h.connect()
+                door.dataReceived(request(target=target, extra=extra))
+                if endpoint is None:
+                    endpoint = h.peers.endpoints[b"https://10.0.0.2:9001/"]
+                upstream, transport = endpoint.last
+                upstream.dataReceived(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+                )
+                # A slow client paused it, then left.
+                door.pauseProducing()
+                door.connectionLost(Failure(ConnectionResetError()))
+                self.assertTrue(cast(TLSLikeTransport, transport).closed)
 
     def test_idle_timeout(self) -> None:
         self.h.clock.advance(119)
