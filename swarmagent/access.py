@@ -119,14 +119,16 @@ class RequestLog:
         sent: int,
         started: float,
         who: Callable[[], str],
+        missing: bytes = b"",
     ) -> None:
         """Count, and log if on, a request served outside twisted.web (the relay's);
-        ``who`` names its client, asked only for a line that is written."""
+        ``who`` names its client, asked only for a line that is written;
+        ``missing``: the nodes its answer named missing."""
         seconds = self._clock.seconds() - started
         self._metrics.request_done(route, code, seconds)
         out = self._access_log
         if out is not None and shows(NAMESPACE, LogLevel.info):
-            self.line(out, method, path, route, nodes, code, sent, seconds, who(), b"")
+            self.line(out, method, path, route, nodes, code, sent, seconds, who(), missing)
 
     def line(
         self,

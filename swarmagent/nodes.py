@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -49,6 +49,8 @@ PING = b"/_ping"
 CREDENTIAL_REFUSALS = frozenset({401, 403, 407})
 
 log = logger(__name__)
+
+_T = TypeVar("_T")
 
 
 class Copy(NamedTuple):
@@ -324,7 +326,7 @@ class Nodes:
         """``node``'s silence, while it is silent."""
         return self._silent.get(node.identity.key)
 
-    def answer_of(self, node: Peer, pending: Deferred[IResponse]) -> Deferred[IResponse]:
+    def answer_of(self, node: Peer, pending: Deferred[_T]) -> Deferred[_T]:
         """``pending``, the answer to a request sent to ``node``, bounded by the node's life.
 
         A request has no deadline of its own (a stop waits out its grace
@@ -334,7 +336,7 @@ class Nodes:
         request and is waited for again; one that does not is silent, and
         the request is given up: ``TimeoutError`` with the reason.
         """
-        result: Deferred[IResponse] = Deferred(lambda _: pending.cancel())
+        result: Deferred[_T] = Deferred(lambda _: pending.cancel())
         timer: list[IDelayedCall] = []
 
         def check() -> None:
@@ -354,7 +356,7 @@ class Nodes:
             )
             pending.cancel()
 
-        def settled(outcome: IResponse | Failure) -> None:
+        def settled(outcome: _T | Failure) -> None:
             for call in timer:
                 call.cancel()
             timer.clear()

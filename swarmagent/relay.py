@@ -53,6 +53,7 @@ from swarmagent.errors import error_body
 from swarmagent.internal import is_internal, vouch
 from swarmagent.logs import logger
 from swarmagent.metrics import Metrics
+from swarmagent.nodes import Nodes
 from swarmagent.peers import Peer, PeerTable
 from swarmagent.proxy import HOP_BY_HOP, OWN_HEADERS
 from swarmagent.routing import Forward, Local, route, strip_version
@@ -60,7 +61,7 @@ from swarmagent.signature import PUBLIC_KEY_HEADER, SIGNATURE_HEADER
 from swarmagent.tls import ClientCert
 from swarmagent.twisted_types import StreamTransport
 from swarmagent.upgrade import MAX_HEAD
-from swarmagent.wire import AGENT_HEADERS, BROADCAST, HOP, TARGET
+from swarmagent.wire import AGENT_HEADERS, BROADCAST, HOP, MISSING_NODES, TARGET
 
 log = logger(__name__)
 
@@ -120,6 +121,8 @@ class Exchange:
     refusal: bytes = b""
     #: Counted as an open stream (its answer relayed here).
     streaming: bool = False
+    #: The nodes named missing in the answer (its X-SwarmAgent-Missing-Nodes).
+    missing: bytes = b""
 
     def header(self, lower: bytes) -> bytes | None:
         for name, value in self.headers:
@@ -452,6 +455,10 @@ class Doors:
     #: Connections to the other agents: a request for another node is relayed
     #: there (None: the tree forwards it).
     peers: PeerPools | None = None
+    #: The nodes' lives: a request for a silent node is refused at once, and
+    #: one whose answer head is overdue is given up if its node does not
+    #: answer a ping (:meth:`~swarmagent.nodes.Nodes.answer_of`; None: no bound).
+    nodes: Nodes | None = None
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -485,6 +492,8 @@ class FrontDoor(Protocol):
         self._cert: ClientCert | None = None
         self._timer: IDelayedCall | None = None
         self._gone = False
+        #: Fired by the current answer's head: its node's bound stops then.
+        self._head: Deferred[None] | None = None
 
     # connection
     def connectionMade(self) -> None:
@@ -517,6 +526,7 @@ class FrontDoor(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._cancel_timer()
+        self._head_came()
         upstream, self._upstream = self._upstream, None
         current, self._current = self._current, None
         if upstream is not None:
@@ -689,7 +699,49 @@ class FrontDoor(Protocol):
         if not ex.keep_alive or ex.upgrade:
             # An upgrade not agreed to leaves a stream no parser can read.
             self._close_after = True
+        nodes = self._doors.nodes
+        if nodes is not None and self._kind != "tree":
+            silence = nodes.silence(self._peer) if self._peer is not None else None
+            if silence is not None:
+                # Known silent: answered at once, as lists name it missing.
+                self._give_up(ex, 502, b"Bad Gateway", silence.describe(), missing=True)
+                return
+            node = self._peer if self._peer is not None else nodes.me
+            self._head = Deferred()
+            nodes.answer_of(node, self._head).addErrback(self._overdue, ex)
         pool.get().addCallbacks(self._connected, self._connect_failed)
+
+    def _head_came(self) -> None:
+        head, self._head = self._head, None
+        if head is not None and not head.called:
+            head.callback(None)
+
+    def _overdue(self, reason: Failure, ex: Exchange) -> None:
+        """No answer head in time, nor an answer to the node's ping: a 504."""
+        if not reason.check(TimeoutError) or self._current is not ex or self._gone:
+            return
+        self._head = None
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.door = None
+            _close(upstream)
+        self._give_up(ex, 504, b"Gateway Timeout", reason.getErrorMessage())
+
+    def _give_up(
+        self, ex: Exchange, code: int, reason: bytes, details: str, missing: bool = False
+    ) -> None:
+        """Answer ``ex`` with an error about its node, then close (its body is dropped)."""
+        log.warn("{upstream}: {why}", upstream=self._unreachable(), why=details)
+        marks = _AGENT_MARKS
+        if missing and self._peer is not None:
+            ex.missing = self._peer.name.encode("utf-8")
+            marks += MISSING_NODES + b": " + ex.missing + b"\r\n"
+        ex.code = code
+        ex.sink = lambda data: None
+        ex.on_complete = None
+        self._write(ex, _response(code, reason, error_body(self._unreachable(), details), marks))
+        self._close_after = True
+        self._finish()
 
     def _destination(self, ex: Exchange) -> tuple[str, Peer | None]:
         """Where ``ex`` goes: the engine for a plain Docker request for this node
@@ -888,6 +940,7 @@ class FrontDoor(Protocol):
         ex = self._current
         if ex is None:
             return
+        self._head_came()
         ex.code = code
         if code == 101:
             # The tree's tunnel (or console) answered: its head as it is.
@@ -1000,6 +1053,7 @@ class FrontDoor(Protocol):
 
     def _finish(self) -> None:
         """The current exchange is over: log it, then the next one, or close."""
+        self._head_came()
         ex, self._current = self._current, None
         if ex is not None:
             self._log(ex)
@@ -1040,6 +1094,7 @@ class FrontDoor(Protocol):
             ex.sent,
             ex.started,
             who,
+            ex.missing,
         )
 
 

@@ -270,6 +270,7 @@ def makeService(
                 idle_timeout=IDLE_TIMEOUT,
                 peers=peer_upstreams,
                 metrics=metrics,
+                nodes=nodes,
             )
         )
     service = _PoolService([engine_pool, peer_pool], log_file, relay_pools)

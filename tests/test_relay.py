@@ -37,6 +37,7 @@ from swarmagent.access import RequestLog
 from swarmagent.auth import Authorizer, IClientCert
 from swarmagent.internal import CERT, CLIENT, InternalEndpoint, InternalSite, vouch
 from swarmagent.metrics import Metrics
+from swarmagent.nodes import Nodes
 from swarmagent.peers import PeerTable
 from swarmagent.relay import (
     MAX_REQUEST_HEAD,
@@ -50,7 +51,7 @@ from swarmagent.relay import (
 from swarmagent.signature import Signer, Verifier
 from swarmagent.tls import ClientCert
 from swarmagent.twisted_types import IAgentReactor
-from tests.helpers import HalfCloseTransport, make_table, manager, standalone
+from tests.helpers import FakeAgent, HalfCloseTransport, make_table, manager, standalone
 
 SECRET = "s3cret"
 SIGNED = Signer.generate(SECRET).headers()
@@ -126,14 +127,20 @@ class FakePeers:
 class Harness:
     """A front door's shared parts, with fake upstreams."""
 
-    def __init__(self, table: PeerTable | None = None, peers: bool = False) -> None:
+    def __init__(
+        self, table: PeerTable | None = None, peers: bool = False, nodes: bool = False
+    ) -> None:
+        """``nodes``: requests bounded by their node's life, its pings sent
+        through ``self.agent``."""
         self.clock = MemoryReactorClock()
+        self.agent = FakeAgent()
         self.engine = FakeEndpoint()
         self.tree = FakeEndpoint()
         self.peers = FakePeers()
         self.metrics = Metrics()
         authorizer = Authorizer(Verifier(SECRET), None)
         self.table = table if table is not None else make_table(standalone("node-a"))
+        self.nodes = Nodes(self.table, self.agent, self.agent, self.clock, 5)
         self.doors = Doors(
             engine=UpstreamPool(self.engine, self.clock),
             internal=UpstreamPool(self.tree, self.clock),
@@ -145,6 +152,7 @@ class Harness:
             idle_timeout=120.0,
             peers=PeerPools(self.peers, self.clock) if peers else None,
             metrics=self.metrics,
+            nodes=self.nodes if nodes else None,
         )
 
     def connect(self) -> tuple[FrontDoor, HalfCloseTransport]:
@@ -714,6 +722,89 @@ class TreeTests(SynchronousTestCase):
         )
         self.h.tree.last[0].dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
         self.assertTrue(self.client.disconnecting)
+
+
+class StalledNodeTests(SynchronousTestCase):
+    """A relayed request waits for a slow node, not for one that stopped answering."""
+
+    def setUp(self) -> None:
+        table = make_table(manager("node-a"), {"10.0.0.2": manager("node-b")})
+        self.h = Harness(table, peers=True, nodes=True)
+        self.peer = self.h.peers.endpointForURI(URI.fromBytes(b"https://10.0.0.2:9001/"))
+
+    def forward(self) -> tuple[FrontDoor, HalfCloseTransport]:
+        door, client = self.h.connect()
+        door.dataReceived(request(extra="X-PortainerAgent-Target: node-b\r\n"))
+        return door, client
+
+    def answer(self, client: HalfCloseTransport) -> tuple[bytes, dict[str, str]]:
+        raw = client.value()
+        doc = json.loads(raw.partition(b"\r\n\r\n")[2])
+        return head_lines(raw)[0], doc
+
+    def test_a_node_that_stops_answering_gets_a_504_within_two_deadlines(self) -> None:
+        _, client = self.forward()
+        _, forwarded = cast(FakeEndpoint, self.peer).last
+        self.h.clock.advance(5)  # no answer head within the deadline: the node is pinged
+        self.assertEqual(self.h.agent.calls[0].url, b"https://10.0.0.2:9001/_ping")
+        self.assertEqual(client.value(), b"")
+        self.h.clock.advance(5)  # nor an answer to the ping
+        line, doc = self.answer(client)
+        self.assertEqual(line, b"HTTP/1.1 504 Gateway Timeout")
+        self.assertEqual(doc["message"], "Unable to reach the agent of node node-b")
+        self.assertIn("nor to a ping: not answering since", doc["details"])
+        self.assertTrue(cast(TLSLikeTransport, forwarded).closed)
+        self.assertTrue(client.disconnecting)
+        self.assertEqual(self.h.count("forwarded", "5xx"), 1)
+
+    def test_then_a_forward_to_it_fails_at_once_naming_it(self) -> None:
+        self.forward()
+        self.h.clock.advance(5)
+        self.h.clock.advance(5)
+        sent = len(cast(FakeEndpoint, self.peer).connections)
+        _, client = self.forward()
+        line, doc = self.answer(client)
+        self.assertEqual(line, b"HTTP/1.1 502 Bad Gateway")
+        self.assertIn(b"X-SwarmAgent-Missing-Nodes: node-b", head_lines(client.value()))
+        self.assertEqual(doc["message"], "Unable to reach the agent of node node-b")
+        self.assertIn("Not answering since", doc["details"])
+        self.assertEqual(len(cast(FakeEndpoint, self.peer).connections), sent)  # not sent
+
+    def test_a_slow_answer_from_a_node_that_pings_is_waited_for(self) -> None:
+        _, client = self.forward()
+        for round in range(3):
+            self.h.clock.advance(5)
+            ping = self.h.agent.calls[-1]
+            self.assertEqual(ping.url, b"https://10.0.0.2:9001/_ping", round)
+            pong = ping.respond(200)
+            pong.deliver(b"OK")
+            pong.end()
+        cast(FakeEndpoint, self.peer).last[0].dataReceived(OK_PING)
+        raw = client.value()
+        self.assertEqual(head_lines(raw)[0], b"HTTP/1.1 200 OK")
+        self.assertTrue(raw.endswith(b"\r\n\r\nOK"))
+        self.assertEqual(self.h.nodes.silences(), {})
+
+    def test_once_the_head_came_no_bound(self) -> None:
+        _, client = self.forward()
+        upstream, transport = cast(FakeEndpoint, self.peer).last
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.h.clock.advance(60)
+        self.assertEqual(self.h.agent.calls, [])
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(head_lines(client.value())[0], b"HTTP/1.1 200 OK")
+
+    def test_the_engine_is_bounded_too(self) -> None:
+        door, client = self.h.connect()
+        door.dataReceived(request(extra="X-PortainerAgent-Target: node-a\r\n"))
+        _, transport = self.h.engine.last
+        self.h.clock.advance(5)
+        self.h.clock.advance(5)
+        line, doc = self.answer(client)
+        self.assertEqual(line, b"HTTP/1.1 504 Gateway Timeout")
+        self.assertEqual(doc["message"], "Unable to reach the Docker engine")
+        self.assertIn("nor to a ping", doc["details"])
+        self.assertTrue(cast(TLSLikeTransport, transport).closed)
 
 
 class VouchTests(SynchronousTestCase):
