@@ -566,6 +566,9 @@ class FrontDoor(Protocol):
             if offset < len(data):
                 self._raw_from_client(data[offset:])
         except httptools.HttpParserError as e:
+            broken, self._incoming = self._incoming, None
+            if broken is not None and self._drop_broken(broken):
+                return
             if self._too_large:
                 self._refuse(
                     431,
@@ -600,6 +603,31 @@ class FrontDoor(Protocol):
 
     def writeConnectionLost(self) -> None:
         pass
+
+    def _drop_broken(self, ex: Exchange) -> bool:
+        """``ex``'s body is malformed: it goes no further, as its upstream would
+        wait for the rest of it for ever. Whether the connection was cut (its
+        answer had begun: no 400 can follow it)."""
+        if ex in self._queue:
+            self._queue.remove(ex)
+            return False
+        if ex is not self._current:
+            return False  # answered already: the 400 follows that answer
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.door = None
+            _close(upstream)
+        ex.sink = lambda data: None
+        ex.on_complete = None
+        if ex.code == 0:
+            # Unanswered: the 400 is its answer (and its log line), as twisted.web's.
+            self._head_came()
+            self._current = None
+            return False
+        self._refused = True
+        self._close_after = True
+        self._finish()
+        return True
 
     def _refuse(self, code: int, reason: bytes, message: str, details: str) -> None:
         """Answer a request that cannot be read (after those before it), then close."""

@@ -507,16 +507,45 @@ class StrictnessTests(SynchronousTestCase):
             self.assertEqual(h.engine.connections + h.tree.connections, [], name)
             self.assertEqual(h.count("error", "4xx"), 1, name)
 
-    def test_bad_chunk_size_after_relaying_started(self) -> None:
+    def test_bad_chunk_size_after_its_answer(self) -> None:
         h = Harness()
         door, client = h.connect()
         door.dataReceived(request("POST", "/build", "Transfer-Encoding: chunked\r\n"))
+        h.engine.last[0].dataReceived(OK_PING)
         door.dataReceived(b"zz\r\n")
         # The request's answer comes first; then the 400, and the close.
-        h.engine.last[0].dataReceived(OK_PING)
         raw = client.value()
         self.assertIn(b"400 Bad Request", raw)
         self.assertLess(raw.index(b"200 OK"), raw.index(b"400 Bad Request"))
+        self.assertTrue(client.disconnecting)
+
+    def test_bad_chunk_size_before_its_answer(self) -> None:
+        """Found by bench.fuzz: the upstream (the tree, the engine) would wait for
+        the rest of the body for ever, so the client for its answer: a 400 at
+        once, and the upstream closed, as twisted.web does."""
+        for target in ("/ping", "/build"):
+            with self.subTest(target):
+                h = Harness()
+                door, client = h.connect()
+                door.dataReceived(
+                    request("POST", target, "Transfer-Encoding: chunked\r\n") + b"zz\r\n"
+                )
+                _, upstream = (h.tree if target == "/ping" else h.engine).last
+                raw = client.value()
+                self.assertEqual(head_lines(raw)[0], b"HTTP/1.1 400 Bad Request")
+                self.assertTrue(cast(TLSLikeTransport, upstream).closed)
+                self.assertTrue(client.disconnecting)
+
+    def test_bad_chunk_size_while_its_answer_streams(self) -> None:
+        h = Harness()
+        door, client = h.connect()
+        door.dataReceived(request("POST", "/build", "Transfer-Encoding: chunked\r\n"))
+        upstream, transport = h.engine.last
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        door.dataReceived(b"zz\r\n")
+        # No 400 can follow a begun answer: both connections are cut.
+        self.assertNotIn(b"400", client.value())
+        self.assertTrue(cast(TLSLikeTransport, transport).closed)
         self.assertTrue(client.disconnecting)
 
     def test_head_too_large(self) -> None:
