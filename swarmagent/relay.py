@@ -1017,7 +1017,10 @@ class FrontDoor(Protocol):
     def answer_done(self, upstream: Upstream, reusable: bool) -> None:
         """The answer's last byte is out: the upstream may serve another request."""
         ex = self._current
-        self._release(upstream, reusable and ex is not None and ex.complete)
+        # An upgrade request's connection got the client's raw bytes after its
+        # head, which the upstream reads as requests of their own: never kept.
+        kept = reusable and ex is not None and ex.complete and not ex.upgrade
+        self._release(upstream, kept)
         if ex is not None and not ex.complete:
             # The rest of the body is read and dropped: the answer did not wait for it.
             ex.sink = lambda data: None

@@ -752,6 +752,22 @@ class TreeTests(SynchronousTestCase):
         self.h.tree.last[0].dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
         self.assertTrue(self.client.disconnecting)
 
+    def test_upgrade_refused_is_not_reused(self) -> None:
+        """Found by bench.fuzz: what the client sent after an upgrade request
+        went to the tree as raw bytes, which it read as a next request; kept,
+        the connection gave that request's answer to the next client's."""
+        self.door.dataReceived(
+            request("POST", "/exec/abc/start", "Connection: Upgrade\r\nUpgrade: tcp\r\n")
+            + b"GET /nowhere HTTP/1.1\r\n\r\n"
+        )
+        upstream, transport = self.h.tree.last
+        self.assertTrue(transport.value().endswith(b"GET /nowhere HTTP/1.1\r\n\r\n"))
+        upstream.dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertTrue(cast(TLSLikeTransport, transport).closed)
+        door, _ = self.h.connect()
+        door.dataReceived(request(target="/ping"))
+        self.assertEqual(len(self.h.tree.connections), 2)
+
 
 class StalledNodeTests(SynchronousTestCase):
     """A relayed request waits for a slow node, not for one that stopped answering."""
