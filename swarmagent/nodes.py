@@ -152,6 +152,8 @@ class Nodes:
         self._credentials = dict(credentials or {})
         #: Silent nodes by node key.
         self._silent: dict[str, Silence] = {}
+        #: Nodes a call ran out on, pinged to learn whether they are silent.
+        self._doubted: set[str] = set()
 
     @property
     def me(self) -> Peer:
@@ -272,11 +274,30 @@ class Nodes:
             why = failure_reason(reason.value)
             self.metrics.node_failed(node.name, why)
             if why == "timeout":
-                self._fell_silent(node, started, describe(reason.value))
+                self._doubt(node, path, started, describe(reason.value))
             return NodeFailed(describe(reason.value), node=node.name)
 
         call = get_within(client, url, headers, self.clock, within)
         return call.addCallbacks(answered, failed)
+
+    def _doubt(self, node: Peer, path: bytes, since: float, why: str) -> None:
+        # A call can run out while the node answers (a manager's /nodes waits
+        # for a Raft leader while its engine serves containers): it is silent
+        # only if a ping, sent at once, runs out too (a ping that ran out is that).
+        key = node.identity.key
+        if key in self._doubted:
+            return  # the ping in flight decides, from the first call's start
+        if path == PING or key in self._silent:
+            self._fell_silent(node, since, why)
+            return
+        self._doubted.add(key)
+
+        def pinged(outcome: Outcome) -> None:
+            self._doubted.discard(key)
+            if not _answers(outcome):
+                self._fell_silent(node, since, why)
+
+        self._get(node, PING, None, self._ping_timeout).addCallback(pinged)
 
     def _fell_silent(self, node: Peer, since: float, why: str) -> None:
         # ``since``: when the call it left unanswered was sent.
@@ -291,10 +312,6 @@ class Nodes:
             node=node.name,
             why=why,
         )
-        # Pinged at once, not at the next tick: a call can run out while the
-        # node answers (a manager's /services waits for a Raft leader while
-        # its engine serves containers); then its silence lasts one ping.
-        self._ask_again(node, silence, self._get(node, PING, None, self._ping_timeout))
 
     def _ask_again(self, node: Peer, silence: Silence, call: Deferred[Outcome]) -> None:
         silence.asking = True

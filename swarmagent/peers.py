@@ -123,6 +123,7 @@ class PeerTable:
         """Record this node's identity, re-read from its engine."""
         old = self.me
         self.me = replace(self.me, identity=identity, address=address or self.me.address)
+        self._hear_leadership(old.identity, identity)
         if self.me != old:
             self._changed()
 
@@ -138,6 +139,8 @@ class PeerTable:
             return None
         old = self._peers.get(address)
         self._peers[address] = Peer(address, port, identity)
+        if old is not None:
+            self._hear_leadership(old.identity, identity)
         if old is None or (old.identity, old.port) != (identity, port):
             self._changed()
         if old is None:
@@ -218,13 +221,28 @@ class PeerTable:
         node ID ("" if none) and the managers it cannot reach."""
         self._leader, self._unreachable = leader, unreachable
 
+    def _hear_leadership(self, old: NodeIdentity, new: NodeIdentity) -> None:
+        # A manager's identity that just changed its leadership was read from
+        # its engine after the last node list when no list could be read since
+        # (an election holds every manager's list): without this, the old
+        # leader, back and still electing, stays first. The next list read
+        # overrides it. A join says nothing new: its identity may be stale.
+        if new.role != MANAGER or old.leader == new.leader or old.node_id != new.node_id:
+            return
+        if new.leader:
+            self._leader = new.node_id
+        elif self._leader == new.node_id:
+            self._leader = ""
+
     def managers(self) -> list[Peer]:
         """The managers with an agent: those answering first, the leader first among them.
 
         A manager whose last probe failed, or that Raft cannot reach, comes
         after the others at once (not once its probes have all failed). The
         leader is the one Raft last named, which the managers' own identities
-        only say a refresh or two later; else the one whose identity says so.
+        only say a refresh or two later, or a manager whose identity changed
+        to leader since (when no list could be read, as in an election); else
+        the one whose identity says so.
         """
         found = [p for p in self.nodes() if p.identity.role == MANAGER and p.identity.swarm]
 

@@ -250,6 +250,45 @@ class ManagersTests(SynchronousTestCase):
         table.follow("", frozenset())  # no leader named: the identities say
         self.assertEqual(names(table.managers())[0], "m1")
 
+    def test_a_new_leader_heard_after_the_last_list(self) -> None:
+        """The old leader, back from a cut and still electing, keeps its stale
+        identity; the list that named it cannot be read during the election.
+        A manager whose identity becomes leader is the news (found by the soak:
+        manager requests went to the old leader, 500 "no leader")."""
+        table = make_table(
+            worker("w"),
+            {
+                "10.0.0.2": manager("m1", leader=True),
+                "10.0.0.3": manager("m2"),
+                "10.0.0.4": manager("m3"),
+            },
+        )
+        table.follow("id-m1", frozenset())
+        table.failed("10.0.0.2")
+        table.seen("10.0.0.4", AGENT_PORT, manager("m3", leader=True))
+        table.seen("10.0.0.2", AGENT_PORT, manager("m1", leader=True))  # back, stale
+        self.assertEqual(names(table.managers()), ["m3", "m1", "m2"])
+        table.follow("id-m2", frozenset())  # the next list read wins
+        self.assertEqual(names(table.managers())[0], "m2")
+
+    def test_the_leader_stepping_down_is_heard(self) -> None:
+        table = make_table(
+            worker("w"),
+            {"10.0.0.2": manager("m1", leader=True), "10.0.0.3": manager("m2")},
+        )
+        table.follow("id-m1", frozenset())
+        table.seen("10.0.0.3", AGENT_PORT, manager("m2", leader=True))
+        table.seen("10.0.0.2", AGENT_PORT, manager("m1"))
+        self.assertEqual(names(table.managers()), ["m2", "m1"])
+        table.seen("10.0.0.3", AGENT_PORT, manager("m2"))  # no leader named: none first
+        self.assertEqual(sorted(names(table.managers())), ["m1", "m2"])
+
+    def test_this_manager_becoming_leader_is_heard(self) -> None:
+        table = make_table(manager("a"), {"10.0.0.2": manager("b", leader=True)})
+        table.follow("id-b", frozenset())
+        table.set_me(manager("a", leader=True))
+        self.assertEqual(names(table.managers()), ["a", "b"])
+
     def test_unreachable_to_raft_is_passed_over(self) -> None:
         table = make_table(
             worker("w"),
