@@ -156,6 +156,8 @@ class Upstream(Protocol):
         self._buf = b""
         self._state = "idle"
         self._remaining = 0
+        #: The answer being read lets the connection serve another request.
+        self._keep_alive = False
         self._head_only = False
         self._parser: httptools.HttpResponseParser | None = None
         self._status = 0
@@ -196,7 +198,9 @@ class Upstream(Protocol):
                 data = data[len(take) :]
                 self.door.answer_body(take)
                 if self._remaining == 0:
-                    self._done(reusable=not data)
+                    # Kept only if the upstream said so ("Connection: close"
+                    # after an error, say) and sent nothing more.
+                    self._done(reusable=self._keep_alive and not data)
                     return
             elif state == "chunked":
                 assert self._parser is not None
@@ -207,7 +211,7 @@ class Upstream(Protocol):
                     return
                 self.door.answer_body(data)
                 if self._ended:
-                    self._done(reusable=True)
+                    self._done(reusable=self._keep_alive)
                 return
             elif state == "close":
                 self.door.answer_body(data)
@@ -251,7 +255,7 @@ class Upstream(Protocol):
             self._broken(f"malformed answer head: {e}")
             return b""
         code = self._parser.get_status_code()
-        keep_alive = self._parser.should_keep_alive()
+        keep_alive = self._keep_alive = self._parser.should_keep_alive()
         if 100 <= code < 200:
             door.interim(head)
             return rest

@@ -241,6 +241,23 @@ class EngineRelayTests(SynchronousTestCase):
         self.assertFalse(self.client.disconnecting)
         self.assertEqual(self.h.count("local", "2xx"), 3)
 
+    def test_an_upstream_that_says_close_is_not_reused(self) -> None:
+        """An answer with "Connection: close" (twisted.web's after a 400, say)
+        leaves its connection out of the pool, whatever its framing."""
+        closing = [
+            b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 2\r\n\r\nno",
+            b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n",
+        ]
+        for number, answer in enumerate(closing, start=1):
+            self.door.dataReceived(request())
+            upstream, transport = self.h.engine.last
+            upstream.dataReceived(answer)
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(len(self.h.engine.connections), number)
+        self.door.dataReceived(request())  # a fresh connection again
+        self.assertEqual(len(self.h.engine.connections), 3)
+
     def test_chunked_answer_untouched_at_every_split(self) -> None:
         body = b"3;name=value\r\nabc\r\n10\r\n" + b"x" * 16 + b"\r\n0\r\nX-Trailer: t\r\n\r\n"
         answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
