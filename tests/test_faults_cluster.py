@@ -2,7 +2,8 @@
 
 node3's engine, and separately node3's agent, are frozen with SIGSTOP (open
 connections, no answers). The first cluster list through node1 waits the
-fan-out deadline before naming node3 missing; the next ones name it at once,
+fan-out deadline before naming node3 missing; once the ping that sends has
+run out too, the next ones name it at once,
 without asking it; once it is thawed, node3 is back in node1's lists within a
 few refresh intervals. Run as root: ``python -m twisted.trial tests.test_faults_cluster``.
 """
@@ -15,7 +16,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.lab import IMAGE, Lab, Response
+from tests.lab import IMAGE, Lab, Response, wait_until
 from tests.labcase import (
     FANOUT_TIMEOUT,
     PROBE_FAILURES,
@@ -76,9 +77,10 @@ class SilentNodeTests(LabTestCase):
         first, _ = self.cluster_list(timeout=FANOUT_TIMEOUT + SLACK + 5)
         self.assertIn("node3", missing_nodes(first))
         # The first list asked node3 and ran out its deadline (the discovery
-        # tick's pings of node3, from now on, may add theirs).
+        # tick's pings of node3, from now on, may add theirs); node3 is silent
+        # once the ping that timeout sent runs out too.
         self.assertGreaterEqual(self.node3_failures("timeout"), timeouts + 1)
-        [silent] = self.status_silent()
+        [silent] = wait_until(self.status_silent, FANOUT_TIMEOUT + SLACK + 5, 0.2, "node3 silent")
         self.assertEqual(silent["Name"], "node3")
         self.assertIn("no answer within", silent["Why"])
         silenced = self.node3_failures("silent")

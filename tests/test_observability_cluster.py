@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lab import Lab, wait_until
-from tests.labcase import REFRESH, LabTestCase, explain, knows_exactly
+from tests.labcase import FANOUT_TIMEOUT, REFRESH, SLACK, LabTestCase, explain, knows_exactly
 
 #: Where the test leaves what it saw, for a reader of the run (the report quotes it).
 SEEN = Path(os.environ.get("SWARMAGENT_OBS_OUT", "/tmp/swarmagent-observability"))
@@ -79,6 +79,17 @@ class ObservabilityClusterTests(LabTestCase):
         for _ in range(3):
             r = node1.request("GET", "/containers/json?all=1", timeout=30)
             self.assertEqual(r.status, 200, r.body[:300])
+        # node3 is silent once the ping its first timeout sent runs out too;
+        # from then on, lists leave it out without asking it.
+        wait_until(
+            lambda: node1.request("GET", "/swarmagent/status").json()["Silent"],
+            FANOUT_TIMEOUT + SLACK + 10,
+            0.2,
+            "node3 silent",
+        )
+        for _ in range(3):
+            r = node1.request("GET", "/containers/json?all=1", timeout=30)
+            self.assertEqual(r.status, 200, r.body[:300])
         self.assertEqual(node1.request("GET", "/images/json", timeout=30).status, 200)
         for _ in range(2):
             r = node1.request("GET", "/version", headers={"X-PortainerAgent-Target": "node2"})
@@ -102,8 +113,9 @@ class ObservabilityClusterTests(LabTestCase):
         all_samples = samples(text)
         failures = "swarmagent_node_failures_total"
         self.assertGreaterEqual(value(all_samples, failures, node="node3"), 4)
-        # The first list ran out the deadline on node3; the later ones left it
-        # out at once as silent (and the discovery tick's pings time out).
+        # The first list ran out the deadline on node3 (and the ones sent while
+        # its ping was out, and the discovery tick's pings); the lists after it
+        # fell silent left it out at once.
         timeouts = value(all_samples, failures, node="node3", reason="timeout")
         silent = value(all_samples, failures, node="node3", reason="silent")
         self.assertGreaterEqual(timeouts, 1)
