@@ -29,14 +29,13 @@ import re
 from urllib.parse import quote
 
 from twisted.internet.defer import gatherResults
-from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from swarmagent.locations import KINDS, NAMES, Locations
 from swarmagent.logs import logger
 from swarmagent.nodes import Answered, NodeFailed, Nodes, Outcome
 from swarmagent.peers import Peer
-from swarmagent.proxy import HOP_BY_HOP, OWN_HEADERS
+from swarmagent.proxy import answer_headers
 from swarmagent.routing import AmbiguousObject, Forward, Inspected, Local, Located, NotFound
 
 log = logger(__name__)
@@ -204,17 +203,9 @@ def _served(outcome: Outcome, inspect: bool, otherwise: Located) -> Located:
     200); else ``otherwise``, where the request is to be sent."""
     if not (inspect and isinstance(outcome, Answered) and outcome.code == 200):
         return otherwise
-    return Inspected(outcome.node, _end_to_end(outcome.headers), outcome.body)
-
-
-def _end_to_end(headers: Headers) -> tuple[tuple[bytes, list[bytes]], ...]:
-    """A node's answer headers for the client: not the framing (the body is
-    whole), not its agent's own headers (this agent sets its own)."""
-    tokens = {
-        t.strip().lower() for v in headers.getRawHeaders(b"connection", []) for t in v.split(b",")
-    }
-    drop = HOP_BY_HOP | OWN_HEADERS | tokens
-    return tuple((n, list(v)) for n, v in headers.getAllRawHeaders() if n.lower() not in drop)
+    # The body is whole: its framing is this agent's to set.
+    headers = answer_headers(outcome.headers, length=False)
+    return Inspected(outcome.node, tuple(headers), outcome.body)
 
 
 def _swarm_scoped(inspect: bytes) -> bool:

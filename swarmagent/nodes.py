@@ -101,6 +101,11 @@ class NodeFailed(Exception):
 Outcome = Answered | NodeFailed
 
 
+def iso_seconds(seconds: float) -> str:
+    """A clock's seconds as an ISO 8601 UTC time, to the second."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
 @dataclass
 class Silence:
     """A node that let a bounded call run out its deadline, and has not answered since."""
@@ -115,8 +120,7 @@ class Silence:
 
     def describe(self) -> str:
         """Why the node is left out, as the missing node's reason."""
-        when = datetime.fromtimestamp(self.since, UTC).isoformat(timespec="seconds")
-        return f"not answering since {when}: {self.why}"
+        return f"not answering since {iso_seconds(self.since)}: {self.why}"
 
 
 def _answers(outcome: Outcome) -> bool:
@@ -330,7 +334,7 @@ class Nodes:
         log.info(
             "Node {node} answers again (silent since {since})",
             node=silence.name,
-            since=datetime.fromtimestamp(silence.since, UTC).isoformat(timespec="seconds"),
+            since=iso_seconds(silence.since),
         )
 
     def _forget(self, key: str) -> Silence | None:

@@ -88,10 +88,18 @@ def request_headers(request: Request, *, keep_agent_headers: bool) -> Headers:
     return out
 
 
+def answer_headers(headers: Headers, *, length: bool) -> list[tuple[bytes, list[bytes]]]:
+    """An upstream answer's end-to-end headers, for the client: not its hop's,
+    nor its agent's own (this agent sets its own); ``length``: its
+    Content-Length kept (twisted.web's client leaves it out of most)."""
+    hop = HOP_BY_HOP - {b"content-length"} if length else HOP_BY_HOP
+    drop = hop | OWN_HEADERS | _connection_tokens(headers)
+    return [(n, list(v)) for n, v in headers.getAllRawHeaders() if n.lower() not in drop]
+
+
 def response_headers(response: IResponse) -> list[tuple[bytes, list[bytes]]]:
     """The end-to-end headers of an upstream response, for the client."""
-    drop = (HOP_BY_HOP - {b"content-length"}) | OWN_HEADERS | _connection_tokens(response.headers)
-    return [(n, v) for n, v in response.headers.getAllRawHeaders() if n.lower() not in drop]
+    return answer_headers(response.headers, length=True)
 
 
 def body_length(method: bytes, response: IResponse) -> int | None:
@@ -174,7 +182,7 @@ class Relay:
         url: bytes,
         headers: Headers,
         unreachable: str,
-        bound: Bounded | None = None,
+        bound: Bounded,
     ) -> None:
         """Relay ``request`` to ``url``; ``unreachable`` names the upstream in
         errors; ``bound`` (``Nodes.answer_of`` for the upstream's node) gives
@@ -191,11 +199,9 @@ class Relay:
         url: bytes,
         headers: Headers,
         unreachable: str,
-        bound: Bounded | None,
+        bound: Bounded,
     ) -> None:
-        pending = self._client.request(request.method, url, headers, self._body(request))
-        if bound is not None:
-            pending = bound(pending)
+        pending = bound(self._client.request(request.method, url, headers, self._body(request)))
         gone = watch_gone(request, then=pending.cancel)
         try:
             response = await pending

@@ -42,6 +42,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import URI
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -59,6 +60,7 @@ from swarmagent.proxy import HOP_BY_HOP, OWN_HEADERS
 from swarmagent.routing import Forward, Local, route, strip_version
 from swarmagent.signature import PUBLIC_KEY_HEADER, SIGNATURE_HEADER
 from swarmagent.tls import ClientCert
+from swarmagent.tunnel import error_response
 from swarmagent.twisted_types import StreamTransport
 from swarmagent.upgrade import MAX_HEAD
 from swarmagent.wire import AGENT_HEADERS, BROADCAST, HOP, MISSING_NODES, TARGET
@@ -78,17 +80,8 @@ _KEY = PUBLIC_KEY_HEADER.lower().encode("ascii")
 _SIGNATURE = SIGNATURE_HEADER.lower().encode("ascii")
 _AGENT_MARKS = b"".join(n + b": " + v + b"\r\n" for n, v in AGENT_HEADERS)
 _NETWORK_CREATE = "/networks/create"
-_BODILESS = frozenset({204, 304})
 #: Set anew (or dropped) on another node's copy.
 _PEER_SET = frozenset(h.encode("ascii") for h in (TARGET, HOP, BROADCAST))
-
-
-def _response(code: int, reason: bytes, body: bytes, marks: bytes = _AGENT_MARKS) -> bytes:
-    """A whole JSON answer after which the connection is closed."""
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n"
-        b"Connection: close\r\n\r\n%s" % (code, reason, marks, len(body), body)
-    )
 
 
 def _tokens(values: list[bytes]) -> set[bytes]:
@@ -119,6 +112,9 @@ class Exchange:
     sent: int = 0
     #: Refused before serving: the whole answer to send, then close.
     refusal: bytes = b""
+    #: Bytes of this exchange held in memory while it waits (its head if
+    #: queued, its body until sent): counted in the connection's queue bound.
+    held: int = 0
     #: Counted as an open stream (its answer relayed here).
     streaming: bool = False
     #: The nodes named missing in the answer (its X-SwarmAgent-Missing-Nodes).
@@ -262,7 +258,7 @@ class Upstream(Protocol):
         names = {n.lower(): v for n, v in self._fields}
         te = names.get(b"transfer-encoding")
         length = names.get(b"content-length")
-        if self._head_only or code in _BODILESS:
+        if self._head_only or code in NO_BODY_CODES:
             door.answer_head(head, code, self._fields, keep_alive, framed=True)
             self._done(reusable=keep_alive and not rest)
             return b""
@@ -638,7 +634,7 @@ class FrontDoor(Protocol):
         self._refused = True
         now = self._doors.clock.seconds()
         ex = Exchange(b"-", b"-", "1.1", [], False, False, now, complete=True)
-        ex.refusal = _response(code, reason, error_body(message, details))
+        ex.refusal = error_response(code, reason, error_body(message, details), AGENT_HEADERS)
         ex.code = code
         self._enqueue(ex)
 
@@ -683,8 +679,7 @@ class FrontDoor(Protocol):
             ex.sink(data)
         else:
             ex.body.append(data)
-            self._queued += len(data)
-            self._check_queue()
+            self._hold(ex, len(data))
 
     def on_message_complete(self) -> None:
         ex = self._incoming
@@ -699,8 +694,18 @@ class FrontDoor(Protocol):
             self._serve(ex)
         else:
             self._queue.append(ex)
-            self._queued += len(ex.target) + self._head_size
-            self._check_queue()
+            self._hold(ex, self._head_size)
+
+    def _hold(self, ex: Exchange, size: int) -> None:
+        ex.held += size
+        self._queued += size
+        self._check_queue()
+
+    def _let_go(self, ex: Exchange) -> None:
+        """``ex``'s bytes are sent or dropped: no longer held."""
+        self._queued -= ex.held
+        ex.held = 0
+        self._check_queue()
 
     def _check_queue(self) -> None:
         # Pipelined requests wait in memory: bounded.
@@ -720,7 +725,7 @@ class FrontDoor(Protocol):
     def _serve(self, ex: Exchange) -> None:
         self._cancel_timer()
         self._current = ex
-        self._queued = max(0, self._queued - sum(len(b) for b in ex.body))
+        self._let_go(ex)
         if ex.refusal:
             self._write(ex, ex.refusal)
             self._close_after = True
@@ -764,14 +769,16 @@ class FrontDoor(Protocol):
     ) -> None:
         """Answer ``ex`` with an error about its node, then close (its body is dropped)."""
         log.warn("{upstream}: {why}", upstream=self._unreachable(), why=details)
-        marks = _AGENT_MARKS
+        marks = AGENT_HEADERS
         if missing and self._peer is not None:
             ex.missing = self._peer.name.encode("utf-8")
-            marks += MISSING_NODES + b": " + ex.missing + b"\r\n"
+            marks += ((MISSING_NODES, ex.missing),)
         ex.code = code
         ex.sink = lambda data: None
         ex.on_complete = None
-        self._write(ex, _response(code, reason, error_body(self._unreachable(), details), marks))
+        self._write(
+            ex, error_response(code, reason, error_body(self._unreachable(), details), marks)
+        )
         self._close_after = True
         self._finish()
 
@@ -921,6 +928,7 @@ class FrontDoor(Protocol):
             return
         chunked = ex.chunked
         body, ex.body = ex.body, []
+        self._let_go(ex)
         for piece in body:
             self._send_body(transport, piece, chunked)
         if ex.complete:
@@ -1064,7 +1072,8 @@ class FrontDoor(Protocol):
         if before_head and ex.code == 0:
             log.warn("{upstream}: {why}", upstream=self._unreachable(), why=why)
             ex.code = 502
-            self._write(ex, _response(502, b"Bad Gateway", error_body(self._unreachable(), why)))
+            body = error_body(self._unreachable(), why)
+            self._write(ex, error_response(502, b"Bad Gateway", body, AGENT_HEADERS))
         else:
             log.warn("{upstream}: stream broken: {why}", upstream=self._unreachable(), why=why)
         self._close_after = True
@@ -1091,6 +1100,7 @@ class FrontDoor(Protocol):
         self._head_came()
         ex, self._current = self._current, None
         if ex is not None:
+            self._let_go(ex)  # a body never sent (a refusal, a 502)
             self._log(ex)
         if self._close_after:
             self._transport().loseConnection()
@@ -1133,7 +1143,6 @@ class FrontDoor(Protocol):
         )
 
 
-@implementer(IPushProducer)
 def _close(upstream: Upstream) -> None:
     """Close ``upstream`` now, though a client is its producer.
 
@@ -1148,6 +1157,7 @@ def _close(upstream: Upstream) -> None:
         transport.loseConnection()
 
 
+@implementer(IPushProducer)
 class _ClientReader:
     """Registered with the upstream transport: its full buffer pauses reading the client."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from twisted.web.resource import Resource
@@ -13,6 +12,7 @@ from twisted.web.server import Request
 from swarmagent import __version__
 from swarmagent.config import LOG_LEVELS, SETTINGS, EngineAddress
 from swarmagent.discovery import Discovery, ProbeRecord
+from swarmagent.nodes import iso_seconds
 from swarmagent.peers import Peer
 
 #: Settings never shown, only whether they are set.
@@ -22,9 +22,7 @@ _ENDED = frozenset({"failed", "rejected", "orphaned", "shutdown", "complete", "r
 
 
 def _when(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+    return None if seconds is None else iso_seconds(seconds)
 
 
 def _setting(value: Any) -> Any:

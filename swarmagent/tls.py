@@ -190,6 +190,9 @@ class _ClientCheck:
     def __init__(self) -> None:
         self.leaf_ok = False
         self.failed = False
+        #: What the certificate proved, worked out at the first request (the
+        #: handshake is over by then, and the client verified once).
+        self.proved: ClientCert | None = None
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -243,10 +246,6 @@ class ServerTLS:
             return None
         return conn.get_peer_certificate(as_cryptography=True)
 
-    def untrusted_client(self, request: Request) -> bool:
-        """Whether the client presented a certificate that did not chain to the CA."""
-        return self._untrusted(_connection(request))
-
     def _untrusted(self, conn: object) -> bool:
         if not isinstance(conn, SSL.Connection):
             return False
@@ -262,10 +261,17 @@ class ServerTLS:
     def client_cert(self, transport: object) -> ClientCert:
         """What ``transport``'s (a TLS connection's) client certificate proved."""
         conn = _handle(transport)
+        check = self._checks.get(conn) if isinstance(conn, SSL.Connection) else None
+        if check is not None and check.proved is not None:
+            return check.proved
         cert = self._verified(conn)
         if cert is not None:
-            return ClientCert(subject=cert.subject.rfc4514_string())
-        return ClientCert(untrusted=self._untrusted(conn))
+            proved = ClientCert(subject=cert.subject.rfc4514_string())
+        else:
+            proved = ClientCert(untrusted=self._untrusted(conn))
+        if check is not None:
+            check.proved = proved
+        return proved
 
 
 def _handle(transport: object) -> object:

@@ -788,6 +788,8 @@ class CachedLocateTests(AgentCase):
         self.request("GET", "/containers/db%2Falias/json")
         self.assertEqual(len(self.engine.calls), 1)
         self.assertEqual(self.peers.calls, [])
+        # A link name is not placed: on the engine's 404, every peer is asked.
+        self.assertFullSearch(b"/containers/db%2Falias/json")
 
     def test_name_on_several_nodes_is_searched(self) -> None:
         self.list_containers()

@@ -424,6 +424,37 @@ class EngineRelayTests(SynchronousTestCase):
         self.h.engine.last[0].dataReceived(OK_PING)
         self.assertEqual(self.client.value().count(b"200 OK"), 2)
 
+    def test_the_queue_bound_lets_go_of_what_it_held(self) -> None:
+        """Pipelined heads and bodies count against the bound only while held:
+        many served pairs never leave the client paused."""
+        for _ in range(3000):
+            self.door.dataReceived(request() + request())
+            for _ in range(2):
+                self.h.engine.last[0].dataReceived(OK_PING)
+        self.assertEqual(self.client.producerState, "producing")
+        self.assertEqual(self.door._queued, 0)
+
+    def test_a_body_held_while_connecting_is_let_go_once_sent(self) -> None:
+        """A large upload's start, read while the engine connection is being
+        made, pauses the client; once sent upstream, the client reads again."""
+        connect = self.h.engine.connect
+        pending: list[tuple[Deferred[IProtocol], IProtocolFactory]] = []
+
+        def slow(factory: IProtocolFactory) -> Deferred[IProtocol]:
+            d: Deferred[IProtocol] = Deferred()
+            pending.append((d, factory))
+            return d
+
+        self.h.engine.connect = slow  # type: ignore[method-assign]
+        body = b"x" * (1100 * 1024)
+        length = f"Content-Length: {4 * len(body)}\r\n"
+        self.door.dataReceived(request("POST", "/images/load", length, body))
+        self.assertEqual(self.client.producerState, "paused")
+        d, factory = pending.pop()
+        connect(factory).chainDeferred(d)
+        self.assertEqual(self.client.producerState, "producing")
+        self.assertIn(body, self.h.engine.sent())
+
     def test_backpressure_both_ways(self) -> None:
         self.door.dataReceived(request("POST", "/images/load", "Content-Length: 100\r\n"))
         _, transport = self.h.engine.last
@@ -922,7 +953,7 @@ class _Tree(Resource):
 
 
 class LoopbackTests(TestCase):
-    """A front door on the real reactor, in front of a real engine and the tree."""
+    """A front door on the real reactor, in front of a twisted.web engine and the tree."""
 
     async def _front(self) -> bytes:
         """Listen: the engine, then the front door; its URL."""
