@@ -45,6 +45,28 @@ class ClassifyTests(SynchronousTestCase):
         rec = record("timeout", took=DEADLINE + 1, node="node3", kind="inspect-targeted")
         self.assertEqual(self.verdict(rec), "unexpected")
 
+    def test_several_requests_are_bounded_each_not_together(self) -> None:
+        # create, start, stop and remove: the stop hit the fault and took its
+        # bounded wait; the four together took longer than one request may.
+        rec = record(
+            "http-504",
+            took=DEADLINE + 1,
+            node="node3",
+            kind="create-start-stop-rm",
+            step_s=DEADLINE - 3,
+        )
+        self.assertEqual(self.verdict(rec), "expected")
+
+    def test_one_of_several_requests_hanging_is_unexpected(self) -> None:
+        rec = record(
+            "http-504",
+            took=DEADLINE + 2,
+            node="node3",
+            kind="create-start-stop-rm",
+            step_s=DEADLINE + 1,
+        )
+        self.assertEqual(self.verdict(rec), "unexpected")
+
     def test_targeted_at_the_down_node_in_time(self) -> None:
         rec = record("http-502", node="node3", kind="inspect-targeted")
         self.assertEqual(self.verdict(rec), "expected")
