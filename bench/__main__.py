@@ -201,7 +201,7 @@ def cluster(plan: Plan, results: dict[str, Any]) -> None:
 def wrk_part(plan: Plan, results: dict[str, Any]) -> None:
     """Part 8 on a fake cluster of three loopback nodes (node1 not in a swarm)."""
     # Discovery ticks every 10 s: the two peers found each other at start.
-    with FakeCluster(3, 100, standalone=True, refresh=10) as fc:
+    with FakeCluster(3, 100, standalone=1, refresh=10) as fc:
         fc.start_agents(fc.nodes)
         fc.wait_members(fc.nodes[1], {"node2", "node3"})
         proxy = fc.start_proxy(fc.nodes[0], PROXY_PORT)
