@@ -19,6 +19,8 @@ BUCKETS: tuple[tuple[str, str], ...] = (
     ("TLS (pyOpenSSL / twisted.protocols.tls)", "protocols/tls.py"),
     ("header copying (http_headers)", "http_headers.py"),
     ("swarmagent.fanout", "swarmagent/fanout.py"),
+    ("swarmagent.nodelist (the merge: split, tag, encode)", "swarmagent/nodelist.py"),
+    ("swarmagent.locations", "swarmagent/locations.py"),
     ("swarmagent.nodes", "swarmagent/nodes.py"),
     ("swarmagent.proxy", "swarmagent/proxy.py"),
     ("swarmagent.api/routing/auth", "swarmagent/"),
