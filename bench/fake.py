@@ -48,6 +48,8 @@ LAB_ID = int(os.environ.get("SALAB_ID", "0"))
 NET = f"127.{70 + LAB_ID}.0"
 PORT = 9001 + 100 * LAB_ID
 CLUSTER_NAME = "agents.bench"
+#: The agents' front door unless a node is given its own: the run's.
+RUN_RELAY = os.environ.get("AGENT_RELAY", "").lower() or "web"
 #: The secret the agents are given; the signature headers sign it, as Portainer
 #: signs AGENT_SECRET's digest.
 SECRET = "bench"
@@ -237,11 +239,8 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait(5)
 
 
-def relays(nodes: int, given: Sequence[str] = (), default: str | None = None) -> list[str]:
-    """Each node's relay mode: ``given`` in node order, then ``default`` (the run's
-    ``AGENT_RELAY``, else ``web``)."""
-    if default is None:
-        default = os.environ.get("AGENT_RELAY", "web").lower() or "web"
+def relays(nodes: int, given: Sequence[str], default: str) -> list[str]:
+    """Each node's relay mode: ``given`` in node order, then ``default``."""
     modes = [*given, *[default] * (nodes - len(given))]
     if len(modes) != nodes or any(m not in ("web", "bytes") for m in modes):
         raise ValueError(f"{nodes} nodes need web or bytes each, not {modes}")
@@ -261,7 +260,7 @@ class FakeCluster:
         relay: Sequence[str] = (),
     ) -> None:
         """``refresh``: the agents' discovery interval (s); each tick costs CPU in a window.
-        ``relay``: the first nodes' ``AGENT_RELAY`` (see :func:`relays`)."""
+        ``relay``: the first nodes' ``AGENT_RELAY``, the others get ``RUN_RELAY``."""
         self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-fake{LAB_ID}-"))
         self.tls = self.tmp / "tls"
         self.hosts = self.tmp / "hosts"
@@ -273,7 +272,7 @@ class FakeCluster:
                 swarm=i > standalone,
                 relay=mode,
             )
-            for i, mode in enumerate(relays(nodes, relay), start=1)
+            for i, mode in enumerate(relays(nodes, relay, RUN_RELAY), start=1)
         ]
         self.signer = Signer.generate(SECRET)
         self._containers = containers
