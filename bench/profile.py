@@ -21,6 +21,7 @@ BUCKETS: tuple[tuple[str, str], ...] = (
     ("swarmagent.fanout", "swarmagent/fanout.py"),
     ("swarmagent.nodelist (the merge: split, tag, encode)", "swarmagent/nodelist.py"),
     ("swarmagent.locations", "swarmagent/locations.py"),
+    ("swarmagent.relay (the byte front door)", "swarmagent/relay.py"),
     ("swarmagent.nodes", "swarmagent/nodes.py"),
     ("swarmagent.proxy", "swarmagent/proxy.py"),
     ("swarmagent.api/routing/auth", "swarmagent/"),
