@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 #: The profile buckets (bench/profile.py) that are the cost of Python doing I/O.
-REACTOR = "reactor, sockets"
+REACTOR = ("reactor, sockets", "socket writes")
 TLS = "TLS ("
 WEB = ("twisted.web server", "twisted.web client", "header copying")
 
@@ -20,6 +20,14 @@ def share(profile: dict[str, Any] | None, *prefixes: str) -> float:
     if not profile or not profile.get("samples"):
         return 0.0
     total: float = sum(v for k, v in profile["buckets_pct"] if k.startswith(prefixes))
+    return round(total, 1)
+
+
+def own(profile: dict[str, Any] | None, prefix: str) -> float:
+    """Percent of ``profile``'s samples in the own time of functions named ``prefix``..."""
+    if not profile or not profile.get("samples"):
+        return 0.0
+    total: float = sum(v for k, v in profile["own_pct"] if k.startswith(prefix))
     return round(total, 1)
 
 
@@ -67,14 +75,14 @@ def passthrough(results: dict[str, Any], profiles: dict[str, Any], kind: str) ->
         if p is None:
             said.append(text + "; no profile of it in this run.")
             continue
-        io = share(p, REACTOR, TLS)
+        io = share(p, *REACTOR, TLS)
         io_us.append(io * cpu / 100)
         said.append(
             text + f"; py-spy ({p['samples']} samples): the reactor and sockets "
-            f"{share(p, REACTOR)}%, TLS {share(p, TLS)}%, twisted.web's server and client "
+            f"{share(p, *REACTOR)}%, TLS {share(p, TLS)}%, twisted.web's server and client "
             f"{share(p, *WEB)}%, Deferreds {share(p, 'Deferred')}%, swarmagent's own code "
             f"{share(p, 'swarmagent')}%: about {io * cpu / 100:.0f} µs a request in the "
-            "reactor and TLS alone."
+            "reactor and TLS alone" + _handshakes(own(p, "Connection.do_handshake"))
         )
     limit = 3 * base * (1.5 if kind == "peer" else 1)
     least = f" (at least {min(io_us):.0f} µs here)" if io_us else ""
@@ -95,6 +103,15 @@ def passthrough(results: dict[str, Any], profiles: dict[str, Any], kind: str) ->
         "this one. Meeting the aim needs the TLS and the socket loop out of Python "
         "(issue #12's option 4: server TLS on the standard library's `ssl`, or a C front "
         "end)." + hops
+    )
+
+
+def _handshakes(pct: float) -> str:
+    if pct < 2:
+        return "."
+    return (
+        f", of which TLS handshakes (`do_handshake`'s own time) {pct}%: connections opened "
+        "anew, by the generator or between agents beyond their pools."
     )
 
 
@@ -130,7 +147,7 @@ def fanout(results: dict[str, Any], profiles: dict[str, Any]) -> str:
             f"{merge}%, about {merge * cpu / 100:.0f} ms a list; the locations learning "
             f"every ID and name {share(p, 'swarmagent.locations')}%; the fan-out's own "
             f"code {share(p, 'swarmagent.fanout')}%; TLS {share(p, TLS)}%; the reactor "
-            f"{share(p, REACTOR)}%; twisted.web's client {share(p, 'twisted.web client')}%."
+            f"{share(p, *REACTOR)}%; twisted.web's client {share(p, 'twisted.web client')}%."
         )
     parts.append(
         "What stands in the way: the per-item work in Python (about 5000 items at 10 x "

@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from bench import aims
+from bench import aims, obstacles
 from bench.fake import relays
 from bench.wrk import layout, way_name
 
@@ -106,3 +106,57 @@ class PassthroughAimsTests(SynchronousTestCase):
         table = "\n".join(aims.markdown(results))
         for way in ("nginx_tls", "agent", "agent_bytes"):
             self.assertIn(f"| wrk | ping | 16 | {way} |", table)
+
+
+class WhatStandsInTheWayTests(SynchronousTestCase):
+    def _profile(self, **buckets: float) -> dict[str, Any]:
+        names = {
+            "reactor": "reactor, sockets (epoll, tcp, unix)",
+            "tls": "TLS (pyOpenSSL / twisted.protocols.tls)",
+            "merge": "swarmagent.nodelist (the merge: split, tag, encode)",
+        }
+        return {
+            "samples": 500,
+            "buckets_pct": [[names[k], v] for k, v in buckets.items()],
+            "own_pct": [["Connection.do_handshake (OpenSSL/SSL.py)", 10.0]],
+        }
+
+    def test_each_relay_read_from_its_profile(self) -> None:
+        results = {
+            "wrk": {
+                "signature": "signed",
+                "cells": [_cell(64, nginx_tls=_way(20), agent=_way(800), agent_bytes=_way(400))],
+                "profiles": {
+                    "wrk agent ping c=64": self._profile(reactor=30, tls=10),
+                    "wrk agent_bytes ping c=64": self._profile(reactor=40, tls=20),
+                },
+            }
+        }
+        said = "\n".join(aims.markdown(results))
+        self.assertIn("#### passthrough", said)
+        # 40% of 800 µs for web, 60% of 400 µs for bytes: the least of them.
+        self.assertIn("(at least 240 µs here)", said)
+        self.assertIn("over the aim's 60 µs", said)
+        self.assertIn("x20.0", said)
+        self.assertIn("TLS handshakes (`do_handshake`'s own time) 10.0%", said)
+
+    def test_a_relay_not_measured_said_so(self) -> None:
+        results = {
+            "wrk": {"signature": "s", "cells": [_cell(64, nginx_tls=_way(20), peer=_way(900))]}
+        }
+        said = "\n".join(aims.markdown(results))
+        self.assertIn("#### peer", said)
+        self.assertIn("`--relay bytes` was not measured", said)
+        self.assertIn("no profile of it in this run", said)
+
+    def test_the_merge_share_in_ms(self) -> None:
+        cell = {
+            "nodes": 10, "per_node": 500, "agent_cpu_ms_per_request": 80.0,
+            "all_agents_cpu_ms_per_request": 160.0, "agent/parallel": 16.0,
+            "ms": {"agent": {"median": 136.0}, "parallel": {"median": 8.5}},
+        }  # fmt: skip
+        results = {"grid": {"cells": [cell]}}
+        profiles = {"fan-out (fake) 10 x 500": self._profile(merge=40, tls=15)}
+        said = obstacles.statement("fan-out", results, profiles)
+        self.assertIn("the entry agent spends 80 ms of CPU", said)
+        self.assertIn("40%, about 32 ms a list", said)
