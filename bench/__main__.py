@@ -34,7 +34,6 @@ from bench.cluster import (
     start_agents,
 )
 from bench.discovery import run_discovery
-from bench.fake import FakeCluster
 from bench.fanout import PATH as LIST_PATH
 from bench.fanout import FanoutPlan, run_fanout
 from bench.grid import GridPlan, run_grid
@@ -44,7 +43,7 @@ from bench.observability import ObservabilityPlan, run_observability
 from bench.passthrough import PassthroughPlan, run_passthrough
 from bench.snapshot import SnapshotPlan, run_snapshot
 from bench.streams import StreamPlan, run_streams
-from bench.wrk import WrkPlan, run_wrk
+from bench.wrk import WrkPlan, fake_cluster, run_wrk
 from tests.lab import Lab
 
 HERE = Path(__file__).resolve().parent
@@ -199,11 +198,12 @@ def cluster(plan: Plan, results: dict[str, Any]) -> None:
 
 
 def wrk_part(plan: Plan, results: dict[str, Any]) -> None:
-    """Part 8 on a fake cluster of three loopback nodes (node1 not in a swarm)."""
-    # Discovery ticks every 10 s: the two peers found each other at start.
-    with FakeCluster(3, 100, standalone=True, refresh=10) as fc:
+    """Part 8 on a fake cluster: a standalone node and a pair of swarm nodes per relay mode."""
+    with fake_cluster(plan.wrk) as fc:
         fc.start_agents(fc.nodes)
-        fc.wait_members(fc.nodes[1], {"node2", "node3"})
+        swarm = fc.nodes[len(plan.wrk.relays) :]
+        for entry in swarm[::2]:
+            fc.wait_members(entry, {n.name for n in swarm})
         proxy = fc.start_proxy(fc.nodes[0], PROXY_PORT)
         time.sleep(2)
         results["wrk"] = run_wrk(fc, proxy, plan.wrk, log)

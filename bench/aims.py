@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import obstacles
+
 #: Passthrough CPU per request over nginx TLS's, by endpoint (c=16 and c=64).
 CPU_LIMIT = {"ping": 3.0, "list100": 1.0}
 #: At c=1, p50 over nginx TLS's (ms).
@@ -29,6 +31,46 @@ def _med(cell: dict[str, Any], way: str, key: str) -> float:
     return value
 
 
+def _ways(cell: dict[str, Any], kind: str) -> list[str]:
+    """The cell's ways in of ``kind`` (``agent``, ``peer``): one per relay mode measured."""
+    return [w for w in cell if w == kind or w.startswith(kind + "_")]
+
+
+def relay_of(way: str) -> str:
+    """The relay mode a way in was measured with (``agent`` is ``web``, ``agent_bytes`` bytes)."""
+    return way.partition("_")[2] or "web"
+
+
+def _passthrough_aim(add: Any, c: dict[str, Any], way: str, factor: float) -> None:
+    """The aim one wrk cell sets ``way``: CPU at c=16 and 64, p50 at c=1."""
+    label, conc = c["endpoint"], c["concurrency"]
+    kind = way.partition("_")[0]
+    who = f"{kind} (--relay {relay_of(way)})"
+    area = "passthrough" if kind == "agent" else "peer"
+    base_cpu, base_p50 = _med(c, "nginx_tls", "cpu_us"), _med(c, "nginx_tls", "p50_ms")
+    cpu, p50 = _med(c, way, "cpu_us"), _med(c, way, "p50_ms")
+    both = f"; both agents {_med(c, way, 'cpu_us_all'):g} µs" if kind == "peer" else ""
+    if conc in (16, 64):
+        limit = CPU_LIMIT[label] * factor
+        add(
+            f"{who}: {label} c={conc} CPU/request <= {limit:g}x nginx TLS",
+            f"{cpu:g} vs {base_cpu:g} µs{both}; {_med(c, way, 'rps'):g} vs "
+            f"{_med(c, 'nginx_tls', 'rps'):g} req/s",
+            f"x{cpu / base_cpu:.1f}",
+            cpu <= limit * base_cpu,
+            area,
+        )
+    elif conc == 1:
+        margin = P50_MARGIN_MS * factor
+        add(
+            f"{who}: {label} c=1 p50 within {margin:g} ms of nginx TLS",
+            f"{p50:.3f} vs {base_p50:.3f} ms; CPU {cpu:g} vs {base_cpu:g} µs{both}",
+            f"{p50 - base_p50:+.3f} ms",
+            p50 - base_p50 <= margin,
+            area,
+        )
+
+
 def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each aim: what it asks, the figure, the ratio, whether it is met (None: not measured)."""
     out: list[dict[str, Any]] = []
@@ -37,31 +79,10 @@ def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"aim": aim, "measured": measured, "ratio": ratio, "met": met, "area": area})
 
     cells = _wrk_cells(results)
-    for way, factor in (("agent", 1.0), ("peer", PEER_FACTOR)):
+    for kind, factor in (("agent", 1.0), ("peer", PEER_FACTOR)):
         for c in cells:
-            label, conc = c["endpoint"], c["concurrency"]
-            base_cpu, base_p50 = _med(c, "nginx_tls", "cpu_us"), _med(c, "nginx_tls", "p50_ms")
-            cpu, p50 = _med(c, way, "cpu_us"), _med(c, way, "p50_ms")
-            both = f"; both agents {_med(c, way, 'cpu_us_all'):g} µs" if way == "peer" else ""
-            if conc in (16, 64):
-                limit = CPU_LIMIT[label] * factor
-                add(
-                    f"{way}: {label} c={conc} CPU/request <= {limit:g}x nginx TLS",
-                    f"{cpu:g} vs {base_cpu:g} µs{both}; {_med(c, way, 'rps'):g} vs "
-                    f"{_med(c, 'nginx_tls', 'rps'):g} req/s",
-                    f"x{cpu / base_cpu:.1f}",
-                    cpu <= limit * base_cpu,
-                    "passthrough" if way == "agent" else "peer",
-                )
-            elif conc == 1:
-                margin = P50_MARGIN_MS * factor
-                add(
-                    f"{way}: {label} c=1 p50 within {margin:g} ms of nginx TLS",
-                    f"{p50:.3f} vs {base_p50:.3f} ms; CPU {cpu:g} vs {base_cpu:g} µs{both}",
-                    f"{p50 - base_p50:+.3f} ms",
-                    p50 - base_p50 <= margin,
-                    "passthrough" if way == "agent" else "peer",
-                )
+            for way in _ways(c, kind):
+                _passthrough_aim(add, c, way, factor)
     every = results.get("grid", {}).get("cells", [])
     grid = [c for c in every if "error" not in c]
     for c in every:
@@ -141,8 +162,20 @@ def aims(results: dict[str, Any]) -> list[dict[str, Any]]:
             mem["idle_mb"] < IDLE_RSS_MB,
             "memory",
         )
-    idle = results.get("grid", {}).get("idle_rss_mb", {})
-    if idle:
+    grid_part = results.get("grid", {})
+    idle, newest = grid_part.get("idle_rss_mb", {}), grid_part.get("idle_rss_newest_mb", {})
+    if newest:
+        n = max(newest, key=int)
+        add(
+            f"idle RSS < {IDLE_RSS_MB:g} MB in a {n}-node cluster (fake grid: the agent "
+            "started last, idle, knowing every node; no list served yet)",
+            f"{newest[n]} MB (the entry agent, after its lists up to 10 x 500: {idle[n]} MB, "
+            "a high-water mark)",
+            f"x{newest[n] / IDLE_RSS_MB:.2f}",
+            newest[n] < IDLE_RSS_MB,
+            "memory",
+        )
+    elif idle:
         n = max(idle, key=int)
         add(
             f"idle RSS < {IDLE_RSS_MB:g} MB in a {n}-node cluster (fake grid's entry agent, "
@@ -198,13 +231,23 @@ def markdown(results: dict[str, Any]) -> list[str]:
     for a in checked:
         met = {True: "yes", False: "**no**", None: "-"}[a["met"]]
         lines.append(f"| {a['aim']} | {a['measured']} | {a['ratio']} | {met} |")
-    missed = [area for area in PROFILE_AREAS if any(
-        a["area"] == area and a["met"] is False for a in checked)]  # fmt: skip
+    missed = list(dict.fromkeys(a["area"] for a in checked if a["met"] is False))
     found = profiles(results)
-    if missed and found:
-        lines += ["", "### Where the time goes, for the aims not met (py-spy)", ""]
+    if missed:
+        lines += [
+            "",
+            "### Where the time goes, for the aims not met",
+            "",
+            "For each area with an aim not met: what stands in the way, with this run's "
+            "figures, then the py-spy profiles it reads (share of the agent's samples by "
+            "area, and by function's own time).",
+            "",
+        ]
         for area in missed:
-            names = [n for n in found if n.startswith(PROFILE_AREAS[area])]
+            lines += [f"#### {area}", ""]
+            said = obstacles.statement(area, results, found)
+            lines += [said or "Nothing in this run says more than the figures above.", ""]
+            names = [n for n in found if n.startswith(PROFILE_AREAS.get(area, ()))]
             for name in names:
                 lines += _profile_lines(name, found[name])
     lines += _wrk_section(results) + _grid_section(results) + _snapshot_section(results)
@@ -227,20 +270,24 @@ def _wrk_section(results: dict[str, Any]) -> list[str]:
         "",
         "CPU µs per request of the serving process (Δ utime+stime from /proc ÷ requests), "
         "req/s, p50 and p99 ms; median (min-max) of the rounds. nginx_tls: nginx as a TLS "
-        "reverse proxy to node1's fake engine, one process. agent: node1's agent (engine "
-        '"not in a swarm"). peer: node2\'s agent with `X-PortainerAgent-Target: node3`, '
-        "the entry agent's CPU (and both agents'). Signature: " + part["signature"] + ".",
+        "reverse proxy to a fake engine, one process. agent: an agent whose engine is "
+        '"not in a swarm". peer: a swarm agent with `X-PortainerAgent-Target` naming '
+        "another, the entry agent's CPU (and both agents'). Without a suffix `--relay web`, "
+        "`_bytes` `--relay bytes`, each on agents of its own. Signature: "
+        + part["signature"]
+        + ".",
         "",
         "| Generator | Request | c | Way in | CPU µs/req | both agents µs | req/s | p50 ms "
         "| p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in part["cells"]:
-        for way in ("nginx_tls", "agent", "peer"):
+        for way in ("nginx_tls", *_ways(c, "agent"), *_ways(c, "peer")):
             w = c[way]
+            peer = way.startswith("peer")
             lines.append(
                 f"| {c['generator']} | {c['endpoint']} | {c['concurrency']} | {way} | "
-                f"{_s(w['cpu_us'])} | {_s(w['cpu_us_all']) if way == 'peer' else ''} | "
+                f"{_s(w['cpu_us'])} | {_s(w['cpu_us_all']) if peer else ''} | "
                 f"{_s(w['rps'])} | {_s(w['p50_ms'])} | {_s(w['p99_ms'])} | {w['errors']} |"
             )
     return lines
@@ -283,6 +330,13 @@ def _grid_section(results: dict[str, Any]) -> list[str]:
             "first is a fresh idle figure): "
             + ", ".join(f"{n} nodes {mb} MB" for n, mb in idle.items())
             + ".",
+        ]
+    newest = part.get("idle_rss_newest_mb")
+    if newest:
+        lines += [
+            "",
+            "The agent started last at each N, idle, before any list of that N (a fresh "
+            "figure): " + ", ".join(f"{n} nodes {mb} MB" for n, mb in newest.items()) + ".",
         ]
     return lines
 

@@ -12,6 +12,9 @@ performance-options.md §0):
 - ``/info``: "not in a swarm" for a standalone node, else an active swarm
   worker with its own node ID (no manager, so no node list is expected).
 
+Each agent serves its clients with the run's ``AGENT_RELAY`` (``web`` when
+unset), or the mode given for its node, so parts can put both side by side.
+
 One nginx process serves every node's socket. Agents run from
 ``bench/agentproc.py`` (``makeService`` as twistd runs it) on
 ``127.7X.0.(10+i)`` and find each other through a hosts file the bench
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,8 @@ LAB_ID = int(os.environ.get("SALAB_ID", "0"))
 NET = f"127.{70 + LAB_ID}.0"
 PORT = 9001 + 100 * LAB_ID
 CLUSTER_NAME = "agents.bench"
+#: The agents' front door unless a node is given its own: the run's.
+RUN_RELAY = os.environ.get("AGENT_RELAY", "").lower() or "web"
 #: The secret the agents are given; the signature headers sign it, as Portainer
 #: signs AGENT_SECRET's digest.
 SECRET = "bench"
@@ -204,6 +210,8 @@ class FakeNode:
     ip: str
     dir: Path
     swarm: bool
+    #: The agent's ``AGENT_RELAY``: ``web`` or ``bytes``.
+    relay: str = "web"
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -231,18 +239,28 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait(5)
 
 
+def relays(nodes: int, given: Sequence[str], default: str) -> list[str]:
+    """Each node's relay mode: ``given`` in node order, then ``default``."""
+    modes = [*given, *[default] * (nodes - len(given))]
+    if len(modes) != nodes or any(m not in ("web", "bytes") for m in modes):
+        raise ValueError(f"{nodes} nodes need web or bytes each, not {modes}")
+    return modes
+
+
 class FakeCluster:
-    """``nodes`` fake engines (node1 is standalone if ``standalone``), certificates, agents."""
+    """``nodes`` fake engines (the first ``standalone`` not in a swarm), certificates, agents."""
 
     def __init__(
         self,
         nodes: int,
         containers: int = 100,
-        standalone: bool = False,
+        standalone: int = 0,
         refresh: int = 1,
         fanout_timeout: int = 10,
+        relay: Sequence[str] = (),
     ) -> None:
-        """``refresh``: the agents' discovery interval (s); each tick costs CPU in a window."""
+        """``refresh``: the agents' discovery interval (s); each tick costs CPU in a window.
+        ``relay``: the first nodes' ``AGENT_RELAY``, the others get ``RUN_RELAY``."""
         self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-fake{LAB_ID}-"))
         self.tls = self.tmp / "tls"
         self.hosts = self.tmp / "hosts"
@@ -251,9 +269,10 @@ class FakeCluster:
                 f"node{i}",
                 f"{NET}.{10 + i}",
                 self.tmp / f"node{i}",
-                swarm=not (standalone and i == 1),
+                swarm=i > standalone,
+                relay=mode,
             )
-            for i in range(1, nodes + 1)
+            for i, mode in enumerate(relays(nodes, relay, RUN_RELAY), start=1)
         ]
         self.signer = Signer.generate(SECRET)
         self._containers = containers
@@ -334,6 +353,7 @@ class FakeCluster:
             "DOCKER_HOST": "unix://" + node.socket,
             "AGENT_REFRESH_INTERVAL": str(self._refresh),
             "AGENT_FANOUT_TIMEOUT": str(self._fanout_timeout),
+            "AGENT_RELAY": node.relay,
             "DATA_PATH": str(node.dir / "agent-data"),
             "AGENT_SECRET": SECRET,
             "AGENT_TLS_CERT": str(self.tls / certs.SERVER_CERT),

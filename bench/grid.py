@@ -41,7 +41,7 @@ class GridPlan:
     fanout_timeout: int = 30
     #: Profile the entry agent at this (nodes, containers) cell, if py-spy is there.
     profile_cell: tuple[int, int] | None = (10, 500)
-    #: Seconds the cluster idles before the entry agent's RSS is read.
+    #: Seconds the cluster idles before the entry agent's (and the newest agent's) RSS is read.
     idle_wait: float = 3.0
 
 
@@ -58,6 +58,7 @@ def run_grid(plan: GridPlan, log: Any) -> dict[str, Any]:
     cells: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
     idle: dict[str, float] = {}
+    newest: dict[str, float] = {}
     biggest = max(plan.node_counts)
     with FakeCluster(
         biggest, plan.containers[0], refresh=plan.refresh, fanout_timeout=plan.fanout_timeout
@@ -81,6 +82,9 @@ def run_grid(plan: GridPlan, log: Any) -> dict[str, Any]:
             log(f"  {n} fake nodes with agents in {time.monotonic() - t0:.1f} s")
             time.sleep(plan.idle_wait)  # idle: discovery ticks only
             idle[str(n)] = round(rss_mb(entry.pid), 1)
+            # The agent started last has served no list yet: a fresh idle figure
+            # of an agent that knows the whole cluster.
+            newest[str(n)] = round(rss_mb(members[-1].pid), 1)
             pids = [m.pid for m in members]
             engines = [Target("engine", unix=m.socket) for m in members]
             for count, reps in zip(plan.containers, plan.repetitions, strict=True):
@@ -102,5 +106,6 @@ def run_grid(plan: GridPlan, log: Any) -> dict[str, Any]:
         "path": PATH,
         "cells": cells,
         "idle_rss_mb": idle,
+        "idle_rss_newest_mb": newest,
         "profiles": profiles,
     }

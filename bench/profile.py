@@ -19,6 +19,12 @@ BUCKETS: tuple[tuple[str, str], ...] = (
     ("TLS (pyOpenSSL / twisted.protocols.tls)", "protocols/tls.py"),
     ("header copying (http_headers)", "http_headers.py"),
     ("swarmagent.fanout", "swarmagent/fanout.py"),
+    ("swarmagent.nodelist (the merge: split, tag, encode)", "swarmagent/nodelist.py"),
+    ("swarmagent.locations", "swarmagent/locations.py"),
+    ("swarmagent.relay (the byte front door)", "swarmagent/relay.py"),
+    # Its own time is the socket's send(2), called at once instead of on the next poll.
+    ("socket writes (swarmagent.eager)", "swarmagent/eager.py"),
+    ("TLS (pyOpenSSL / twisted.protocols.tls)", "swarmagent/halfclose.py"),
     ("swarmagent.nodes", "swarmagent/nodes.py"),
     ("swarmagent.proxy", "swarmagent/proxy.py"),
     ("swarmagent.api/routing/auth", "swarmagent/"),

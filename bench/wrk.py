@@ -3,15 +3,19 @@
 The method of performance-options.md §0: keep-alive over TLS, Portainer's
 signature headers on every request, the agent as ``makeService`` builds it,
 nginx on a unix socket as the engine, nginx as a TLS reverse proxy (one
-process) as the reference. Three ways in, each measured as the CPU time
+process) as the reference. Three kinds of way in, each measured as the CPU time
 (utime+stime from ``/proc``) of the process(es) that serve, per request:
 
 - ``nginx_tls``: the reference proxy, in front of node1's engine;
-- ``agent``: node1's agent, whose engine says "not in a swarm" (so every
+- ``agent``: an agent whose engine says "not in a swarm" (so every
   request is served locally, as a passthrough);
-- ``peer``: node2's agent with ``X-PortainerAgent-Target: node3``, so each
-  request is forwarded to node3's agent (both in a swarm): the entry agent's
-  CPU, and both agents' together.
+- ``peer``: an agent in the swarm with ``X-PortainerAgent-Target`` naming
+  another, so each request is forwarded to that node's agent: the entry
+  agent's CPU, and both agents' together.
+
+Each of those once per relay mode of the plan (``--relay web``: ``agent``,
+``peer``; ``--relay bytes``: ``agent_bytes``, ``peer_bytes``), each on its
+own agents, so both front doors are measured side by side in one run.
 
 Every round runs each (generator, way in) pair once, in an order shuffled per
 round; figures are medians over rounds with their spread.
@@ -25,13 +29,13 @@ import random
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench import profile
 from bench.client import Target, load
-from bench.fake import PORT, FakeCluster
+from bench.fake import FakeCluster
 from bench.measure import cpu_seconds, percentile, spread
 
 #: ``list100`` is the 84 KB list of 100 containers, asked on an inspect path
@@ -65,6 +69,8 @@ class WrkPlan:
     http_client_duration: float = 2.0
     #: py-spy the agents under the highest load, if py-spy is there.
     profile: bool = True
+    #: The agents' front doors (``AGENT_RELAY``) measured, each with ways in of its own.
+    relays: tuple[str, ...] = ("web", "bytes")
 
 
 @dataclass(frozen=True)
@@ -132,17 +138,48 @@ def _client_run(target: Target, path: str, conc: int, seconds: float) -> Run:
             percentile(lat, 50) * 1000, percentile(lat, 99) * 1000, r.errors)  # fmt: skip
 
 
-def run_wrk(fc: FakeCluster, proxy: Target, plan: WrkPlan, log: Any) -> dict[str, Any]:
-    """Every endpoint x concurrency, each generator x way in, rounds shuffled."""
-    n1, n2, n3 = fc.nodes[:3]
-    signed = fc.agent(n1).headers  # the signature headers, as the agents get them
+def way_name(kind: str, relay: str) -> str:
+    """``agent``/``peer`` for ``--relay web`` (as before there was a choice), else suffixed."""
+    return kind if relay == "web" else f"{kind}_{relay}"
+
+
+def layout(relays: tuple[str, ...]) -> list[str]:
+    """The fake cluster's nodes, by relay mode: one standalone node per mode,
+    then an (entry, target) pair of swarm nodes per mode."""
+    return [*relays, *[r for r in relays for _ in range(2)]]
+
+
+def fake_cluster(plan: WrkPlan) -> FakeCluster:
+    """The fake cluster :func:`run_wrk` needs (discovery every 10 s: the peers
+    find each other at start)."""
+    return FakeCluster(
+        len(layout(plan.relays)), 100, standalone=len(plan.relays), refresh=10,
+        relay=layout(plan.relays),
+    )  # fmt: skip
+
+
+def ways_in(fc: FakeCluster, proxy: Target, relays: tuple[str, ...]) -> list[Way]:
+    """nginx TLS first, then per relay mode its ``agent`` and its ``peer``."""
+    signed = fc.agent(fc.nodes[0]).headers  # the signature headers, as the agents get them
     ways = [
         Way("nginx_tls", Target("nginx_tls", host=proxy.host, port=proxy.port,
                                 tls=proxy.tls, headers=signed), (_proxy_pid(fc),)),
-        Way("agent", fc.agent(n1), (n1.pid,)),
-        Way("peer", Target("peer", host=n2.ip, port=PORT, tls=str(fc.tls),
-                           headers=fc.agent(n2, n3.name).headers), (n2.pid, n3.pid)),
     ]  # fmt: skip
+    alone, pairs = fc.nodes[: len(relays)], fc.nodes[len(relays) :]
+    for i, relay in enumerate(relays):
+        solo, entry, target = alone[i], pairs[2 * i], pairs[2 * i + 1]
+        assert solo.relay == entry.relay == target.relay == relay, "fake_cluster's layout"
+        agent, peer = way_name("agent", relay), way_name("peer", relay)
+        ways += [
+            Way(agent, replace(fc.agent(solo), name=agent), (solo.pid,)),
+            Way(peer, replace(fc.agent(entry, target.name), name=peer), (entry.pid, target.pid)),
+        ]
+    return ways
+
+
+def run_wrk(fc: FakeCluster, proxy: Target, plan: WrkPlan, log: Any) -> dict[str, Any]:
+    """Every endpoint x concurrency, each generator x way in, rounds shuffled."""
+    ways = ways_in(fc, proxy, plan.relays)
     generators = ["wrk"] + (["http.client"] if plan.http_client else [])
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         scripts = {w.name: script(Path(tmp), w.target) for w in ways}
@@ -213,6 +250,7 @@ def _run(
         "signature": "Portainer's two signature headers (P-256 key, signing MD5(AGENT_SECRET)), "
         "the same pair on every request: the agent verifies it once and then serves it "
         "from its cache, as it does for Portainer's reused signatures",
+        "ways": [w.name for w in ways],
         "cells": cells,
     }
 

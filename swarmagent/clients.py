@@ -36,6 +36,12 @@ KEEPALIVE_COUNT = 3
 USER_TIMEOUT_MS = 20_000
 
 ENGINE_BASE = b"http://docker"
+#: Idle connections kept per upstream (an engine, an agent), by both front
+#: doors' pools: as many as the clients' concurrency the bench loads with
+#: (64). Beyond it, each request to a peer pays a new TLS handshake
+#: (measured: a fifth of the entry agent's CPU at c=64 with 16, on either
+#: front door). Idle ones close after a minute.
+PERSISTENT_PER_HOST = 64
 
 
 def _tune(protocol: IProtocol) -> IProtocol:
@@ -111,11 +117,7 @@ def make_pool(reactor: IReactorTime) -> HTTPConnectionPool:
     """Persistent connections, enough per host for a burst of parallel calls."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietFactory
-    # As many as the clients' concurrency the bench loads with (64): beyond
-    # the pool, each request to a peer pays a new TLS handshake (measured:
-    # a fifth of the entry agent's CPU at c=64 with 16). Idle ones close
-    # after a minute.
-    pool.maxPersistentPerHost = 64
+    pool.maxPersistentPerHost = PERSISTENT_PER_HOST
     pool.cachedConnectionTimeout = 60
     return pool
 

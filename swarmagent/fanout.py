@@ -178,16 +178,26 @@ class FanOut:
             return
         name_missing(request, [f.node for f in merged.missing])
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        items = b"[" + b",".join([*merged.chunks, *merged.swarm.values()]) + b"]"
+        # One join for the whole answer: each concatenation would copy every
+        # node's list again (megabytes at 10 nodes x 500 containers).
+        items = _between(b",", [*merged.chunks, *merged.swarm.values()])
         if kind == "volumes":
             warnings = merged.warnings + [
                 f"node {f.node} did not answer: {f}" for f in merged.missing
             ]
             encoded = json.dumps(warnings, separators=(",", ":")).encode("utf-8")
-            request.write(b'{"Volumes":' + items + b',"Warnings":' + encoded + b"}")
+            parts = [b'{"Volumes":[', *items, b'],"Warnings":', encoded, b"}"]
         else:
-            request.write(items)
+            parts = [b"[", *items, b"]"]
+        request.write(b"".join(parts))
         request.finish()
+
+
+def _between(separator: bytes, chunks: list[bytes]) -> list[bytes]:
+    """``chunks`` with ``separator`` between each two, for one ``bytes.join``."""
+    out = [separator] * (2 * len(chunks) - 1) if chunks else []
+    out[::2] = chunks
+    return out
 
 
 def _list_of(outcome: Answered | NodeFailed, kind: str, once: bool) -> _List | NodeFailed:

@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from swarmagent.access import RequestLog
 from swarmagent.auth import Authorizer, IClientCert
+from swarmagent.clients import make_pool
 from swarmagent.internal import CERT, CLIENT, InternalEndpoint, InternalSite, vouch
 from swarmagent.metrics import Metrics
 from swarmagent.nodes import Nodes
@@ -240,6 +241,19 @@ class EngineRelayTests(SynchronousTestCase):
         self.assertEqual(self.client.value().count(b"\r\n\r\nOK"), 3)
         self.assertFalse(self.client.disconnecting)
         self.assertEqual(self.h.count("local", "2xx"), 3)
+
+    def test_as_many_upstreams_kept_as_the_web_paths_pool(self) -> None:
+        """As many clients at once as twisted.web's client pool keeps per host
+        each find a kept upstream for their next request: none is opened anew
+        (each would be a TLS handshake to a peer)."""
+        kept = make_pool(self.h.clock).maxPersistentPerHost
+        clients = [self.door] + [self.h.connect()[0] for _ in range(kept - 1)]
+        for _ in range(2):
+            for door in clients:
+                door.dataReceived(request())
+            for upstream, _transport in self.h.engine.connections[-kept:]:
+                upstream.dataReceived(OK_PING)
+        self.assertEqual(len(self.h.engine.connections), kept)
 
     def test_an_upstream_that_says_close_is_not_reused(self) -> None:
         """An answer with "Connection: close" (twisted.web's after a 400, say)
