@@ -162,6 +162,7 @@ class Metrics:
         # Each request's two series, found once per (route, class): labels()
         # validates and locks on every call.
         self._request_series: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._stream_series: dict[str, tuple[Any, Any]] = {}
         for route in ROUTES:
             self.request_seconds.labels(route)
         for reason in AUTH_REFUSALS:
@@ -237,14 +238,21 @@ class Metrics:
 
     # -- streams ------------------------------------------------------------------
 
+    def _stream(self, kind: str) -> tuple[Any, Any]:
+        # Found once per kind, as the request series are (the relay counts each answer).
+        series = self._stream_series.get(kind)
+        if series is None:
+            series = self._stream_series[kind] = (self.open.labels(kind), self.relayed.labels(kind))
+        return series
+
     def stream_opened(self, kind: str) -> None:
-        self.open.labels(kind).inc()
+        self._stream(kind)[0].inc()
 
     def stream_closed(self, kind: str) -> None:
-        self.open.labels(kind).dec()
+        self._stream(kind)[0].dec()
 
     def relayed_bytes(self, kind: str, count: int) -> None:
-        self.relayed.labels(kind).inc(count)
+        self._stream(kind)[1].inc(count)
 
     # -- exposition ---------------------------------------------------------------
 
