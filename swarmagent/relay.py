@@ -23,13 +23,13 @@ wait, their bodies buffered (the client is paused past :data:`QUEUE_LIMIT`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import unquote
 
 import httptools
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -73,8 +73,9 @@ MAX_REQUEST_HEAD = 16 * 1024
 QUEUE_LIMIT = 1024 * 1024
 #: Seconds an idle pooled upstream connection is kept.
 POOL_IDLE = 60.0
-#: Idle upstream connections kept.
-POOL_SIZE = 16
+#: Idle upstream connections kept: as many as clients keep busy at once, or
+#: each answer past the bound closes one that the next request must reconnect.
+POOL_SIZE = 64
 
 _KEY = PUBLIC_KEY_HEADER.lower().encode("ascii")
 _SIGNATURE = SIGNATURE_HEADER.lower().encode("ascii")
@@ -82,10 +83,38 @@ _AGENT_MARKS = b"".join(n + b": " + v + b"\r\n" for n, v in AGENT_HEADERS)
 _NETWORK_CREATE = "/networks/create"
 #: Set anew (or dropped) on another node's copy.
 _PEER_SET = frozenset(h.encode("ascii") for h in (TARGET, HOP, BROADCAST))
+#: Not passed on from a relayed answer (the body passes untouched: its
+#: framing headers with it).
+_ANSWER_DROP = (
+    HOP_BY_HOP - {b"content-length", b"transfer-encoding", b"trailer", b"host"}
+) | OWN_HEADERS
 
 
 def _tokens(values: list[bytes]) -> set[bytes]:
     return {t.strip().lower() for v in values for t in v.split(b",")}
+
+
+def _drop(always: frozenset[bytes], fields: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """``always`` and the headers the message's ``Connection`` names."""
+    connection = [v for n, v in fields if n.lower() == b"connection"]
+    return always | _tokens(connection) if connection else always
+
+
+class _TextHeaders(Mapping[str, str]):
+    """A request's first header values by lower-case name, as text: each
+    decoded when read (:func:`~swarmagent.routing.route` reads a few)."""
+
+    def __init__(self, names: dict[bytes, bytes]) -> None:
+        self._names = names
+
+    def __getitem__(self, name: str) -> str:
+        return self._names[name.encode("latin-1")].decode("latin-1")
+
+    def __iter__(self) -> Iterator[str]:
+        return (name.decode("latin-1") for name in self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 @dataclass
@@ -96,6 +125,8 @@ class Exchange:
     target: bytes
     version: str
     headers: list[tuple[bytes, bytes]]
+    #: The first value of each header, by lower-case name.
+    names: dict[bytes, bytes]
     keep_alive: bool
     upgrade: bool
     started: float
@@ -121,10 +152,7 @@ class Exchange:
     missing: bytes = b""
 
     def header(self, lower: bytes) -> bytes | None:
-        for name, value in self.headers:
-            if name.lower() == lower:
-                return value
-        return None
+        return self.names.get(lower)
 
     @property
     def path(self) -> bytes:
@@ -172,7 +200,6 @@ class Upstream(Protocol):
     def send(self, door: FrontDoor, head: bytes, head_only: bool) -> None:
         """Send a request head; the answer goes to ``door``."""
         assert self.transport is not None
-        self._stop_expiry()
         self.door = door
         self._head_only = head_only
         self._state = "head"
@@ -311,10 +338,18 @@ class Upstream(Protocol):
 
     def idle(self, clock: IReactorTime, seconds: float) -> None:
         """Now in the pool: closed after ``seconds`` unused."""
-        self._expired = clock.callLater(seconds, self._expire)
+        # One timer, pushed back at each return to the pool (cheap in
+        # Twisted, unlike a cancelled call and a new one per request); one
+        # that falls due while the connection is in use does nothing.
+        if self._expired is not None and self._expired.active():
+            self._expired.reset(seconds)
+        else:
+            self._expired = clock.callLater(seconds, self._expire)
 
     def _expire(self) -> None:
         self._expired = None
+        if self.door is not None:
+            return
         self.pool.lost(self)
         self._close()
 
@@ -377,14 +412,18 @@ class UpstreamPool:
         self._factory = Factory.forProtocol(lambda: Upstream(self))
         self._factory.noisy = False
 
-    def get(self) -> Deferred[Upstream]:
-        """An idle connection, else a new one."""
+    def take(self) -> Upstream | None:
+        """An idle connection, if one is left."""
         while self._idle:
             upstream = self._idle.pop()
             transport = upstream.transport
             if transport is not None and not getattr(transport, "disconnecting", False):
                 upstream.reused = True
-                return succeed(upstream)
+                return upstream
+        return None
+
+    def connect(self) -> Deferred[Upstream]:
+        """A new connection."""
         d: Deferred[IProtocol] = self._endpoint.connect(self._factory)
         return d.addCallback(lambda p: cast(Upstream, p))
 
@@ -510,8 +549,14 @@ class FrontDoor(Protocol):
     def _arm_timer(self) -> None:
         # Counted from the end of the last answer, not reset by data: a head
         # sent a byte at a time (slowloris) gets no longer than an idle client.
-        self._cancel_timer()
-        self._timer = self._doors.clock.callLater(self._doors.idle_timeout, self._timed_out)
+        # One timer pushed back at each answer's end (cheap in Twisted, unlike
+        # a cancelled call and a new one per request); one that falls due
+        # while a request is served does nothing.
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(self._doors.idle_timeout)
+        else:
+            self._timer = self._doors.clock.callLater(self._doors.idle_timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -633,7 +678,7 @@ class FrontDoor(Protocol):
         """Answer a request that cannot be read (after those before it), then close."""
         self._refused = True
         now = self._doors.clock.seconds()
-        ex = Exchange(b"-", b"-", "1.1", [], False, False, now, complete=True)
+        ex = Exchange(b"-", b"-", "1.1", [], {}, False, False, now, complete=True)
         ex.refusal = error_response(code, reason, error_body(message, details), AGENT_HEADERS)
         ex.code = code
         self._enqueue(ex)
@@ -660,11 +705,15 @@ class FrontDoor(Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        names: dict[bytes, bytes] = {}
+        for name, value in self._fields:
+            names.setdefault(name.lower(), value)
         ex = Exchange(
             parser.get_method(),
             self._url,
             parser.get_http_version(),
             self._fields,
+            names,
             parser.should_keep_alive(),
             parser.should_upgrade(),
             self._doors.clock.seconds(),
@@ -723,7 +772,6 @@ class FrontDoor(Protocol):
 
     # serving
     def _serve(self, ex: Exchange) -> None:
-        self._cancel_timer()
         self._current = ex
         self._let_go(ex)
         if ex.refusal:
@@ -746,7 +794,15 @@ class FrontDoor(Protocol):
             node = self._peer if self._peer is not None else nodes.me
             self._head = Deferred()
             nodes.answer_of(node, self._head).addErrback(self._overdue, ex)
-        pool.get().addCallbacks(self._connected, self._connect_failed)
+        self._ask(pool)
+
+    def _ask(self, pool: UpstreamPool) -> None:
+        """Send the current request on an idle connection of ``pool``, else a new one."""
+        upstream = pool.take()
+        if upstream is not None:
+            self._connected(upstream)
+        else:
+            pool.connect().addCallbacks(self._connected, self._connect_failed)
 
     def _head_came(self) -> None:
         head, self._head = self._head, None
@@ -788,36 +844,29 @@ class FrontDoor(Protocol):
         are relayed too), else the tree."""
         tree = ("tree", None)
         path = ex.path
-        if ex.upgrade or not path.startswith(b"/"):
+        names = ex.names
+        if ex.upgrade or not path.startswith(b"/") or b"upgrade" in names:
             return tree
-        bare_text = strip_version(unquote(path.decode("latin-1")))
-        bare = strip_version(path.decode("latin-1")).encode("latin-1")
+        text = path.decode("latin-1")
+        bare = strip_version(text).encode("latin-1")
         if bare in OPEN_PATHS or self._doors.own(bare):
             return tree
+        unquoted = unquote(text)
+        bare_text = strip_version(unquoted)
         segments = bare_text.split("/")
         if "." in segments or ".." in segments:
             return tree  # the tree answers 400
-        headers: dict[str, str] = {}
-        key = signature = None
-        for name, value in ex.headers:
-            lower = name.lower()
-            if lower == b"upgrade":
-                return tree
-            if lower == _KEY and key is None:
-                key = value
-            elif lower == _SIGNATURE and signature is None:
-                signature = value
-            text = lower.decode("latin-1")
-            if text not in headers:
-                headers[text] = value.decode("latin-1")
-        if not self._doors.authorizer.judge(self._client_cert(), key, signature).accepted:
+        verdict = self._doors.authorizer.judge(
+            self._client_cert(), names.get(_KEY), names.get(_SIGNATURE)
+        )
+        if not verdict.accepted:
             return tree  # the tree refuses it, and counts it
         if ex.method == b"POST" and bare_text == _NETWORK_CREATE:
             return tree  # the body says whether a manager must serve it
         decision = route(
             ex.method.decode("latin-1"),
-            unquote(path.decode("latin-1")),
-            headers,
+            unquoted,
+            _TextHeaders(names),
             self._doors.table,
             query=ex.target.partition(b"?")[2].decode("latin-1"),
         )
@@ -868,8 +917,7 @@ class FrontDoor(Protocol):
         credentials among them), targeted at it and hop-marked with this
         node's key, without the broadcast header.
         """
-        connection = [v for n, v in ex.headers if n.lower() == b"connection"]
-        drop = HOP_BY_HOP | _tokens(connection)
+        drop = _drop(HOP_BY_HOP, ex.headers) if b"connection" in ex.names else HOP_BY_HOP
         peer = self._peer
         if peer is None:
             host = b"docker"
@@ -1002,11 +1050,7 @@ class FrontDoor(Protocol):
             drop: frozenset[bytes] | set[bytes] = {b"connection"}
         else:
             out.append(_AGENT_MARKS)
-            connection = [v for n, v in fields if n.lower() == b"connection"]
-            # The body passes untouched: its framing headers with it.
-            framing = {b"content-length", b"transfer-encoding", b"trailer", b"host"}
-            drop = (HOP_BY_HOP - framing) | OWN_HEADERS
-            drop |= _tokens(connection)
+            drop = _drop(_ANSWER_DROP, fields)
         for name, value in fields:
             if name.lower() not in drop:
                 out.append(name + b": " + value + b"\r\n")
@@ -1067,7 +1111,7 @@ class FrontDoor(Protocol):
         if ex is None or self._gone:
             return
         if retry and ex.code == 0 and ex.complete and not ex.upgrade and not self._framing(ex):
-            self._pool().get().addCallbacks(self._connected, self._connect_failed)
+            self._ask(self._pool())
             return
         if before_head and ex.code == 0:
             log.warn("{upstream}: {why}", upstream=self._unreachable(), why=why)
