@@ -531,8 +531,12 @@ class FrontDoor(Protocol):
         self._cert: ClientCert | None = None
         self._timer: IDelayedCall | None = None
         self._gone = False
-        #: Fired by the current answer's head: its node's bound stops then.
-        self._head: Deferred[None] | None = None
+        #: The exchange whose answer head is awaited from a node, within the
+        #: node's deadline (:meth:`~swarmagent.nodes.Nodes.overdue`), and
+        #: that node; one timer, pushed back for each exchange.
+        self._awaited: Exchange | None = None
+        self._awaited_node: Peer | None = None
+        self._head_timer: IDelayedCall | None = None
 
     # connection
     def connectionMade(self) -> None:
@@ -571,6 +575,8 @@ class FrontDoor(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._cancel_timer()
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
         self._head_came()
         upstream, self._upstream = self._upstream, None
         current, self._current = self._current, None
@@ -791,9 +797,7 @@ class FrontDoor(Protocol):
                 # Known silent: answered at once, as lists name it missing.
                 self._give_up(ex, 502, b"Bad Gateway", silence.describe(), missing=True)
                 return
-            node = self._peer if self._peer is not None else nodes.me
-            self._head = Deferred()
-            nodes.answer_of(node, self._head).addErrback(self._overdue, ex)
+            self._await_head(ex, self._peer if self._peer is not None else nodes.me)
         self._ask(pool)
 
     def _ask(self, pool: UpstreamPool) -> None:
@@ -804,21 +808,46 @@ class FrontDoor(Protocol):
         else:
             pool.connect().addCallbacks(self._connected, self._connect_failed)
 
-    def _head_came(self) -> None:
-        head, self._head = self._head, None
-        if head is not None and not head.called:
-            head.callback(None)
+    def _await_head(self, ex: Exchange, node: Peer) -> None:
+        """Bound the wait for ``ex``'s answer head by ``node``'s life, as
+        :meth:`~swarmagent.nodes.Nodes.answer_of` bounds the tree's requests."""
+        assert self._doors.nodes is not None
+        self._awaited, self._awaited_node = ex, node
+        timer, deadline = self._head_timer, self._doors.nodes.deadline
+        # Pushed back (cheap in Twisted) rather than cancelled at each head;
+        # one that falls due when no head is awaited does nothing.
+        if timer is not None and timer.active():
+            timer.reset(deadline)
+        else:
+            self._head_timer = self._doors.clock.callLater(deadline, self._head_late)
 
-    def _overdue(self, reason: Failure, ex: Exchange) -> None:
+    def _head_late(self) -> None:
+        self._head_timer = None
+        ex, node = self._awaited, self._awaited_node
+        if ex is not None and node is not None and self._doors.nodes is not None:
+            self._doors.nodes.overdue(node).addCallback(self._pinged, ex, node)
+
+    def _pinged(self, why: str | None, ex: Exchange, node: Peer) -> None:
+        if self._awaited is not ex or self._gone:
+            return  # its head came meanwhile
+        if why is None:
+            self._await_head(ex, node)  # only slow: waited for again
+        else:
+            self._overdue(why, ex)
+
+    def _head_came(self) -> None:
+        self._awaited = self._awaited_node = None
+
+    def _overdue(self, why: str, ex: Exchange) -> None:
         """No answer head in time, nor an answer to the node's ping: a 504."""
-        if not reason.check(TimeoutError) or self._current is not ex or self._gone:
+        if self._current is not ex or self._gone:
             return
-        self._head = None
+        self._head_came()
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             upstream.door = None
             _close(upstream)
-        self._give_up(ex, 504, b"Gateway Timeout", reason.getErrorMessage())
+        self._give_up(ex, 504, b"Gateway Timeout", why)
 
     def _give_up(
         self, ex: Exchange, code: int, reason: bytes, details: str, missing: bool = False
