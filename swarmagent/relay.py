@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import cast
 from urllib.parse import unquote
 
@@ -90,14 +91,16 @@ _ANSWER_DROP = (
 ) | OWN_HEADERS
 
 
-def _tokens(values: list[bytes]) -> set[bytes]:
-    return {t.strip().lower() for v in values for t in v.split(b",")}
-
-
 def _drop(always: frozenset[bytes], fields: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """``always`` and the headers the message's ``Connection`` names."""
-    connection = [v for n, v in fields if n.lower() == b"connection"]
-    return always | _tokens(connection) if connection else always
+    connection = b",".join(v for n, v in fields if n.lower() == b"connection")
+    return _with_tokens(always, connection) if connection else always
+
+
+@lru_cache(maxsize=64)
+def _with_tokens(always: frozenset[bytes], connection: bytes) -> frozenset[bytes]:
+    # Most messages say "keep-alive" or "close": worked out once each.
+    return always | {t.strip().lower() for t in connection.split(b",")}
 
 
 class _TextHeaders(Mapping[str, str]):
@@ -109,6 +112,14 @@ class _TextHeaders(Mapping[str, str]):
 
     def __getitem__(self, name: str) -> str:
         return self._names[name.encode("latin-1")].decode("latin-1")
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.encode("latin-1") in self._names
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        # Mapping.get would raise and catch a KeyError for each absent header.
+        value = self._names.get(name.encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
 
     def __iter__(self) -> Iterator[str]:
         return (name.decode("latin-1") for name in self._names)
@@ -529,6 +540,10 @@ class FrontDoor(Protocol):
         self._paused_by_upstream = False
         self._client_paused = False
         self._cert: ClientCert | None = None
+        #: The last credentials (key, signature) accepted on this connection:
+        #: a client sends the same pair on each request.
+        self._accepted: tuple[bytes | None, bytes | None] | None = None
+        self._client: IAddress | None = None
         self._timer: IDelayedCall | None = None
         self._gone = False
         #: The exchange whose answer head is awaited from a node, within the
@@ -541,6 +556,8 @@ class FrontDoor(Protocol):
     # connection
     def connectionMade(self) -> None:
         transport = self._transport()
+        assert self.transport is not None
+        self._client = self.transport.getPeer()
         transport.registerProducer(self, True)
         if self._doors.eager:
             send_at_once(self.transport)
@@ -885,11 +902,11 @@ class FrontDoor(Protocol):
         segments = bare_text.split("/")
         if "." in segments or ".." in segments:
             return tree  # the tree answers 400
-        verdict = self._doors.authorizer.judge(
-            self._client_cert(), names.get(_KEY), names.get(_SIGNATURE)
-        )
-        if not verdict.accepted:
-            return tree  # the tree refuses it, and counts it
+        credentials = (names.get(_KEY), names.get(_SIGNATURE))
+        if credentials != self._accepted:
+            if not self._doors.authorizer.judge(self._client_cert(), *credentials).accepted:
+                return tree  # the tree refuses it, and counts it
+            self._accepted = credentials
         if ex.method == b"POST" and bare_text == _NETWORK_CREATE:
             return tree  # the body says whether a manager must serve it
         decision = route(
@@ -916,8 +933,8 @@ class FrontDoor(Protocol):
         """The head sent upstream."""
         framing = self._framing(ex)
         if self._kind == "tree":
-            assert self.transport is not None
-            client = self.transport.getPeer()
+            assert self._client is not None
+            client = self._client
             lines = [b"%s %s HTTP/%s" % (ex.method, ex.target, ex.version.encode("ascii"))]
             for name, value in ex.headers:
                 lower = name.lower()
@@ -976,8 +993,7 @@ class FrontDoor(Protocol):
                 forwarded.append(value)
                 continue
             lines.append(name + b": " + value)
-        assert self.transport is not None
-        client = getattr(self.transport.getPeer(), "host", None)
+        client = getattr(self._client, "host", None)
         if client:
             forwarded.append(client.encode("ascii"))
         if forwarded:
