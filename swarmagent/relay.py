@@ -50,7 +50,7 @@ from zope.interface import implementer
 from swarmagent.access import RequestLog
 from swarmagent.auth import OPEN_PATHS, Authorizer
 from swarmagent.clients import peer_url
-from swarmagent.eager import send_at_once
+from swarmagent.eager import read_plainly, send_at_once
 from swarmagent.errors import error_body
 from swarmagent.internal import is_internal, vouch
 from swarmagent.logs import logger
@@ -337,6 +337,7 @@ class Upstream(Protocol):
     def connectionMade(self) -> None:
         if self.pool.eager:
             send_at_once(self.transport)
+            read_plainly(self.transport)
 
     def when_lost(self) -> Deferred[None]:
         """Fires once the connection is closed."""
