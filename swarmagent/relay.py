@@ -305,8 +305,10 @@ class Upstream(Protocol):
             door.answer_head(head, code, self._fields, keep_alive, framed=True)
             return rest
         if length is not None and te is None:
-            self._remaining = int(length)
-            door.answer_head(head, code, self._fields, keep_alive, framed=True)
+            # A small answer's body is read with its head: sent with it.
+            first, rest = rest[: int(length)], rest[int(length) :]
+            self._remaining = int(length) - len(first)
+            door.answer_head(head, code, self._fields, keep_alive, framed=True, body=first)
             if self._remaining == 0:
                 self._done(reusable=keep_alive and not rest)
                 return b""
@@ -562,6 +564,10 @@ class FrontDoor(Protocol):
         transport.registerProducer(self, True)
         if self._doors.eager:
             send_at_once(self.transport)
+            # Each answer's bytes into TLS at once, not at the next reactor turn.
+            self._send = getattr(self.transport, "write_now", transport.write)
+        else:
+            self._send = transport.write
         self._arm_timer()
 
     def _transport(self) -> StreamTransport:
@@ -1070,7 +1076,9 @@ class FrontDoor(Protocol):
         fields: list[tuple[bytes, bytes]],
         keep_alive: bool,
         framed: bool,
+        body: bytes = b"",
     ) -> None:
+        """An answer's head (and ``body``, its first bytes, sent with it)."""
         ex = self._current
         if ex is None:
             return
@@ -1084,12 +1092,14 @@ class FrontDoor(Protocol):
             self._close_after = True
         tree = self._kind == "tree"
         if tree and not self._close_after:
-            self._write(ex, head)
+            self._write(ex, head + body)
             return
         if not tree:
             # As twisted.web's relay counted each answer it streamed.
             ex.streaming = True
             self._doors.metrics.stream_opened("stream")
+            if body:
+                self._doors.metrics.relayed_bytes("stream", len(body))
         line = head[: head.find(b"\r\n") + 2]
         out = [line]
         if tree:
@@ -1103,6 +1113,7 @@ class FrontDoor(Protocol):
         if self._close_after:
             out.append(b"Connection: close\r\n")
         out.append(b"\r\n")
+        out.append(body)
         self._write(ex, b"".join(out))
 
     def answer_body(self, data: bytes) -> None:
@@ -1114,7 +1125,7 @@ class FrontDoor(Protocol):
 
     def _write(self, ex: Exchange, data: bytes) -> None:
         ex.sent += len(data)
-        self._transport().write(data)
+        self._send(data)
 
     def answer_done(self, upstream: Upstream, reusable: bool) -> None:
         """The answer's last byte is out: the upstream may serve another request."""
