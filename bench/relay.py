@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, action="append", default=[])
+    parser.add_argument("--path", action="append", default=[], choices=sorted(PATHS))
     parser.add_argument(
         "--profile", type=Path, help="after the rounds, py-spy each variant under ping c=64 (DIR)"
     )
@@ -167,7 +168,8 @@ def main() -> None:
         headers = Signer.generate(SECRET).headers()
         cells: dict[str, list[float]] = {}
         for _ in range(args.rounds):
-            for label, path in PATHS.items():
+            for label in args.path or PATHS:
+                path = PATHS[label]
                 for conc in concurrencies:
                     for name, (port, pid) in agents.items():
                         before = cpu_seconds(pid)
