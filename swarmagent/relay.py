@@ -306,8 +306,9 @@ class Upstream(Protocol):
             return rest
         if length is not None and te is None:
             # A small answer's body is read with its head: sent with it.
-            first, rest = rest[: int(length)], rest[int(length) :]
-            self._remaining = int(length) - len(first)
+            size = int(length)
+            first, rest = rest[:size], rest[size:]
+            self._remaining = size - len(first)
             door.answer_head(head, code, self._fields, keep_alive, framed=True, body=first)
             if self._remaining == 0:
                 self._done(reusable=keep_alive and not rest)
