@@ -10,6 +10,7 @@ its ``/proc/PID/stat`` user + system time over wrk's request count.
 
     python -m bench.relay                       # bytes against web, this tree
     python -m bench.relay --variant old=bytes@/tmp/old --rounds 5
+    python -m bench.relay --profile /tmp/prof   # then py-spy on each under ping c=64
 
 Figures on a shared machine are noisy: compare variants of one run only.
 """
@@ -27,8 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
+from bench import profile
 from bench.measure import cpu_seconds, spread
 from swarmagent.signature import Signer
 
@@ -101,12 +104,33 @@ def _wrk(url: str, conc: int, seconds: float, headers: dict[str, str]) -> int:
     return int(m.group(1))
 
 
+def _profile(
+    out: Path, agents: dict[str, tuple[int, int]], seconds: float, headers: dict[str, str]
+) -> None:
+    """Each variant sampled by py-spy under ``GET /_ping`` at c=64: its top functions."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (port, pid) in agents.items():
+        raw = out / f"{name}.txt"
+        url = f"https://127.0.0.1:{port}{PATHS['ping']}"
+        profile.record(pid, int(seconds), raw, partial(_wrk, url, 64, seconds, headers))
+        summary = profile.summarize(raw, top=25)
+        print(f"\n{name}: {summary['samples']} samples ({raw})")
+        for kind in ("own_pct", "inclusive_pct"):
+            print(f"  {kind}:")
+            for where, pct in summary.get(kind, []):
+                print(f"    {pct:5.1f}  {where}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", default=[], help="NAME=bytes|web[@SRC]")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, action="append", default=[])
+    parser.add_argument("--path", action="append", default=[], choices=sorted(PATHS))
+    parser.add_argument(
+        "--profile", type=Path, help="after the rounds, py-spy each variant under ping c=64 (DIR)"
+    )
     args = parser.parse_args()
     variants = args.variant or ["bytes=bytes", "web=web"]
     concurrencies = args.concurrency or [16, 64]
@@ -144,7 +168,8 @@ def main() -> None:
         headers = Signer.generate(SECRET).headers()
         cells: dict[str, list[float]] = {}
         for _ in range(args.rounds):
-            for label, path in PATHS.items():
+            for label in args.path or PATHS:
+                path = PATHS[label]
                 for conc in concurrencies:
                     for name, (port, pid) in agents.items():
                         before = cpu_seconds(pid)
@@ -157,6 +182,8 @@ def main() -> None:
             s = spread(values, 1)
             unit = "" if key.endswith("req/s") else " CPU us/request"
             print(f"{key:32} median {s['median']:>9}{unit}  (min {s['min']}, max {s['max']})")
+        if args.profile is not None:
+            _profile(args.profile, agents, args.seconds, headers)
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:

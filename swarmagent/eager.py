@@ -1,4 +1,4 @@
-"""Writes sent at once: the relay's sockets skip Twisted's wait for the next poll.
+"""Writes sent at once, reads without recvmsg: the relay's sockets skip two Twisted detours.
 
 Twisted's ``FileDescriptor.write`` never sends: it buffers, asks the reactor
 to watch for writability (an ``epoll_ctl``), sends at the next poll, then
@@ -9,6 +9,10 @@ buffered, as asyncio does, and buffer only what the socket does not take;
 and sets ``TCP_NODELAY`` on TCP, as asyncio does too (without it, Nagle and
 delayed ACKs stall a relayed body's last segment by tens of milliseconds).
 
+Twisted's unix transport reads with ``recvmsg`` to take the file descriptors
+a peer may pass: :func:`read_plainly` makes one read with ``recv``, as TCP
+does, where none are ever passed (the engine, the resource tree).
+
 It reads ``FileDescriptor``'s buffer fields (``dataBuffer``, ``offset``,
 ``_tempDataLen``, ``_writeDisconnected``), which Twisted does not promise:
 ``tests/test_eager.py`` pins the behaviour relied on.
@@ -17,7 +21,9 @@ It reads ``FileDescriptor``'s buffer fields (``dataBuffer``, ``offset``,
 from __future__ import annotations
 
 import socket
+from functools import partial
 
+from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.protocols.policies import ProtocolWrapper
 
@@ -60,3 +66,14 @@ def send_at_once(transport: object) -> None:
 
     # An instance attribute: only this connection's writes change.
     fd.write = write  # type: ignore[method-assign]
+
+
+def read_plainly(transport: object) -> None:
+    """Make the unix socket under ``transport`` read with ``recv``, not ``recvmsg``
+    (file descriptors sent to it are then dropped by the kernel)."""
+    fd = socket_transport(transport)
+    sock = getattr(fd, "socket", None)
+    unix = isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX
+    if isinstance(fd, tcp.Connection) and unix:
+        # An instance attribute: only this connection's reads change.
+        fd.doRead = partial(tcp.Connection.doRead, fd)  # type: ignore[method-assign]

@@ -46,7 +46,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -150,6 +150,13 @@ class HalfCloseTLS(BufferingTLSTransport):
         if self._sent_close_notify():
             return
         super()._write(data)
+
+    def write_now(self, data: bytes) -> None:
+        """:meth:`write`, but encrypted and sent now, after what the aggregator
+        holds: not at the next reactor turn (whose scheduling, an extra poll
+        and a timer, costs more than a small answer's TLS record)."""
+        self._aggregator.flush()
+        TLSMemoryBIOProtocol.write(self, data)
 
     def loseWriteConnection(self) -> None:
         """Send close_notify after the data already written; keep reading."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from OpenSSL import SSL
@@ -162,13 +163,17 @@ class Metrics:
         # Each request's two series, found once per (route, class): labels()
         # validates and locks on every call.
         self._request_series: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._relayed: dict[str, Any] = {}
+        # Open streams counted in plain ints, read at each scrape: the relay
+        # opens and closes one per answer, and a gauge locks at each change.
+        self._open = dict.fromkeys(STREAMS, 0)
         for route in ROUTES:
             self.request_seconds.labels(route)
         for reason in AUTH_REFUSALS:
             self.refusals.labels(reason)
         for kind in STREAMS:
-            self.open.labels(kind)
-            self.relayed.labels(kind)
+            self.open.labels(kind).set_function(partial(self._open.__getitem__, kind))
+            self._relayed[kind] = self.relayed.labels(kind)
 
     # -- requests ---------------------------------------------------------------
 
@@ -238,13 +243,15 @@ class Metrics:
     # -- streams ------------------------------------------------------------------
 
     def stream_opened(self, kind: str) -> None:
-        self.open.labels(kind).inc()
+        """One more stream of ``kind`` (one of :data:`STREAMS`)."""
+        self._open[kind] += 1
 
     def stream_closed(self, kind: str) -> None:
-        self.open.labels(kind).dec()
+        self._open[kind] -= 1
 
     def relayed_bytes(self, kind: str, count: int) -> None:
-        self.relayed.labels(kind).inc(count)
+        # Found once per kind, as the request series are (the relay counts each answer).
+        self._relayed[kind].inc(count)
 
     # -- exposition ---------------------------------------------------------------
 

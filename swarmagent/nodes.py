@@ -347,6 +347,25 @@ class Nodes:
         """``node``'s silence, while it is silent."""
         return self._silent.get(node.identity.key)
 
+    @property
+    def deadline(self) -> float:
+        """Seconds an answer head is awaited before its node is pinged (:meth:`answer_of`)."""
+        return self._timeout
+
+    def overdue(self, node: Peer) -> Deferred[str | None]:
+        """An answer from ``node`` is past :attr:`deadline`: ``node`` is pinged.
+        Fires with None if it answers (it is only slow at that request), else
+        with why the request is given up."""
+
+        def pinged(outcome: Outcome) -> str | None:
+            if isinstance(outcome, Answered):
+                return None
+            silence = self._silent.get(node.identity.key)
+            why = silence.describe() if silence is not None else outcome.why
+            return f"no answer within {self._timeout:g} s, nor to a ping: {why}"
+
+        return self._get(node, PING, None, self._ping_timeout).addCallback(pinged)
+
     def answer_of(self, node: Peer, pending: Deferred[_T]) -> Deferred[_T]:
         """``pending``, the answer to a request sent to ``node``, bounded by the node's life.
 
@@ -362,19 +381,15 @@ class Nodes:
 
         def check() -> None:
             timer.clear()
-            self._get(node, PING, None, self._ping_timeout).addCallback(pinged)
+            self.overdue(node).addCallback(pinged)
 
-        def pinged(outcome: Outcome) -> None:
+        def pinged(why: str | None) -> None:
             if result.called:
                 return
-            if isinstance(outcome, Answered):
+            if why is None:
                 timer.append(self.clock.callLater(self._timeout, check))
                 return
-            silence = self._silent.get(node.identity.key)
-            why = silence.describe() if silence is not None else outcome.why
-            result.errback(
-                TimeoutError(f"no answer within {self._timeout:g} s, nor to a ping: {why}")
-            )
+            result.errback(TimeoutError(why))
             pending.cancel()
 
         def settled(outcome: _T | Failure) -> None:

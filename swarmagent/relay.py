@@ -23,13 +23,14 @@ wait, their bodies buffered (the client is paused past :data:`QUEUE_LIMIT`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import cast
 from urllib.parse import unquote
 
 import httptools
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -49,7 +50,7 @@ from zope.interface import implementer
 from swarmagent.access import RequestLog
 from swarmagent.auth import OPEN_PATHS, Authorizer
 from swarmagent.clients import PERSISTENT_PER_HOST, peer_url
-from swarmagent.eager import send_at_once
+from swarmagent.eager import read_plainly, send_at_once
 from swarmagent.errors import error_body
 from swarmagent.internal import is_internal, vouch
 from swarmagent.logs import logger
@@ -74,8 +75,8 @@ QUEUE_LIMIT = 1024 * 1024
 #: Seconds an idle pooled upstream connection is kept.
 POOL_IDLE = 60.0
 #: Idle upstream connections kept, as many as twisted.web's client pool keeps:
-#: with 16, a peer forward at c=64 made a TLS handshake for most requests
-#: (do_handshake 15-27% of the entry agent's samples, 43 req/s of 84 KB).
+#: with 16, each answer past the bound closed one that the next request had to
+#: reconnect (a peer forward at c=64: a TLS handshake for most requests).
 POOL_SIZE = PERSISTENT_PER_HOST
 
 _KEY = PUBLIC_KEY_HEADER.lower().encode("ascii")
@@ -84,10 +85,48 @@ _AGENT_MARKS = b"".join(n + b": " + v + b"\r\n" for n, v in AGENT_HEADERS)
 _NETWORK_CREATE = "/networks/create"
 #: Set anew (or dropped) on another node's copy.
 _PEER_SET = frozenset(h.encode("ascii") for h in (TARGET, HOP, BROADCAST))
+#: Not passed on from a relayed answer (the body passes untouched: its
+#: framing headers with it).
+_ANSWER_DROP = (
+    HOP_BY_HOP - {b"content-length", b"transfer-encoding", b"trailer", b"host"}
+) | OWN_HEADERS
 
 
-def _tokens(values: list[bytes]) -> set[bytes]:
-    return {t.strip().lower() for v in values for t in v.split(b",")}
+def _drop(always: frozenset[bytes], fields: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """``always`` and the headers the message's ``Connection`` names."""
+    connection = b",".join(v for n, v in fields if n.lower() == b"connection")
+    return _with_tokens(always, connection) if connection else always
+
+
+@lru_cache(maxsize=64)
+def _with_tokens(always: frozenset[bytes], connection: bytes) -> frozenset[bytes]:
+    # Most messages say "keep-alive" or "close": worked out once each.
+    return always | {t.strip().lower() for t in connection.split(b",")}
+
+
+class _TextHeaders(Mapping[str, str]):
+    """A request's first header values by lower-case name, as text: each
+    decoded when read (:func:`~swarmagent.routing.route` reads a few)."""
+
+    def __init__(self, names: dict[bytes, bytes]) -> None:
+        self._names = names
+
+    def __getitem__(self, name: str) -> str:
+        return self._names[name.encode("latin-1")].decode("latin-1")
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.encode("latin-1") in self._names
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        # Mapping.get would raise and catch a KeyError for each absent header.
+        value = self._names.get(name.encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+    def __iter__(self) -> Iterator[str]:
+        return (name.decode("latin-1") for name in self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 @dataclass
@@ -98,6 +137,8 @@ class Exchange:
     target: bytes
     version: str
     headers: list[tuple[bytes, bytes]]
+    #: The first value of each header, by lower-case name.
+    names: dict[bytes, bytes]
     keep_alive: bool
     upgrade: bool
     started: float
@@ -123,10 +164,7 @@ class Exchange:
     missing: bytes = b""
 
     def header(self, lower: bytes) -> bytes | None:
-        for name, value in self.headers:
-            if name.lower() == lower:
-                return value
-        return None
+        return self.names.get(lower)
 
     @property
     def path(self) -> bytes:
@@ -174,7 +212,6 @@ class Upstream(Protocol):
     def send(self, door: FrontDoor, head: bytes, head_only: bool) -> None:
         """Send a request head; the answer goes to ``door``."""
         assert self.transport is not None
-        self._stop_expiry()
         self.door = door
         self._head_only = head_only
         self._state = "head"
@@ -269,8 +306,11 @@ class Upstream(Protocol):
             door.answer_head(head, code, self._fields, keep_alive, framed=True)
             return rest
         if length is not None and te is None:
-            self._remaining = int(length)
-            door.answer_head(head, code, self._fields, keep_alive, framed=True)
+            # A small answer's body is read with its head: sent with it.
+            size = int(length)
+            first, rest = rest[:size], rest[size:]
+            self._remaining = size - len(first)
+            door.answer_head(head, code, self._fields, keep_alive, framed=True, body=first)
             if self._remaining == 0:
                 self._done(reusable=keep_alive and not rest)
                 return b""
@@ -301,6 +341,7 @@ class Upstream(Protocol):
     def connectionMade(self) -> None:
         if self.pool.eager:
             send_at_once(self.transport)
+            read_plainly(self.transport)
 
     def when_lost(self) -> Deferred[None]:
         """Fires once the connection is closed."""
@@ -313,10 +354,18 @@ class Upstream(Protocol):
 
     def idle(self, clock: IReactorTime, seconds: float) -> None:
         """Now in the pool: closed after ``seconds`` unused."""
-        self._expired = clock.callLater(seconds, self._expire)
+        # One timer, pushed back at each return to the pool (cheap in
+        # Twisted, unlike a cancelled call and a new one per request); one
+        # that falls due while the connection is in use does nothing.
+        if self._expired is not None and self._expired.active():
+            self._expired.reset(seconds)
+        else:
+            self._expired = clock.callLater(seconds, self._expire)
 
     def _expire(self) -> None:
         self._expired = None
+        if self.door is not None:
+            return
         self.pool.lost(self)
         self._close()
 
@@ -379,14 +428,18 @@ class UpstreamPool:
         self._factory = Factory.forProtocol(lambda: Upstream(self))
         self._factory.noisy = False
 
-    def get(self) -> Deferred[Upstream]:
-        """An idle connection, else a new one."""
+    def take(self) -> Upstream | None:
+        """An idle connection, if one is left."""
         while self._idle:
             upstream = self._idle.pop()
             transport = upstream.transport
             if transport is not None and not getattr(transport, "disconnecting", False):
                 upstream.reused = True
-                return succeed(upstream)
+                return upstream
+        return None
+
+    def connect(self) -> Deferred[Upstream]:
+        """A new connection."""
         d: Deferred[IProtocol] = self._endpoint.connect(self._factory)
         return d.addCallback(lambda p: cast(Upstream, p))
 
@@ -492,17 +545,31 @@ class FrontDoor(Protocol):
         self._paused_by_upstream = False
         self._client_paused = False
         self._cert: ClientCert | None = None
+        #: The last credentials (key, signature) accepted on this connection:
+        #: a client sends the same pair on each request.
+        self._accepted: tuple[bytes | None, bytes | None] | None = None
+        self._client: IAddress | None = None
         self._timer: IDelayedCall | None = None
         self._gone = False
-        #: Fired by the current answer's head: its node's bound stops then.
-        self._head: Deferred[None] | None = None
+        #: The exchange whose answer head is awaited from a node, within the
+        #: node's deadline (:meth:`~swarmagent.nodes.Nodes.overdue`), and
+        #: that node; one timer, pushed back for each exchange.
+        self._awaited: Exchange | None = None
+        self._awaited_node: Peer | None = None
+        self._head_timer: IDelayedCall | None = None
 
     # connection
     def connectionMade(self) -> None:
         transport = self._transport()
+        assert self.transport is not None
+        self._client = self.transport.getPeer()
         transport.registerProducer(self, True)
         if self._doors.eager:
             send_at_once(self.transport)
+            # Each answer's bytes into TLS at once, not at the next reactor turn.
+            self._send = getattr(self.transport, "write_now", transport.write)
+        else:
+            self._send = transport.write
         self._arm_timer()
 
     def _transport(self) -> StreamTransport:
@@ -512,8 +579,14 @@ class FrontDoor(Protocol):
     def _arm_timer(self) -> None:
         # Counted from the end of the last answer, not reset by data: a head
         # sent a byte at a time (slowloris) gets no longer than an idle client.
-        self._cancel_timer()
-        self._timer = self._doors.clock.callLater(self._doors.idle_timeout, self._timed_out)
+        # One timer pushed back at each answer's end (cheap in Twisted, unlike
+        # a cancelled call and a new one per request); one that falls due
+        # while a request is served does nothing.
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(self._doors.idle_timeout)
+        else:
+            self._timer = self._doors.clock.callLater(self._doors.idle_timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -528,6 +601,8 @@ class FrontDoor(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._cancel_timer()
+        if self._head_timer is not None and self._head_timer.active():
+            self._head_timer.cancel()
         self._head_came()
         upstream, self._upstream = self._upstream, None
         current, self._current = self._current, None
@@ -635,7 +710,7 @@ class FrontDoor(Protocol):
         """Answer a request that cannot be read (after those before it), then close."""
         self._refused = True
         now = self._doors.clock.seconds()
-        ex = Exchange(b"-", b"-", "1.1", [], False, False, now, complete=True)
+        ex = Exchange(b"-", b"-", "1.1", [], {}, False, False, now, complete=True)
         ex.refusal = error_response(code, reason, error_body(message, details), AGENT_HEADERS)
         ex.code = code
         self._enqueue(ex)
@@ -662,11 +737,15 @@ class FrontDoor(Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        names: dict[bytes, bytes] = {}
+        for name, value in self._fields:
+            names.setdefault(name.lower(), value)
         ex = Exchange(
             parser.get_method(),
             self._url,
             parser.get_http_version(),
             self._fields,
+            names,
             parser.should_keep_alive(),
             parser.should_upgrade(),
             self._doors.clock.seconds(),
@@ -725,7 +804,6 @@ class FrontDoor(Protocol):
 
     # serving
     def _serve(self, ex: Exchange) -> None:
-        self._cancel_timer()
         self._current = ex
         self._let_go(ex)
         if ex.refusal:
@@ -745,26 +823,57 @@ class FrontDoor(Protocol):
                 # Known silent: answered at once, as lists name it missing.
                 self._give_up(ex, 502, b"Bad Gateway", silence.describe(), missing=True)
                 return
-            node = self._peer if self._peer is not None else nodes.me
-            self._head = Deferred()
-            nodes.answer_of(node, self._head).addErrback(self._overdue, ex)
-        pool.get().addCallbacks(self._connected, self._connect_failed)
+            self._await_head(ex, self._peer if self._peer is not None else nodes.me)
+        self._ask(pool)
+
+    def _ask(self, pool: UpstreamPool) -> None:
+        """Send the current request on an idle connection of ``pool``, else a new one."""
+        upstream = pool.take()
+        if upstream is not None:
+            self._connected(upstream)
+        else:
+            pool.connect().addCallbacks(self._connected, self._connect_failed)
+
+    def _await_head(self, ex: Exchange, node: Peer) -> None:
+        """Bound the wait for ``ex``'s answer head by ``node``'s life, as
+        :meth:`~swarmagent.nodes.Nodes.answer_of` bounds the tree's requests."""
+        assert self._doors.nodes is not None
+        self._awaited, self._awaited_node = ex, node
+        timer, deadline = self._head_timer, self._doors.nodes.deadline
+        # Pushed back (cheap in Twisted) rather than cancelled at each head;
+        # one that falls due when no head is awaited does nothing.
+        if timer is not None and timer.active():
+            timer.reset(deadline)
+        else:
+            self._head_timer = self._doors.clock.callLater(deadline, self._head_late)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        ex, node = self._awaited, self._awaited_node
+        if ex is not None and node is not None and self._doors.nodes is not None:
+            self._doors.nodes.overdue(node).addCallback(self._pinged, ex, node)
+
+    def _pinged(self, why: str | None, ex: Exchange, node: Peer) -> None:
+        if self._awaited is not ex or self._gone:
+            return  # its head came meanwhile
+        if why is None:
+            self._await_head(ex, node)  # only slow: waited for again
+        else:
+            self._overdue(why, ex)
 
     def _head_came(self) -> None:
-        head, self._head = self._head, None
-        if head is not None and not head.called:
-            head.callback(None)
+        self._awaited = self._awaited_node = None
 
-    def _overdue(self, reason: Failure, ex: Exchange) -> None:
+    def _overdue(self, why: str, ex: Exchange) -> None:
         """No answer head in time, nor an answer to the node's ping: a 504."""
-        if not reason.check(TimeoutError) or self._current is not ex or self._gone:
+        if self._current is not ex or self._gone:
             return
-        self._head = None
+        self._head_came()
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             upstream.door = None
             _close(upstream)
-        self._give_up(ex, 504, b"Gateway Timeout", reason.getErrorMessage())
+        self._give_up(ex, 504, b"Gateway Timeout", why)
 
     def _give_up(
         self, ex: Exchange, code: int, reason: bytes, details: str, missing: bool = False
@@ -790,36 +899,29 @@ class FrontDoor(Protocol):
         are relayed too), else the tree."""
         tree = ("tree", None)
         path = ex.path
-        if ex.upgrade or not path.startswith(b"/"):
+        names = ex.names
+        if ex.upgrade or not path.startswith(b"/") or b"upgrade" in names:
             return tree
-        bare_text = strip_version(unquote(path.decode("latin-1")))
-        bare = strip_version(path.decode("latin-1")).encode("latin-1")
+        text = path.decode("latin-1")
+        bare = strip_version(text).encode("latin-1")
         if bare in OPEN_PATHS or self._doors.own(bare):
             return tree
+        unquoted = unquote(text)
+        bare_text = strip_version(unquoted)
         segments = bare_text.split("/")
         if "." in segments or ".." in segments:
             return tree  # the tree answers 400
-        headers: dict[str, str] = {}
-        key = signature = None
-        for name, value in ex.headers:
-            lower = name.lower()
-            if lower == b"upgrade":
-                return tree
-            if lower == _KEY and key is None:
-                key = value
-            elif lower == _SIGNATURE and signature is None:
-                signature = value
-            text = lower.decode("latin-1")
-            if text not in headers:
-                headers[text] = value.decode("latin-1")
-        if not self._doors.authorizer.judge(self._client_cert(), key, signature).accepted:
-            return tree  # the tree refuses it, and counts it
+        credentials = (names.get(_KEY), names.get(_SIGNATURE))
+        if credentials != self._accepted:
+            if not self._doors.authorizer.judge(self._client_cert(), *credentials).accepted:
+                return tree  # the tree refuses it, and counts it
+            self._accepted = credentials
         if ex.method == b"POST" and bare_text == _NETWORK_CREATE:
             return tree  # the body says whether a manager must serve it
         decision = route(
             ex.method.decode("latin-1"),
-            unquote(path.decode("latin-1")),
-            headers,
+            unquoted,
+            _TextHeaders(names),
             self._doors.table,
             query=ex.target.partition(b"?")[2].decode("latin-1"),
         )
@@ -840,8 +942,8 @@ class FrontDoor(Protocol):
         """The head sent upstream."""
         framing = self._framing(ex)
         if self._kind == "tree":
-            assert self.transport is not None
-            client = self.transport.getPeer()
+            assert self._client is not None
+            client = self._client
             lines = [b"%s %s HTTP/%s" % (ex.method, ex.target, ex.version.encode("ascii"))]
             for name, value in ex.headers:
                 lower = name.lower()
@@ -870,8 +972,7 @@ class FrontDoor(Protocol):
         credentials among them), targeted at it and hop-marked with this
         node's key, without the broadcast header.
         """
-        connection = [v for n, v in ex.headers if n.lower() == b"connection"]
-        drop = HOP_BY_HOP | _tokens(connection)
+        drop = _drop(HOP_BY_HOP, ex.headers) if b"connection" in ex.names else HOP_BY_HOP
         peer = self._peer
         if peer is None:
             host = b"docker"
@@ -901,8 +1002,7 @@ class FrontDoor(Protocol):
                 forwarded.append(value)
                 continue
             lines.append(name + b": " + value)
-        assert self.transport is not None
-        client = getattr(self.transport.getPeer(), "host", None)
+        client = getattr(self._client, "host", None)
         if client:
             forwarded.append(client.encode("ascii"))
         if forwarded:
@@ -978,7 +1078,9 @@ class FrontDoor(Protocol):
         fields: list[tuple[bytes, bytes]],
         keep_alive: bool,
         framed: bool,
+        body: bytes = b"",
     ) -> None:
+        """An answer's head (and ``body``, its first bytes, sent with it)."""
         ex = self._current
         if ex is None:
             return
@@ -992,29 +1094,28 @@ class FrontDoor(Protocol):
             self._close_after = True
         tree = self._kind == "tree"
         if tree and not self._close_after:
-            self._write(ex, head)
+            self._write(ex, head + body)
             return
         if not tree:
             # As twisted.web's relay counted each answer it streamed.
             ex.streaming = True
             self._doors.metrics.stream_opened("stream")
+            if body:
+                self._doors.metrics.relayed_bytes("stream", len(body))
         line = head[: head.find(b"\r\n") + 2]
         out = [line]
         if tree:
             drop: frozenset[bytes] | set[bytes] = {b"connection"}
         else:
             out.append(_AGENT_MARKS)
-            connection = [v for n, v in fields if n.lower() == b"connection"]
-            # The body passes untouched: its framing headers with it.
-            framing = {b"content-length", b"transfer-encoding", b"trailer", b"host"}
-            drop = (HOP_BY_HOP - framing) | OWN_HEADERS
-            drop |= _tokens(connection)
+            drop = _drop(_ANSWER_DROP, fields)
         for name, value in fields:
             if name.lower() not in drop:
                 out.append(name + b": " + value + b"\r\n")
         if self._close_after:
             out.append(b"Connection: close\r\n")
         out.append(b"\r\n")
+        out.append(body)
         self._write(ex, b"".join(out))
 
     def answer_body(self, data: bytes) -> None:
@@ -1026,7 +1127,7 @@ class FrontDoor(Protocol):
 
     def _write(self, ex: Exchange, data: bytes) -> None:
         ex.sent += len(data)
-        self._transport().write(data)
+        self._send(data)
 
     def answer_done(self, upstream: Upstream, reusable: bool) -> None:
         """The answer's last byte is out: the upstream may serve another request."""
@@ -1069,7 +1170,7 @@ class FrontDoor(Protocol):
         if ex is None or self._gone:
             return
         if retry and ex.code == 0 and ex.complete and not ex.upgrade and not self._framing(ex):
-            self._pool().get().addCallbacks(self._connected, self._connect_failed)
+            self._ask(self._pool())
             return
         if before_head and ex.code == 0:
             log.warn("{upstream}: {why}", upstream=self._unreachable(), why=why)

@@ -1,33 +1,50 @@
-"""send_at_once: a write reaches the socket before the reactor runs again."""
+"""send_at_once: a write reaches the socket before the reactor runs again;
+read_plainly: a unix socket reads with recv."""
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import cast
 
 from twisted.internet import reactor
-from twisted.internet.interfaces import IAddress, IReactorSocket
+from twisted.internet.interfaces import IAddress, IFileDescriptorReceiver, IReactorSocket
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
-from swarmagent.eager import send_at_once, socket_transport
+from swarmagent.eager import read_plainly, send_at_once, socket_transport
+
+
+@implementer(IFileDescriptorReceiver)
+class _Recording(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.descriptors: list[int] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        self.descriptors.append(descriptor)
+        os.close(descriptor)
 
 
 class _Kept(ServerFactory):
     def __init__(self) -> None:
-        self.built: list[Protocol] = []
+        self.built: list[_Recording] = []
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        protocol = Protocol()
+        protocol = _Recording()
         self.built.append(protocol)
         return protocol
 
 
-class SendAtOnceTests(TestCase):
+class _Adopted(TestCase):
     def connected(
         self, family: socket.AddressFamily = socket.AF_UNIX
-    ) -> tuple[Protocol, socket.socket]:
+    ) -> tuple[_Recording, socket.socket]:
         """A protocol on a real adopted socket, and the socket at the other end."""
         if family == socket.AF_UNIX:
             ours, theirs = socket.socketpair()
@@ -49,6 +66,8 @@ class SendAtOnceTests(TestCase):
         self.addCleanup(protocol.transport.abortConnection)  # type: ignore[attr-defined]
         return protocol, theirs
 
+
+class SendAtOnceTests(_Adopted):
     def test_sent_without_the_reactor(self) -> None:
         protocol, other = self.connected()
         send_at_once(protocol.transport)
@@ -91,3 +110,25 @@ class SendAtOnceTests(TestCase):
         sock = getattr(fd, "socket", None)
         assert isinstance(sock, socket.socket)
         self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+
+
+class ReadPlainlyTests(_Adopted):
+    async def sent(self, plainly: bool) -> _Recording:
+        """A protocol sent a descriptor (stdin's) with its data: what it got."""
+        protocol, other = self.connected()
+        if plainly:
+            read_plainly(protocol.transport)
+        socket.send_fds(other, [b"data"], [0])
+        while not protocol.data:
+            await deferLater(reactor, 0.001, lambda: None)
+        return protocol
+
+    async def test_data_without_the_descriptors(self) -> None:
+        protocol = await self.sent(plainly=True)
+        self.assertEqual((protocol.data, protocol.descriptors), (b"data", []))
+
+    async def test_stock_reads_take_descriptors(self) -> None:
+        # What read_plainly changes.
+        protocol = await self.sent(plainly=False)
+        self.assertEqual(protocol.data, b"data")
+        self.assertEqual(len(protocol.descriptors), 1)

@@ -207,6 +207,17 @@ class HalfCloseTests(unittest.TestCase):
         pump.flush()
         self.assertEqual(client.data, b"still open")
 
+    def test_write_now_needs_no_reactor_turn(self) -> None:
+        server, client = HalfRecorder(), HalfRecorder()
+        server_tls, _, pump = tls_pair(server, client, self.clock)
+        pump.flush()  # the handshake
+        server_tls.write(b"held ")
+        pump.flush(advanceClock=False)
+        self.assertEqual(client.data, b"")  # the stock write waits for the clock
+        server_tls.write_now(b"and now")
+        pump.flush(advanceClock=False)
+        self.assertEqual(client.data, b"held and now")  # in order, without it
+
     def test_end_of_output_during_the_handshake(self) -> None:
         """close_notify waits for the handshake and the data written before it."""
         server, client = HalfRecorder(), Greeter()

@@ -522,6 +522,17 @@ class EngineRelayTests(SynchronousTestCase):
         self.h.clock.advance(1)
         self.assertTrue(self.client.disconnecting)
 
+    def test_idle_time_counts_from_the_last_answer(self) -> None:
+        self.h.clock.advance(100)
+        self.door.dataReceived(request())
+        self.h.clock.advance(100)  # a slow answer is not idle time
+        self.assertFalse(self.client.disconnecting)
+        self.h.engine.last[0].dataReceived(OK_PING)
+        self.h.clock.advance(119)
+        self.assertFalse(self.client.disconnecting)
+        self.h.clock.advance(1)
+        self.assertTrue(self.client.disconnecting)
+
     def test_slowloris_head(self) -> None:
         # Data does not reset the clock: a head must be whole in time.
         data = request()
@@ -901,6 +912,17 @@ class StalledNodeTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.assertEqual(head_lines(client.value())[0], b"HTTP/1.1 200 OK")
 
+    def test_each_request_of_a_connection_has_a_whole_deadline(self) -> None:
+        door, _ = self.forward()
+        self.h.clock.advance(4)
+        cast(FakeEndpoint, self.peer).last[0].dataReceived(OK_PING)
+        door.dataReceived(request(extra="X-PortainerAgent-Target: node-b\r\n"))
+        self.assertEqual(len(cast(FakeEndpoint, self.peer).connections), 1)  # kept, reused
+        self.h.clock.advance(4)  # 8 s after the first, 4 after the second: not late
+        self.assertEqual(self.h.agent.calls, [])
+        self.h.clock.advance(1)
+        self.assertEqual(self.h.agent.calls[0].url, b"https://10.0.0.2:9001/_ping")
+
     def test_the_engine_is_bounded_too(self) -> None:
         door, client = self.h.connect()
         door.dataReceived(request(extra="X-PortainerAgent-Target: node-a\r\n"))
@@ -1040,3 +1062,19 @@ class PoolTests(SynchronousTestCase):
         # Its close, once done, finds its timer spent (it raised AlreadyCalled).
         upstream.connectionLost(Failure(Exception("closed")))
         self.assertEqual(h.engine.last[0].door, door)
+
+    def test_expiry_counts_from_the_last_use(self) -> None:
+        h = Harness()
+        door, _ = h.connect()
+        door.dataReceived(request())
+        upstream, transport = h.engine.last
+        upstream.dataReceived(OK_PING)
+        h.clock.advance(50)
+        door.dataReceived(request())
+        h.clock.advance(20)  # in use when its first idle minute ends
+        upstream.dataReceived(OK_PING)
+        self.assertEqual(len(h.engine.connections), 1)
+        h.clock.advance(59)
+        self.assertFalse(transport.disconnecting)
+        h.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
