@@ -1031,7 +1031,16 @@ class FrontDoor(Protocol):
         ex = self._current
         # An upgrade request's connection got the client's raw bytes after its
         # head, which the upstream reads as requests of their own: never kept.
-        kept = reusable and ex is not None and ex.complete and not ex.upgrade
+        # Nor is one after any Upgrade header: the tree takes its connection
+        # over for one (a tunnel, a console) without Connection: upgrade too,
+        # and a refused tunnel goes on splicing to the engine.
+        kept = (
+            reusable
+            and ex is not None
+            and ex.complete
+            and not ex.upgrade
+            and ex.header(b"upgrade") is None
+        )
         self._release(upstream, kept)
         if ex is not None and not ex.complete:
             # The rest of the body is read and dropped: the answer did not wait for it.

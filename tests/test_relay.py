@@ -50,6 +50,7 @@ from swarmagent.relay import (
 )
 from swarmagent.signature import Signer, Verifier
 from swarmagent.tls import ClientCert
+from swarmagent.tunnel import hijack, wants_upgrade
 from swarmagent.twisted_types import IAgentReactor
 from tests.helpers import FakeAgent, HalfCloseTransport, make_table, manager, standalone
 
@@ -947,7 +948,14 @@ class _Engine(Resource):
 class _Tree(Resource):
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
+    def __init__(self, engine: IStreamClientEndpoint) -> None:
+        super().__init__()
+        self._engine = engine
+
+    def render(self, request: Request) -> bytes | int:
+        if wants_upgrade(request):
+            # As the proxy does: the connection taken over, spliced to the engine.
+            return hijack(request, self._engine, Headers(), (), "the engine")
         cert = cast(ClientCert, IClientCert(request))
         return json.dumps({"tree": request.uri.decode(), "cert": cert.subject}).encode()
 
@@ -964,10 +972,10 @@ class LoopbackTests(TestCase):
         )
         self.addCleanup(engine_port.stopListening)
         engine_address = cast(IPv4Address, engine_port.getHost())
-        engine = UpstreamPool(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", engine_address.port), reactor
-        )
-        tree = UpstreamPool(InternalEndpoint(reactor, InternalSite(_Tree(), timeout=None)), reactor)
+        engine_endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", engine_address.port)
+        engine = UpstreamPool(engine_endpoint, reactor)
+        site = InternalSite(_Tree(engine_endpoint), timeout=None)
+        tree = UpstreamPool(InternalEndpoint(reactor, site), reactor)
         self.addCleanup(engine.close)
         self.addCleanup(tree.close)
         authorizer = Authorizer(Verifier(SECRET), None)
@@ -987,11 +995,13 @@ class LoopbackTests(TestCase):
         return b"http://127.0.0.1:%d" % cast(IPv4Address, front.getHost()).port
 
     async def _call(
-        self, url: bytes, method: bytes = b"GET", body: bytes = b""
+        self, url: bytes, method: bytes = b"GET", body: bytes = b"", extra: Headers | None = None
     ) -> tuple[int, bytes]:
         pool = HTTPConnectionPool(global_reactor, persistent=False)
         agent = Agent(global_reactor, pool=pool)
         headers = Headers({k: [v] for k, v in SIGNED.items()})
+        for name, values in (extra or Headers()).getAllRawHeaders():
+            headers.setRawHeaders(name, values)
         producer = FileBodyProducer(BytesIO(body)) if body else None
         response = await agent.request(method, url, headers, producer)
         content: bytes = await readBody(response)
@@ -1005,6 +1015,21 @@ class LoopbackTests(TestCase):
         self.assertEqual(json.loads(body)["host"], "docker")
         code, body = await self._call(url + b"/containers/create", b"POST", b'{"Image": "x"}')
         self.assertEqual(json.loads(body)["body"], '{"Image": "x"}')
+        code, body = await self._call(url + b"/swarmagent/status")
+        self.assertEqual(json.loads(body), {"tree": "/swarmagent/status", "cert": None})
+
+    async def test_a_refused_tunnel_is_not_the_next_clients(self) -> None:
+        """Found by bench.fuzz (bytes mode: ``/ping`` answered 404). The tree
+        takes a request with an ``Upgrade`` header over as a tunnel whatever
+        its ``Connection`` header says; llhttp reads an upgrade only with
+        ``Connection: upgrade``. The engine refused the upgrade, and the tree's
+        connection, a splice to the engine from then on, went back to the
+        pool: the next client's request, any client's, reached the engine."""
+        url = await self._front()
+        code, body = await self._call(
+            url + b"/exec/abc/start", b"POST", extra=Headers({b"Upgrade": [b"tcp"]})
+        )
+        self.assertEqual((code, json.loads(body)["path"]), (200, "/exec/abc/start"))
         code, body = await self._call(url + b"/swarmagent/status")
         self.assertEqual(json.loads(body), {"tree": "/swarmagent/status", "cert": None})
 
