@@ -607,6 +607,33 @@ class StrictnessTests(SynchronousTestCase):
         self.assertTrue(client.disconnecting)
         self.assertEqual(h.engine.connections, [])
 
+    def test_head_that_never_ends(self) -> None:
+        """httptools calls back only with a whole value: a header value sent
+        without end (as test_observability_process's client sends it) is cut
+        off by its raw size, not buffered until the idle timeout."""
+        h = Harness()
+        door, client = h.connect()
+        door.dataReceived(b"GET /ping HTTP/1.1\r\nHost: a\r\nX-Big: ")
+        for _ in range(2 * MAX_REQUEST_HEAD // 1000):
+            door.dataReceived(b"a" * 1000)
+        self.assertEqual(client.value(), b"")
+        door.dataReceived(b"a" * 1000)
+        self.assertEqual(
+            head_lines(client.value())[0], b"HTTP/1.1 431 Request Header Fields Too Large"
+        )
+        self.assertTrue(client.disconnecting)
+
+    def test_pipelined_heads_are_counted_each(self) -> None:
+        # Many small requests in one read are no head too large.
+        h = Harness()
+        door, client = h.connect()
+        count = 3 * MAX_REQUEST_HEAD // len(request())
+        door.dataReceived(request(target="/ping") * count)
+        for _ in range(count):
+            h.tree.last[0].dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(client.value().count(b" 204 "), count)
+        self.assertNotIn(b" 431 ", client.value())
+
     @settings(max_examples=150, deadline=None)
     @given(
         st.lists(
@@ -816,6 +843,53 @@ class TreeTests(SynchronousTestCase):
         door, _ = self.h.connect()
         door.dataReceived(request(target="/ping"))
         self.assertEqual(len(self.h.tree.connections), 2)
+
+
+class ClientCloseTests(SynchronousTestCase):
+    """The front door closes a TLS client's connection itself when it must.
+
+    Found by ``test_observability_process`` with bytes the default: TLS sends
+    its close_notify, and closes, only once no producer is registered, and the
+    front door is its client transport's producer: a client still sending
+    after a 431 waited for a close that never came.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.door = FrontDoorFactory(self.h.doors).buildProtocol(CLIENT_ADDRESS)
+        self.client = TLSLikeTransport(peerAddress=CLIENT_ADDRESS)
+        self.door.makeConnection(self.client)
+
+    def test_after_a_refusal(self) -> None:
+        self.door.dataReceived(request(extra="X-Big: " + "a" * MAX_REQUEST_HEAD + "\r\n"))
+        self.assertIn(b" 431 ", self.client.value())
+        self.assertTrue(self.client.closed)
+
+    def test_after_an_answer_that_closes(self) -> None:
+        self.door.dataReceived(request(extra="Connection: close\r\n"))
+        self.h.engine.last[0].dataReceived(OK_PING)
+        self.assertTrue(self.client.value().endswith(b"OK"))
+        self.assertTrue(self.client.closed)
+
+    def test_after_an_answer_until_close(self) -> None:
+        self.door.dataReceived(request())
+        upstream = self.h.engine.last[0]
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nall")
+        upstream.connectionLost(Failure(Exception("done")))
+        self.assertTrue(self.client.closed)
+
+    def test_idle(self) -> None:
+        self.h.clock.advance(120)
+        self.assertTrue(self.client.closed)
+
+    def test_after_a_splice(self) -> None:
+        self.door.dataReceived(
+            request("POST", "/exec/abc/start", "Connection: Upgrade\r\nUpgrade: tcp\r\n")
+        )
+        upstream = self.h.tree.last[0]
+        upstream.dataReceived(b"HTTP/1.1 101 UPGRADED\r\nUpgrade: tcp\r\n\r\nout")
+        upstream.connectionLost(Failure(Exception("done")))
+        self.assertTrue(self.client.closed)
 
 
 class StalledNodeTests(SynchronousTestCase):
