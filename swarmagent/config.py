@@ -100,10 +100,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "relay",
         "AGENT_RELAY",
-        "web",
-        "web or bytes: who serves each client connection: twisted.web, or the front door "
-        "that relays plain Docker requests (this node's engine, another node's agent) as "
-        "bytes and hands the rest to twisted.web (docs/architecture.md).",
+        "bytes",
+        "bytes or web: who serves each client connection: the front door that relays plain "
+        "Docker requests (this node's engine, another node's agent) as bytes and hands the "
+        "rest to twisted.web, or twisted.web alone (docs/architecture.md).",
     ),
     Setting(
         "metrics-port",

@@ -527,7 +527,10 @@ class FrontDoor(Protocol):
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        #: Bytes read since the last head ended (the head being read, raw).
+        self._head_bytes = 0
         self._too_large = False
+        self._hung_up = False
         self._queue: deque[Exchange] = deque()
         self._queued = 0
         self._current: Exchange | None = None
@@ -576,6 +579,15 @@ class FrontDoor(Protocol):
         assert self.transport is not None
         return cast(StreamTransport, self.transport)
 
+    def _hang_up(self) -> None:
+        """Close the client's connection, this door its producer no longer:
+        TLS sends its close_notify (and closes) only once none is registered."""
+        transport = self._transport()
+        if not self._hung_up:
+            self._hung_up = True
+            transport.unregisterProducer()
+        transport.loseConnection()
+
     def _arm_timer(self) -> None:
         # Counted from the end of the last answer, not reset by data: a head
         # sent a byte at a time (slowloris) gets no longer than an idle client.
@@ -596,7 +608,7 @@ class FrontDoor(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         if self._current is None:
-            self._transport().loseConnection()
+            self._hang_up()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
@@ -634,6 +646,8 @@ class FrontDoor(Protocol):
             return
         if self._refused:
             return
+        if self._incoming is None:
+            self._head_bytes += len(data)  # between bodies: a head's bytes
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -647,14 +661,23 @@ class FrontDoor(Protocol):
             if broken is not None and self._drop_broken(broken):
                 return
             if self._too_large:
-                self._refuse(
-                    431,
-                    b"Request Header Fields Too Large",
-                    "Request header fields too large",
-                    f"the request line and headers exceed {MAX_REQUEST_HEAD} bytes",
-                )
+                self._refuse_large()
             else:
                 self._refuse(400, b"Bad Request", "Malformed HTTP request", str(e))
+        else:
+            # httptools keeps a head's line or value whole before any callback:
+            # one that never ends is cut off here (its raw bytes: OWS, CRLFs).
+            if self._incoming is None and self._head_bytes > 2 * MAX_REQUEST_HEAD:
+                self._too_large = True
+                self._refuse_large()
+
+    def _refuse_large(self) -> None:
+        self._refuse(
+            431,
+            b"Request Header Fields Too Large",
+            "Request header fields too large",
+            f"the request line and headers exceed {MAX_REQUEST_HEAD} bytes",
+        )
 
     def _raw_from_client(self, data: bytes) -> None:
         current = self._current
@@ -674,7 +697,7 @@ class FrontDoor(Protocol):
         if self._raw and self._upstream is not None and self._upstream.transport is not None:
             cast(StreamTransport, self._upstream.transport).loseWriteConnection()
         elif self._current is None:
-            self._transport().loseConnection()
+            self._hang_up()
         else:
             self._close_after = True
 
@@ -736,6 +759,7 @@ class FrontDoor(Protocol):
             raise ValueError("request head too large")
 
     def on_headers_complete(self) -> None:
+        self._head_bytes = 0
         parser = self._parser
         names: dict[bytes, bytes] = {}
         for name, value in self._fields:
@@ -1134,7 +1158,16 @@ class FrontDoor(Protocol):
         ex = self._current
         # An upgrade request's connection got the client's raw bytes after its
         # head, which the upstream reads as requests of their own: never kept.
-        kept = reusable and ex is not None and ex.complete and not ex.upgrade
+        # Nor is one after any Upgrade header: the tree takes its connection
+        # over for one (a tunnel, a console) without Connection: upgrade too,
+        # and a refused tunnel goes on splicing to the engine.
+        kept = (
+            reusable
+            and ex is not None
+            and ex.complete
+            and not ex.upgrade
+            and ex.header(b"upgrade") is None
+        )
         self._release(upstream, kept)
         if ex is not None and not ex.complete:
             # The rest of the body is read and dropped: the answer did not wait for it.
@@ -1196,7 +1229,7 @@ class FrontDoor(Protocol):
 
     def upstream_gone(self) -> None:
         self._upstream = None
-        self._transport().loseConnection()
+        self._hang_up()
 
     def _finish(self) -> None:
         """The current exchange is over: log it, then the next one, or close."""
@@ -1206,7 +1239,7 @@ class FrontDoor(Protocol):
             self._let_go(ex)  # a body never sent (a refusal, a 502)
             self._log(ex)
         if self._close_after:
-            self._transport().loseConnection()
+            self._hang_up()
             return
         if self._queue:
             self._serve(self._queue.popleft())

@@ -51,6 +51,7 @@ from swarmagent.relay import (
 )
 from swarmagent.signature import Signer, Verifier
 from swarmagent.tls import ClientCert
+from swarmagent.tunnel import hijack, wants_upgrade
 from swarmagent.twisted_types import IAgentReactor
 from tests.helpers import FakeAgent, HalfCloseTransport, make_table, manager, standalone
 
@@ -631,6 +632,33 @@ class StrictnessTests(SynchronousTestCase):
         self.assertTrue(client.disconnecting)
         self.assertEqual(h.engine.connections, [])
 
+    def test_head_that_never_ends(self) -> None:
+        """httptools calls back only with a whole value: a header value sent
+        without end (as test_observability_process's client sends it) is cut
+        off by its raw size, not buffered until the idle timeout."""
+        h = Harness()
+        door, client = h.connect()
+        door.dataReceived(b"GET /ping HTTP/1.1\r\nHost: a\r\nX-Big: ")
+        for _ in range(2 * MAX_REQUEST_HEAD // 1000):
+            door.dataReceived(b"a" * 1000)
+        self.assertEqual(client.value(), b"")
+        door.dataReceived(b"a" * 1000)
+        self.assertEqual(
+            head_lines(client.value())[0], b"HTTP/1.1 431 Request Header Fields Too Large"
+        )
+        self.assertTrue(client.disconnecting)
+
+    def test_pipelined_heads_are_counted_each(self) -> None:
+        # Many small requests in one read are no head too large.
+        h = Harness()
+        door, client = h.connect()
+        count = 3 * MAX_REQUEST_HEAD // len(request())
+        door.dataReceived(request(target="/ping") * count)
+        for _ in range(count):
+            h.tree.last[0].dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(client.value().count(b" 204 "), count)
+        self.assertNotIn(b" 431 ", client.value())
+
     @settings(max_examples=150, deadline=None)
     @given(
         st.lists(
@@ -842,6 +870,53 @@ class TreeTests(SynchronousTestCase):
         self.assertEqual(len(self.h.tree.connections), 2)
 
 
+class ClientCloseTests(SynchronousTestCase):
+    """The front door closes a TLS client's connection itself when it must.
+
+    Found by ``test_observability_process`` with bytes the default: TLS sends
+    its close_notify, and closes, only once no producer is registered, and the
+    front door is its client transport's producer: a client still sending
+    after a 431 waited for a close that never came.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.door = FrontDoorFactory(self.h.doors).buildProtocol(CLIENT_ADDRESS)
+        self.client = TLSLikeTransport(peerAddress=CLIENT_ADDRESS)
+        self.door.makeConnection(self.client)
+
+    def test_after_a_refusal(self) -> None:
+        self.door.dataReceived(request(extra="X-Big: " + "a" * MAX_REQUEST_HEAD + "\r\n"))
+        self.assertIn(b" 431 ", self.client.value())
+        self.assertTrue(self.client.closed)
+
+    def test_after_an_answer_that_closes(self) -> None:
+        self.door.dataReceived(request(extra="Connection: close\r\n"))
+        self.h.engine.last[0].dataReceived(OK_PING)
+        self.assertTrue(self.client.value().endswith(b"OK"))
+        self.assertTrue(self.client.closed)
+
+    def test_after_an_answer_until_close(self) -> None:
+        self.door.dataReceived(request())
+        upstream = self.h.engine.last[0]
+        upstream.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nall")
+        upstream.connectionLost(Failure(Exception("done")))
+        self.assertTrue(self.client.closed)
+
+    def test_idle(self) -> None:
+        self.h.clock.advance(120)
+        self.assertTrue(self.client.closed)
+
+    def test_after_a_splice(self) -> None:
+        self.door.dataReceived(
+            request("POST", "/exec/abc/start", "Connection: Upgrade\r\nUpgrade: tcp\r\n")
+        )
+        upstream = self.h.tree.last[0]
+        upstream.dataReceived(b"HTTP/1.1 101 UPGRADED\r\nUpgrade: tcp\r\n\r\nout")
+        upstream.connectionLost(Failure(Exception("done")))
+        self.assertTrue(self.client.closed)
+
+
 class StalledNodeTests(SynchronousTestCase):
     """A relayed request waits for a slow node, not for one that stopped answering."""
 
@@ -983,7 +1058,14 @@ class _Engine(Resource):
 class _Tree(Resource):
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
+    def __init__(self, engine: IStreamClientEndpoint) -> None:
+        super().__init__()
+        self._engine = engine
+
+    def render(self, request: Request) -> bytes | int:
+        if wants_upgrade(request):
+            # As the proxy does: the connection taken over, spliced to the engine.
+            return hijack(request, self._engine, Headers(), (), "the engine")
         cert = cast(ClientCert, IClientCert(request))
         return json.dumps({"tree": request.uri.decode(), "cert": cert.subject}).encode()
 
@@ -1000,10 +1082,10 @@ class LoopbackTests(TestCase):
         )
         self.addCleanup(engine_port.stopListening)
         engine_address = cast(IPv4Address, engine_port.getHost())
-        engine = UpstreamPool(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", engine_address.port), reactor
-        )
-        tree = UpstreamPool(InternalEndpoint(reactor, InternalSite(_Tree(), timeout=None)), reactor)
+        engine_endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", engine_address.port)
+        engine = UpstreamPool(engine_endpoint, reactor)
+        site = InternalSite(_Tree(engine_endpoint), timeout=None)
+        tree = UpstreamPool(InternalEndpoint(reactor, site), reactor)
         self.addCleanup(engine.close)
         self.addCleanup(tree.close)
         authorizer = Authorizer(Verifier(SECRET), None)
@@ -1023,11 +1105,13 @@ class LoopbackTests(TestCase):
         return b"http://127.0.0.1:%d" % cast(IPv4Address, front.getHost()).port
 
     async def _call(
-        self, url: bytes, method: bytes = b"GET", body: bytes = b""
+        self, url: bytes, method: bytes = b"GET", body: bytes = b"", extra: Headers | None = None
     ) -> tuple[int, bytes]:
         pool = HTTPConnectionPool(global_reactor, persistent=False)
         agent = Agent(global_reactor, pool=pool)
         headers = Headers({k: [v] for k, v in SIGNED.items()})
+        for name, values in (extra or Headers()).getAllRawHeaders():
+            headers.setRawHeaders(name, values)
         producer = FileBodyProducer(BytesIO(body)) if body else None
         response = await agent.request(method, url, headers, producer)
         content: bytes = await readBody(response)
@@ -1041,6 +1125,21 @@ class LoopbackTests(TestCase):
         self.assertEqual(json.loads(body)["host"], "docker")
         code, body = await self._call(url + b"/containers/create", b"POST", b'{"Image": "x"}')
         self.assertEqual(json.loads(body)["body"], '{"Image": "x"}')
+        code, body = await self._call(url + b"/swarmagent/status")
+        self.assertEqual(json.loads(body), {"tree": "/swarmagent/status", "cert": None})
+
+    async def test_a_refused_tunnel_is_not_the_next_clients(self) -> None:
+        """Found by bench.fuzz (bytes mode: ``/ping`` answered 404). The tree
+        takes a request with an ``Upgrade`` header over as a tunnel whatever
+        its ``Connection`` header says; llhttp reads an upgrade only with
+        ``Connection: upgrade``. The engine refused the upgrade, and the tree's
+        connection, a splice to the engine from then on, went back to the
+        pool: the next client's request, any client's, reached the engine."""
+        url = await self._front()
+        code, body = await self._call(
+            url + b"/exec/abc/start", b"POST", extra=Headers({b"Upgrade": [b"tcp"]})
+        )
+        self.assertEqual((code, json.loads(body)["path"]), (200, "/exec/abc/start"))
         code, body = await self._call(url + b"/swarmagent/status")
         self.assertEqual(json.loads(body), {"tree": "/swarmagent/status", "cert": None})
 
