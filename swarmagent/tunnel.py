@@ -37,9 +37,17 @@ log = logger(__name__)
 UPGRADES = (b"tcp", b"websocket")
 
 
+def _tokens(request: Request, name: bytes) -> list[bytes]:
+    values = b",".join(request.requestHeaders.getRawHeaders(name, [])).lower()
+    return [t.strip() for t in values.split(b",")]
+
+
 def _upgrade(request: Request) -> bytes | None:
-    upgrade = b",".join(request.requestHeaders.getRawHeaders(b"upgrade", [])).lower()
-    tokens = [t.strip() for t in upgrade.split(b",")]
+    # Only with "Connection: upgrade", as llhttp (the front door) reads an
+    # upgrade: the two must agree on which connections stop being HTTP.
+    if b"upgrade" not in _tokens(request, b"connection"):
+        return None
+    tokens = _tokens(request, b"upgrade")
     return next((u for u in UPGRADES if u in tokens), None)
 
 
@@ -73,6 +81,9 @@ class Tunnel:
         self._extra = extra_headers
         self.upstream: StreamTransport | None = None
         self._early: list[bytes] = []
+        #: The upstream answered other than 101: the connection is HTTP still,
+        #: and what the client sends after is not for the upstream to read.
+        self._refused = False
         self._client_eof = False
         self.closed = False
         self.metrics = metrics if metrics is not None else Metrics()
@@ -90,6 +101,8 @@ class Tunnel:
 
     # client side
     def from_client(self, data: bytes) -> None:
+        if self._refused:
+            return
         self.metrics.relayed_bytes("tunnel", len(data))
         if self.upstream is None:
             self._early.append(data)
@@ -121,11 +134,22 @@ class Tunnel:
         transport.registerProducer(self.client, True)
 
     def upstream_answered(self, answer: Answer) -> None:
-        """Pass the upstream's answer head on, whatever its status, marked as the agent's."""
+        """Pass the upstream's answer head on, whatever its status, marked as the agent's.
+
+        A refusal (not 101) ends the connection once its answer is read: the
+        client's next request must not reach the upstream unrouted.
+        """
         line, _, rest = answer.raw.partition(b"\r\n")
         status = line.split(b" ", 2)[1:2]
-        self.answered(int(status[0]) if status and status[0].isdigit() else 0)
-        marks = b"".join(n + b": " + v + b"\r\n" for n, v in self._extra)
+        code = int(status[0]) if status and status[0].isdigit() else 0
+        self.answered(code)
+        extra = self._extra
+        if code != 101:
+            self._refused = True
+            kept = [h for h in rest.split(b"\r\n") if not h.lower().startswith(b"connection:")]
+            rest = b"\r\n".join(kept)
+            extra += ((b"Connection", b"close"),)
+        marks = b"".join(n + b": " + v + b"\r\n" for n, v in extra)
         self.client.write(line + b"\r\n" + marks + rest)
 
     def upstream_failed(self, reason: Failure, what: str) -> None:
