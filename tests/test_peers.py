@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from swarmagent.peers import Ambiguous, NodeIdentity, Peer
+from swarmagent.peers import Ambiguous, NodeIdentity, Peer, PeerTable
 from tests.helpers import AGENT_PORT, make_table, manager, standalone, worker
 
 
@@ -204,6 +204,18 @@ class FindTests(SynchronousTestCase):
         self.assertIsNone(table.find(""))
 
 
+def three_managers() -> PeerTable:
+    """A worker and three managers, m1 the leader by its identity."""
+    return make_table(
+        worker("w"),
+        {
+            "10.0.0.2": manager("m1", leader=True),
+            "10.0.0.3": manager("m2"),
+            "10.0.0.4": manager("m3"),
+        },
+    )
+
+
 class ManagersTests(SynchronousTestCase):
     def test_leader_first(self) -> None:
         table = make_table(
@@ -237,14 +249,7 @@ class ManagersTests(SynchronousTestCase):
 
     def test_raft_names_the_leader(self) -> None:
         """The node list's leader wins over the identities, which lag behind an election."""
-        table = make_table(
-            worker("w"),
-            {
-                "10.0.0.2": manager("m1", leader=True),
-                "10.0.0.3": manager("m2"),
-                "10.0.0.4": manager("m3"),
-            },
-        )
+        table = three_managers()
         table.follow("id-m3", frozenset())
         self.assertEqual(names(table.managers()), ["m3", "m1", "m2"])
         table.follow("", frozenset())  # no leader named: the identities say
@@ -255,14 +260,7 @@ class ManagersTests(SynchronousTestCase):
         identity; the list that named it cannot be read during the election.
         A manager whose identity becomes leader is the news (found by the soak:
         manager requests went to the old leader, 500 "no leader")."""
-        table = make_table(
-            worker("w"),
-            {
-                "10.0.0.2": manager("m1", leader=True),
-                "10.0.0.3": manager("m2"),
-                "10.0.0.4": manager("m3"),
-            },
-        )
+        table = three_managers()
         table.follow("id-m1", frozenset())
         table.failed("10.0.0.2")
         table.seen("10.0.0.4", AGENT_PORT, manager("m3", leader=True))

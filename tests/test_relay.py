@@ -1148,12 +1148,17 @@ class LoopbackTests(TestCase):
 
 
 class PoolTests(SynchronousTestCase):
-    def test_idle_connection_expires(self) -> None:
+    def answered(self) -> tuple[Harness, FrontDoor, Upstream, HalfCloseTransport]:
+        """A client whose first request was answered: its upstream now idle in the pool."""
         h = Harness()
         door, _ = h.connect()
         door.dataReceived(request())
         upstream, transport = h.engine.last
         upstream.dataReceived(OK_PING)
+        return h, door, upstream, transport
+
+    def test_idle_connection_expires(self) -> None:
+        h, door, upstream, transport = self.answered()
         h.clock.advance(59)
         self.assertFalse(transport.disconnecting)
         h.clock.advance(1)
@@ -1166,11 +1171,7 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(h.engine.last[0].door, door)
 
     def test_expiry_counts_from_the_last_use(self) -> None:
-        h = Harness()
-        door, _ = h.connect()
-        door.dataReceived(request())
-        upstream, transport = h.engine.last
-        upstream.dataReceived(OK_PING)
+        h, door, upstream, transport = self.answered()
         h.clock.advance(50)
         door.dataReceived(request())
         h.clock.advance(20)  # in use when its first idle minute ends
