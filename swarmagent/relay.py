@@ -104,6 +104,20 @@ def _with_tokens(always: frozenset[bytes], connection: bytes) -> frozenset[bytes
     return always | {t.strip().lower() for t in connection.split(b",")}
 
 
+def _push_back(
+    timer: IDelayedCall | None, clock: IReactorTime, seconds: float, call: Callable[[], None]
+) -> IDelayedCall:
+    """``timer`` pushed back to ``seconds`` from now, or a new one if it is spent.
+
+    A connection's timers (idle, pool expiry, answer-head deadline) are reset at
+    each request: cheap in Twisted, unlike a call cancelled and another made.
+    """
+    if timer is not None and timer.active():
+        timer.reset(seconds)
+        return timer
+    return clock.callLater(seconds, call)
+
+
 class _TextHeaders(Mapping[str, str]):
     """A request's first header values by lower-case name, as text: each
     decoded when read (:func:`~swarmagent.routing.route` reads a few)."""
@@ -354,13 +368,8 @@ class Upstream(Protocol):
 
     def idle(self, clock: IReactorTime, seconds: float) -> None:
         """Now in the pool: closed after ``seconds`` unused."""
-        # One timer, pushed back at each return to the pool (cheap in
-        # Twisted, unlike a cancelled call and a new one per request); one
-        # that falls due while the connection is in use does nothing.
-        if self._expired is not None and self._expired.active():
-            self._expired.reset(seconds)
-        else:
-            self._expired = clock.callLater(seconds, self._expire)
+        # One that falls due while the connection is in use does nothing.
+        self._expired = _push_back(self._expired, clock, seconds, self._expire)
 
     def _expire(self) -> None:
         self._expired = None
@@ -591,14 +600,10 @@ class FrontDoor(Protocol):
     def _arm_timer(self) -> None:
         # Counted from the end of the last answer, not reset by data: a head
         # sent a byte at a time (slowloris) gets no longer than an idle client.
-        # One timer pushed back at each answer's end (cheap in Twisted, unlike
-        # a cancelled call and a new one per request); one that falls due
-        # while a request is served does nothing.
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(self._doors.idle_timeout)
-        else:
-            self._timer = self._doors.clock.callLater(self._doors.idle_timeout, self._timed_out)
+        # Pushed back at each answer's end; one that falls due while a request
+        # is served does nothing.
+        doors = self._doors
+        self._timer = _push_back(self._timer, doors.clock, doors.idle_timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -861,15 +866,12 @@ class FrontDoor(Protocol):
     def _await_head(self, ex: Exchange, node: Peer) -> None:
         """Bound the wait for ``ex``'s answer head by ``node``'s life, as
         :meth:`~swarmagent.nodes.Nodes.answer_of` bounds the tree's requests."""
-        assert self._doors.nodes is not None
+        nodes = self._doors.nodes
+        assert nodes is not None
         self._awaited, self._awaited_node = ex, node
-        timer, deadline = self._head_timer, self._doors.nodes.deadline
-        # Pushed back (cheap in Twisted) rather than cancelled at each head;
-        # one that falls due when no head is awaited does nothing.
-        if timer is not None and timer.active():
-            timer.reset(deadline)
-        else:
-            self._head_timer = self._doors.clock.callLater(deadline, self._head_late)
+        # One that falls due when no head is awaited does nothing.
+        late = self._head_late
+        self._head_timer = _push_back(self._head_timer, self._doors.clock, nodes.deadline, late)
 
     def _head_late(self) -> None:
         self._head_timer = None
